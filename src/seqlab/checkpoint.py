@@ -1,0 +1,180 @@
+"""Checkpoints are folders: `config.json` (the model config) + `model.safetensors` + `manifest.json`.
+
+No pickle anywhere: loading a checkpoint reads JSON and raw tensors, never runs code from it. `manifest.json`
+records the format version and a SHA-256 of every file, so a truncated or tampered file is caught before use.
+Writes are atomic: everything goes to a temporary folder beside the target, which is then renamed into place, so a
+crash never leaves a half-written checkpoint (at worst, a stray temporary folder next to the old, intact one).
+
+Extra files (a trainer's optimizer state, metrics) ride along in the same atomic write through `tensors=` and
+`json_files=`; `read_tensors` / `read_json` read them back with the same checks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from seqlab.config import ModelConfig
+from seqlab.errors import InputError
+
+FORMAT = "seqlab-checkpoint"
+VERSION = 1
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_write_dir(path: str | Path, write: Any) -> Path:
+    """Call `write(tmp_dir)` to fill a fresh temporary folder, then move it to `path` in one rename.
+
+    An existing folder at `path` is replaced only after the new one is complete.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"cannot create output folder '{path.parent}': {e.strerror}") from None
+    if path.exists() and not path.is_dir():
+        raise InputError(f"'{path}' exists and is not a folder; expected a checkpoint folder path")
+    if not os.access(path.parent, os.W_OK):
+        raise InputError(f"output folder '{path.parent}' is not writable")
+    tag = uuid.uuid4().hex[:8]
+    tmp = path.parent / f".{path.name}.tmp-{tag}"
+    tmp.mkdir()
+    try:
+        write(tmp)
+        if path.exists():
+            old = path.parent / f".{path.name}.old-{tag}"
+            os.rename(path, old)
+            os.rename(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def save(model: torch.nn.Module, path: str | Path, *, tensors: dict[str, dict[str, torch.Tensor]] | None = None,
+         json_files: dict[str, Any] | None = None) -> Path:
+    """Save `model` (its config and weights) to the folder `path`, atomically.
+
+    tensors: extra safetensors files, {"optimizer.safetensors": {name: tensor}}; json_files: {"trainer.json": obj}.
+    """
+    cfg: ModelConfig = model.config  # type: ignore[assignment]
+
+    def write(tmp: Path) -> None:
+        (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(weights, tmp / "model.safetensors", metadata={"format": FORMAT})
+        for name, group in (tensors or {}).items():
+            save_file({k: v.detach().contiguous().cpu() for k, v in group.items()}, tmp / name)
+        for name, obj in (json_files or {}).items():
+            (tmp / name).write_text(json.dumps(obj, indent=2) + "\n")
+        files = sorted(p.name for p in tmp.iterdir())
+        manifest = {"format": FORMAT, "version": VERSION, "sha256": {f: _sha256(tmp / f) for f in files}}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+
+    return atomic_write_dir(path, write)
+
+
+def _manifest(path: Path) -> dict:
+    if not path.exists():
+        raise InputError(f"checkpoint '{path}' does not exist")
+    if not path.is_dir():
+        raise InputError(f"checkpoint '{path}' is not a folder; expected a folder with config.json and "
+                         "model.safetensors")
+    file = path / "manifest.json"
+    if not file.is_file():
+        raise InputError(f"checkpoint '{path}' has no manifest.json; expected a folder written by seqlab.save")
+    try:
+        manifest = json.loads(file.read_text())
+        ok = manifest.get("format") == FORMAT and isinstance(manifest.get("sha256"), dict)
+    except (json.JSONDecodeError, AttributeError):
+        ok = False
+    if not ok:
+        raise InputError(f"checkpoint '{path}': manifest.json is corrupt")
+    if manifest.get("version", 0) > VERSION:
+        raise InputError(f"checkpoint '{path}' has format version {manifest['version']}; this seqlab reads "
+                         f"version {VERSION} and older")
+    return manifest
+
+
+def _verified(path: Path, name: str) -> Path:
+    """The path of file `name` in checkpoint `path`, after checking it exists and matches its recorded hash."""
+    manifest = _manifest(path)
+    file = path / name
+    if not file.is_file():
+        raise InputError(f"checkpoint '{path}' has no {name}")
+    expected = manifest["sha256"].get(name)
+    if expected is None:
+        raise InputError(f"checkpoint '{path}': {name} is not listed in manifest.json")
+    if _sha256(file) != expected:
+        raise InputError(f"checkpoint '{path}': {name} is truncated or modified (its SHA-256 does not match "
+                         "manifest.json)")
+    return file
+
+
+def read_tensors(path: str | Path, name: str = "model.safetensors") -> dict[str, torch.Tensor]:
+    file = _verified(Path(path), name)
+    try:
+        return load_file(file)
+    except (SafetensorError, OSError) as e:
+        raise InputError(f"checkpoint '{path}': {name} cannot be read as safetensors: {e}") from None
+
+
+def read_json(path: str | Path, name: str) -> Any:
+    file = _verified(Path(path), name)
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise InputError(f"checkpoint '{path}': {name} is not valid JSON: {e}") from None
+
+
+def load_config(path: str | Path) -> ModelConfig:
+    data = read_json(path, "config.json")
+    try:
+        return ModelConfig.from_dict(data)
+    except InputError as e:
+        raise InputError(f"checkpoint '{path}': config.json: {e}") from None
+
+
+def load(path: str | Path, *, map_location: str | torch.device = "cpu"):
+    """Load a model saved with `save`. Every problem (missing file, corrupt data, shapes that do not match the
+    config) raises one InputError that names the file or tensor."""
+    from seqlab.models import build_model
+
+    path = Path(path)
+    cfg = load_config(path)
+    weights = read_tensors(path)
+    model = build_model(cfg)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(weights))
+    if missing:
+        raise InputError(f"checkpoint '{path}': tensor '{missing[0]}' is missing from model.safetensors "
+                         f"({len(missing)} missing in all)")
+    unexpected = sorted(set(weights) - set(expected))
+    if unexpected:
+        raise InputError(f"checkpoint '{path}': tensor '{unexpected[0]}' in model.safetensors is not part of the "
+                         "model its config.json describes")
+    for name, t in weights.items():
+        if t.shape != expected[name].shape:
+            raise InputError(f"checkpoint '{path}': tensor '{name}' has shape {tuple(t.shape)} but config.json "
+                             f"implies {tuple(expected[name].shape)}")
+    model.load_state_dict(weights)
+    return model.to(map_location)

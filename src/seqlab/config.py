@@ -1,0 +1,384 @@
+"""Frozen, validated configuration dataclasses, loaded from and saved to JSON.
+
+This module imports no models. Each mixer family has its own small config section (`attention`, `rnn`, `conv`,
+`mamba`, `gla`) nested in `ModelConfig`, so a JSON file reads like
+
+    {"mixer": "mamba", "d_model": 128, "n_layers": 4, "mamba": {"d_state": 16, "expand": 2}}
+
+Every value is checked when the object is built; a bad value raises one `InputError` (a `ValueError`) that names
+the field, the value and what is allowed. Derived sizes are properties, never stored twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from seqlab.errors import InputError
+
+# Every mixer name a config may use. The registry in `seqlab.models` implements these; a test keeps the two equal.
+MIXERS = ("attention", "sliding_attention", "lstm", "gru", "conv", "mamba", "gla")
+ARCHS = ("lm",)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# validation helpers
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    """True when `value` fits the (simple) type hint: int, float, bool, str, tuple[X, ...], X | None, dataclass."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin is tuple:
+        (item, _) = typing.get_args(hint)
+        return isinstance(value, tuple) and all(_type_ok(v, item) for v in value)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True
+
+
+def _type_name(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return "null"
+    if origin is tuple:
+        return f"a list of {_type_name(typing.get_args(hint)[0])}"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _check_types(obj: Any, prefix: str) -> None:
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if not _type_ok(value, hints[f.name]):
+            raise InputError(
+                f"config field '{prefix}{f.name}' = {value!r}: expected {_type_name(hints[f.name])}"
+            )
+
+
+def _positive(obj: Any, prefix: str, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and value <= 0:
+            raise InputError(f"config field '{prefix}{name}' = {value!r}: must be > 0")
+
+
+def _choice(prefix: str, name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise InputError(f"config field '{prefix}{name}' = {value!r}: expected one of {', '.join(allowed)}")
+
+
+def _from_dict(cls: type, data: Any, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a JSON-like dict: unknown keys are errors, lists become tuples, sections recurse."""
+    if isinstance(data, cls):
+        return data
+    if not isinstance(data, dict):
+        raise InputError(f"config section '{prefix.rstrip('.') or cls.__name__}' must be an object, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise InputError(
+            f"unknown config key '{prefix}{unknown[0]}'; allowed keys: {', '.join(sorted(names))}"
+        )
+    kwargs = {}
+    for key, value in data.items():
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            value = _from_dict(hint, value if value is not None else {}, f"{prefix}{key}.")
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+class _Section:
+    """Mixin: JSON round trip for every config dataclass."""
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Any:
+        return _from_dict(cls, data)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def load(cls, path: str | Path) -> Any:
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"config file '{path}' does not exist")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise InputError(f"config file '{path}' is not valid JSON: {e}") from None
+        return cls.from_dict(data)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    def replace(self, **changes: Any) -> Any:
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# per-mixer sections
+
+
+@dataclass(frozen=True)
+class AttentionConfig(_Section):
+    """Softmax attention (`attention`) and its sliding-window variant (`sliding_attention`)."""
+
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # grouped-query attention; None means n_heads (plain multi-head)
+    window: int = 64  # sliding_attention: a query sees itself and the `window` tokens before it
+    rope_theta: float = 10000.0
+
+    def __post_init__(self) -> None:
+        _check_types(self, "attention.")
+        _positive(self, "attention.", "n_heads", "n_kv_heads", "window", "rope_theta")
+        if self.n_heads % self.kv_heads:
+            raise InputError(
+                f"config field 'attention.n_kv_heads' = {self.n_kv_heads}: must divide "
+                f"attention.n_heads = {self.n_heads}"
+            )
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+
+@dataclass(frozen=True)
+class RNNConfig(_Section):
+    """`lstm` and `gru`: torch's fused cells; a hidden size other than d_model adds an output projection."""
+
+    d_hidden: int | None = None  # None means d_model
+
+    def __post_init__(self) -> None:
+        _check_types(self, "rnn.")
+        _positive(self, "rnn.", "d_hidden")
+
+
+@dataclass(frozen=True)
+class ConvConfig(_Section):
+    """`conv`: causal depthwise convolution followed by a gated projection."""
+
+    kernel_size: int = 4
+
+    def __post_init__(self) -> None:
+        _check_types(self, "conv.")
+        _positive(self, "conv.", "kernel_size")
+
+
+@dataclass(frozen=True)
+class MambaConfig(_Section):
+    """`mamba`: the selective state-space block (Gu & Dao 2023). Symbols: N = d_state, E = expand."""
+
+    d_state: int = 16
+    d_conv: int = 4
+    expand: int = 2
+    dt_rank: int | None = None  # None means ceil(d_model / 16), as published
+    dt_min: float = 0.001
+    dt_max: float = 0.1
+    dt_init_floor: float = 1e-4
+    chunk_size: int = 64
+    impl: str = "chunked"
+
+    def __post_init__(self) -> None:
+        _check_types(self, "mamba.")
+        _positive(self, "mamba.", "d_state", "d_conv", "expand", "dt_rank", "dt_min", "dt_max", "chunk_size")
+        _choice("mamba.", "impl", self.impl, ("chunked", "ref"))
+        if self.dt_min > self.dt_max:
+            raise InputError(f"config field 'mamba.dt_min' = {self.dt_min}: must be <= mamba.dt_max = {self.dt_max}")
+
+
+@dataclass(frozen=True)
+class GLAConfig(_Section):
+    """`gla`: gated linear attention (Yang et al. 2024), multi-head, with output gate and norm."""
+
+    n_heads: int = 4
+    expand_k: float = 0.5
+    expand_v: float = 1.0
+    gate_low_rank: int = 16
+    gate_logit_normalizer: float = 16.0
+    chunk_size: int = 64
+    impl: str = "chunked"
+
+    def __post_init__(self) -> None:
+        _check_types(self, "gla.")
+        _positive(self, "gla.", "n_heads", "expand_k", "expand_v", "gate_low_rank", "gate_logit_normalizer",
+                  "chunk_size")
+        _choice("gla.", "impl", self.impl, ("chunked", "ref"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the model
+
+
+@dataclass(frozen=True)
+class ModelConfig(_Section):
+    """A language model: embedding -> n_layers residual blocks (mixer + MLP) -> norm -> head.
+
+    `mixer` names the mixer of every layer; `layers` (a list of mixer names, one per layer) overrides it and makes a
+    hybrid, e.g. `layers=("mamba", "mamba", "attention")`.
+    """
+
+    arch: str = "lm"
+    mixer: str = "attention"
+    layers: tuple[str, ...] | None = None
+    vocab_size: int = 256
+    d_model: int = 128
+    n_layers: int = 2
+    mlp: str = "swiglu"  # swiglu | gelu | none
+    d_ff: int | None = None  # None: 4 * d_model for gelu, the 2/3 of that rounded up to 8 for swiglu
+    norm: str = "rmsnorm"  # rmsnorm | layernorm
+    norm_eps: float = 1e-5
+    sandwich_norm: bool = False  # also normalize the mixer and MLP outputs (keeps iterated latents bounded)
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    rnn: RNNConfig = field(default_factory=RNNConfig)
+    conv: ConvConfig = field(default_factory=ConvConfig)
+    mamba: MambaConfig = field(default_factory=MambaConfig)
+    gla: GLAConfig = field(default_factory=GLAConfig)
+
+    def __post_init__(self) -> None:
+        _check_types(self, "")
+        _choice("", "arch", self.arch, ARCHS)
+        _choice("", "mixer", self.mixer, MIXERS)
+        _positive(self, "", "vocab_size", "d_model", "n_layers", "d_ff", "norm_eps", "init_std")
+        _choice("", "mlp", self.mlp, ("swiglu", "gelu", "none"))
+        _choice("", "norm", self.norm, ("rmsnorm", "layernorm"))
+        if self.layers is not None:
+            if len(self.layers) != self.n_layers:
+                raise InputError(
+                    f"config field 'layers' has {len(self.layers)} entries but n_layers = {self.n_layers}; "
+                    "give one mixer name per layer"
+                )
+            for i, name in enumerate(self.layers):
+                _choice("", f"layers[{i}]", name, MIXERS)
+        uses = set(self.layer_mixers)
+        if uses & {"attention", "sliding_attention"} and self.d_model % self.attention.n_heads:
+            raise InputError(
+                f"config field 'd_model' = {self.d_model}: must be divisible by attention.n_heads = "
+                f"{self.attention.n_heads}"
+            )
+        if uses & {"attention", "sliding_attention"} and self.head_dim % 2:
+            raise InputError(
+                f"config field 'd_model' = {self.d_model}: d_model / attention.n_heads = {self.head_dim} must be "
+                "even for rotary embeddings"
+            )
+        if "gla" in uses:
+            for name, width in (("expand_k", self.gla_d_key), ("expand_v", self.gla_d_value)):
+                if width % self.gla.n_heads or width == 0:
+                    raise InputError(
+                        f"config field 'gla.{name}' = {getattr(self.gla, name)}: d_model * {name} = {width} must "
+                        f"be a positive multiple of gla.n_heads = {self.gla.n_heads}"
+                    )
+
+    # derived sizes
+    @property
+    def layer_mixers(self) -> tuple[str, ...]:
+        return self.layers if self.layers is not None else (self.mixer,) * self.n_layers
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.attention.n_heads
+
+    @property
+    def ff_dim(self) -> int:
+        if self.d_ff is not None:
+            return self.d_ff
+        if self.mlp == "swiglu":
+            return 8 * math.ceil(8 * self.d_model / 3 / 8)
+        return 4 * self.d_model
+
+    @property
+    def rnn_hidden(self) -> int:
+        return self.rnn.d_hidden or self.d_model
+
+    @property
+    def mamba_d_inner(self) -> int:
+        return self.mamba.expand * self.d_model
+
+    @property
+    def mamba_dt_rank(self) -> int:
+        return self.mamba.dt_rank or math.ceil(self.d_model / 16)
+
+    @property
+    def gla_d_key(self) -> int:
+        return int(self.d_model * self.gla.expand_k)
+
+    @property
+    def gla_d_value(self) -> int:
+        return int(self.d_model * self.gla.expand_v)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ModelConfig:
+        # Convenience: a `layers` list alone fixes the depth.
+        if isinstance(data, dict) and data.get("layers") is not None and "n_layers" not in data:
+            data = {**data, "n_layers": len(data["layers"])}
+        return _from_dict(cls, data)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# training
+
+
+@dataclass(frozen=True)
+class TrainConfig(_Section):
+    """Optimization: AdamW (decay on >= 2-D weights only), linear warmup then cosine decay to min_lr_ratio * lr."""
+
+    steps: int = 200
+    batch_size: int = 32
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    seed: int = 0
+    eval_every: int = 0  # 0: evaluate at the end only
+    eval_batches: int = 8
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        _check_types(self, "train.")
+        _positive(self, "train.", "steps", "batch_size", "lr", "eval_batches", "log_every")
+        for name in ("warmup_steps", "weight_decay", "grad_clip", "eval_every", "min_lr_ratio"):
+            if getattr(self, name) < 0:
+                raise InputError(f"config field 'train.{name}' = {getattr(self, name)!r}: must be >= 0")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise InputError(f"config field 'train.{name}' = {getattr(self, name)!r}: must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class RunConfig(_Section):
+    """What `seqlab train --config FILE` reads: a model, a task (name + parameters) and the optimization."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: dict = field(default_factory=lambda: {"name": "mqar"})
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        _check_types(self, "")
+        if not isinstance(self.task.get("name"), str):
+            raise InputError(f"config field 'task.name' = {self.task.get('name')!r}: expected a task name")

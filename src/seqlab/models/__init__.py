@@ -1,0 +1,43 @@
+"""Models: mixers (one file each), blocks, the language model, and `build_model`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from seqlab.config import ModelConfig
+from seqlab.errors import InputError
+from seqlab.models import attention, conv, rnn  # noqa: F401  (each registers its mixers)
+from seqlab.models.lm import LanguageModel
+from seqlab.models.registry import available_mixers, build_mixer, register_mixer
+from seqlab.models.state import ModelState, State
+
+__all__ = ["LanguageModel", "ModelState", "State", "available_mixers", "build_mixer", "build_model",
+           "register_mixer", "as_config"]
+
+
+def as_config(config: ModelConfig | dict | None = None, **fields: Any) -> ModelConfig:
+    """A ModelConfig from a config object, a dict (e.g. parsed JSON), or keyword fields."""
+    if config is not None and fields:
+        raise InputError("give either a config or keyword fields, not both")
+    if isinstance(config, ModelConfig):
+        return config
+    if config is None:
+        config = fields
+    if not isinstance(config, dict):
+        raise InputError(f"config must be a ModelConfig or a dict, got {type(config).__name__}")
+    return ModelConfig.from_dict(config)
+
+
+def build_model(config: ModelConfig | dict | None = None, *, seed: int | None = None, **fields: Any):
+    """Build a model: `build_model(mixer="gru", d_model=128)`, `build_model(cfg)` or `build_model({...})`.
+
+    With `seed`, the initial weights depend on the seed alone (the global RNG is left as it was).
+    """
+    cfg = as_config(config, **fields)
+    if seed is None:
+        return LanguageModel(cfg)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return LanguageModel(cfg)

@@ -1,0 +1,62 @@
+"""Causal depthwise convolution followed by a gated projection: the smallest recurrent mixer.
+
+    [x, g] = W_in u            (B, T, 2D)
+    x'_t   = sum_{i<k} w_i * x_{t-i}   (per channel; causal: only the past and present)
+    y      = W_out (x' * silu(g))
+
+Glossary
+    k      conv.kernel_size; the state is the last k-1 inputs of the convolution, (B, D, k-1)
+
+Its receptive field is k tokens per layer, so it cannot recall anything further back: a baseline that shows what
+a fixed, tiny state buys. Mamba's block uses the same short convolution before its scan.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from seqlab.config import ModelConfig
+from seqlab.models.registry import register_mixer
+from seqlab.models.state import State
+
+
+@dataclass(frozen=True)
+class ConvState(State):
+    window: torch.Tensor  # (B, D, k-1): the last k-1 inputs of the convolution, oldest first
+
+
+def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  window: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Depthwise causal convolution of x (B, C, T) with weight (C, 1, k), continuing from `window` (B, C, k-1).
+
+    Returns the output (B, C, T) and the new window (the last k-1 inputs). A missing window means zeros, the
+    padding the parallel form would use.
+    """
+    B, C, T = x.shape
+    k = weight.shape[-1]
+    if window is None:
+        window = x.new_zeros(B, C, k - 1)
+    xp = torch.cat([window.to(x.dtype), x], dim=-1)  # (B, C, k-1 + T)
+    y = F.conv1d(xp, weight, bias, groups=C)  # (B, C, T)
+    return y, xp[:, :, xp.shape[-1] - (k - 1):]
+
+
+@register_mixer("conv")
+class Conv(nn.Module):
+    def __init__(self, cfg: ModelConfig, name: str = "conv"):
+        super().__init__()
+        D, k = cfg.d_model, cfg.conv.kernel_size
+        self.in_proj = nn.Linear(D, 2 * D, bias=False)
+        self.conv = nn.Conv1d(D, D, k, groups=D, bias=True)
+        self.out_proj = nn.Linear(D, D, bias=False)
+
+    def forward(self, x: torch.Tensor, state: ConvState | None = None) -> tuple[torch.Tensor, ConvState]:
+        xs, g = self.in_proj(x).chunk(2, dim=-1)  # (B, T, D) each
+        y, window = causal_conv1d(xs.transpose(1, 2), self.conv.weight, self.conv.bias,
+                                  None if state is None else state.window)  # (B, D, T)
+        y = y.transpose(1, 2) * F.silu(g)  # (B, T, D)
+        return self.out_proj(y), ConvState(window)

@@ -1,0 +1,15 @@
+import os
+
+import pytest
+import torch
+from hypothesis import settings
+
+# Deterministic, CPU-only, small: the same run twice gives the same result.
+settings.register_profile("seqlab", max_examples=12, deadline=None, derandomize=True, print_blob=True)
+settings.load_profile("seqlab")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,33 @@
+"""Shared test helpers: tiny model configs and state comparison."""
+
+from __future__ import annotations
+
+import torch
+
+import seqlab
+from seqlab.models.state import ModelState
+
+
+def tiny(mixer: str | None = None, layers: tuple[str, ...] | None = None, **overrides):
+    """A tiny fp32 model for equivalence tests (sizes small enough for milliseconds per call)."""
+    fields = dict(vocab_size=37, d_model=32, n_layers=2, attention={"n_heads": 4, "window": 5},
+                  mamba={"chunk_size": 8}, gla={"n_heads": 2, "chunk_size": 8})
+    if layers is not None:
+        fields.update(layers=layers, n_layers=len(layers))
+    else:
+        fields["mixer"] = mixer
+    fields.update(overrides)
+    return seqlab.build_model(fields, seed=0).eval()
+
+
+def state_tensors(state: ModelState) -> list[torch.Tensor]:
+    return [t for s in state.layers for t in s.tensors().values()]
+
+
+def assert_states_close(a: ModelState, b: ModelState, atol: float = 1e-4) -> None:
+    assert a.pos == b.pos
+    ta, tb = state_tensors(a), state_tensors(b)
+    assert len(ta) == len(tb)
+    for x, y in zip(ta, tb):
+        assert x.shape == y.shape
+        torch.testing.assert_close(x, y, atol=atol, rtol=0)

@@ -1,0 +1,75 @@
+"""Configs: JSON round trip, and one clear error per kind of bad value."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from seqlab.config import ModelConfig, RunConfig, TrainConfig
+from seqlab.errors import InputError
+from seqlab.models import as_config
+
+
+def test_json_round_trip(tmp_path):
+    cfg = ModelConfig.from_dict({"d_model": 48, "layers": ["gru", "attention", "conv"],
+                                 "attention": {"n_heads": 6, "window": 16}})
+    cfg.save(tmp_path / "c.json")
+    assert ModelConfig.load(tmp_path / "c.json") == cfg
+    assert json.loads((tmp_path / "c.json").read_text())["layers"] == ["gru", "attention", "conv"]
+
+
+def test_layers_alone_fix_the_depth():
+    cfg = as_config(layers=["lstm", "attention", "lstm"])
+    assert cfg.n_layers == 3 and cfg.layer_mixers == ("lstm", "attention", "lstm")
+
+
+@pytest.mark.parametrize("fields, match", [
+    ({"mixr": "gru"}, r"unknown config key 'mixr'; allowed keys: .*mixer"),
+    ({"mixer": "transformer"}, r"'mixer' = 'transformer': expected one of attention, sliding_attention"),
+    ({"d_model": 0}, r"'d_model' = 0: must be > 0"),
+    ({"d_model": -8}, r"'d_model' = -8: must be > 0"),
+    ({"d_model": 30}, r"'d_model' = 30: must be divisible by attention.n_heads = 4"),
+    ({"d_model": "big"}, r"'d_model' = 'big': expected int"),
+    ({"n_layers": 2.5}, r"'n_layers' = 2.5: expected int"),
+    ({"layers": ["gru", "nope"]}, r"'layers\[1\]' = 'nope'"),
+    ({"layers": ["gru"], "n_layers": 2}, r"'layers' has 1 entries but n_layers = 2"),
+    ({"attention": {"n_heads": 4, "n_kv_heads": 3}}, r"'attention.n_kv_heads' = 3: must divide"),
+    ({"attention": {"window": 0}}, r"'attention.window' = 0"),
+    ({"attention": {"heads": 4}}, r"unknown config key 'attention.heads'"),
+    ({"attention": 4}, r"section 'attention' must be an object"),
+    ({"norm": "batchnorm"}, r"'norm' = 'batchnorm': expected one of rmsnorm, layernorm"),
+    ({"mamba": {"impl": "cuda"}}, r"'mamba.impl' = 'cuda': expected one of chunked, ref"),
+    ({"tie_embeddings": 1}, r"'tie_embeddings' = 1: expected bool"),
+])
+def test_invalid_model_config(fields, match):
+    with pytest.raises(InputError, match=match):
+        ModelConfig.from_dict(fields)
+
+
+@pytest.mark.parametrize("fields, match", [
+    ({"lr": 0}, r"'train.lr' = 0: must be > 0"),
+    ({"beta2": 1.0}, r"'train.beta2' = 1.0: must be in \[0, 1\)"),
+    ({"warmup_steps": -1}, r"'train.warmup_steps' = -1: must be >= 0"),
+])
+def test_invalid_train_config(fields, match):
+    with pytest.raises(InputError, match=match):
+        TrainConfig.from_dict(fields)
+
+
+def test_run_config_needs_a_task_name():
+    with pytest.raises(InputError, match="task.name"):
+        RunConfig.from_dict({"task": {"seq_len": 8}})
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        ModelConfig.load(tmp_path / "nope.json")
+    (tmp_path / "bad.json").write_text("{oops")
+    with pytest.raises(InputError, match="not valid JSON"):
+        ModelConfig.load(tmp_path / "bad.json")
+
+
+def test_configs_are_frozen():
+    with pytest.raises(AttributeError):
+        ModelConfig().d_model = 3  # type: ignore[misc]
