@@ -228,6 +228,17 @@ def test_interrupted_run_resumes_bit_identically(corpus_root, tmp_path, monkeypa
     assert whole["eval"] == cut["eval"]
 
 
+def test_resume_finds_the_checkpoint_a_crash_moved_aside(tmp_path):
+    """A kill between the two renames that replace checkpoint/ leaves only the previous one, moved aside."""
+    out = tmp_path / "run"
+    train(run_config(steps=4, checkpoint_every=2), out=out, progress=False)
+    train(run_config(steps=4, checkpoint_every=2), out=tmp_path / "whole", progress=False)
+    (out / "checkpoint").rename(out / ".checkpoint.old-1234abcd")
+    train(run_config(steps=4, checkpoint_every=2), out=out, progress=False, resume=True)
+    assert_same_weights(out / "checkpoint", tmp_path / "whole" / "checkpoint")
+    assert not list(out.glob(".checkpoint.old-*"))
+
+
 def test_resume_with_a_different_config_is_refused(tmp_path):
     train(run_config(steps=2), out=tmp_path / "run", progress=False)
     with pytest.raises(InputError, match="differs from the run's at 'train.lr'"):

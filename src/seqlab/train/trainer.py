@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -330,6 +331,8 @@ def _save(folder: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, gen:
          tensors={resume.OPTIMIZER_FILE: resume.optimizer_tensors(opt),
                   resume.TENSORS_FILE: {**resume.rng_tensors(gen), **carried}},
          json_files={resume.JSON_FILE: state})
+    for stale in (*folder.glob(".checkpoint.old-*"), *folder.glob(".checkpoint.tmp-*")):
+        shutil.rmtree(stale, ignore_errors=True)  # left by a crash mid-write; the new checkpoint supersedes them
 
 
 def _restore(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator, micro: int,
