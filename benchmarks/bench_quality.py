@@ -54,12 +54,12 @@ TASKS = {
     "induction": (
         {"name": "induction", "vocab_size": 16, "seq_len": 32},
         {"acc_L": {}, "acc_4L": {"seq_len": 128}},
-        {"steps": 800, "batch_size": 64, "lr": 3e-3},
+        {"steps": 600, "batch_size": 64, "lr": 3e-3},
     ),
     "corpus": (
         {"name": "corpus", "seq_len": 128},
         {"bpb_test": {"split": "test"}},
-        {"steps": 400, "batch_size": 32, "lr": 3e-3},
+        {"steps": 300, "batch_size": 32, "lr": 3e-3},
     ),
 }
 
