@@ -190,6 +190,20 @@ def test_carrying_the_state_changes_the_loss(corpus_root, tmp_path):
     assert carried["eval"] != reset["eval"]
 
 
+def test_stateful_evaluation_reads_the_whole_stream(corpus_root, tmp_path):
+    task = make_task("corpus", seq_len=8, root=corpus_root, cache_dir=tmp_path / "cache", split="validation")
+    model = build_model(mixer="lstm", vocab_size=256, d_model=16, n_layers=1, seed=0)
+    whole = evaluate(model, task, batches=0, batch_size=2, stateful=True)
+    first = evaluate(model, task, batches=1, batch_size=2, stateful=True)
+    assert 7 < whole["bits_per_byte"] < 9 and whole != first  # untrained: about log2(256) = 8 bits per byte
+
+
+def test_task_override_replaces_the_configs_task(tmp_path):
+    result = train(run_config(steps=1), "prefix_parity", out=tmp_path / "run", progress=False)
+    assert RunConfig.load(tmp_path / "run" / "config.json").task == {"name": "prefix_parity"}
+    assert result["steps"] == 1
+
+
 def test_stream_needs_a_streaming_task(tmp_path):
     with pytest.raises(InputError, match="train.stream.*streaming task"):
         train(run_config(stream=True), out=tmp_path / "run", progress=False)

@@ -384,11 +384,12 @@ def train(config: RunConfig | dict | str | Path, task: str | None = None, out: s
     """Train the model a RunConfig describes; write out/config.json, out/metrics.jsonl, out/result.json and
     out/checkpoint (a `seqlab.load`-able folder that also holds what `resume=True` needs to continue the run).
 
-    `config` is a RunConfig, a dict, or the path of a JSON file; `task`, if given, overrides `config.task.name`.
+    `config` is a RunConfig, a dict, or the path of a JSON file; `task`, if given and not the config's task,
+    replaces it (with its default parameters; set others with `task.<param>` in the config).
     """
     config = _as_run_config(config)
-    if task is not None:
-        config = config.replace(task={**config.task, "name": task})
+    if task is not None and task != config.task["name"]:
+        config = config.replace(task={"name": task})  # another task's parameters would not apply
     task_obj = _build_task(config.task)
     eval_obj = _build_task(eval_task_params(config))
     for t in (task_obj, eval_obj):
