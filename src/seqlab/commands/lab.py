@@ -11,35 +11,44 @@ from seqlab.commands import emit
 
 def register(sub: argparse._SubParsersAction) -> None:
     from seqlab.lab.presets import PRESETS
+    from seqlab.lab.sections import SECTIONS
 
     p = sub.add_parser(
         "lab", help="train and measure every architecture side by side; write a report",
-        description="Train every mixer at a matched parameter count on the same task, evaluate it, and write "
-                    "results.json, report.md and plots/ into the output folder.",
+        description="Run the lab's sections (" + ", ".join(SECTIONS) + ") and write results.json, report.html, "
+                    "report.md, plots/ and cells/ (every cell's config, metrics and checkpoint) into the output "
+                    "folder. An interrupted run continues with --resume; a failing cell is recorded and the "
+                    "rest goes on.",
     )
     p.add_argument("--preset", choices=PRESETS, default="quick",
                    help="built-in config (default: quick, a few minutes on a 2-core CPU)")
     p.add_argument("--config", type=Path, help="a lab config JSON file (copy a preset and edit it); "
                                                "overrides --preset")
     p.add_argument("--out", type=Path, help="output folder (default: runs/<date>-<preset>)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out, skipping finished cells (uses the config saved there)")
+    p.add_argument("--only", action="append", metavar="SECTION", help="run only this section (repeatable)")
+    p.add_argument("--skip", action="append", metavar="SECTION", help="skip this section (repeatable)")
     p.add_argument("--json", action="store_true", help="print results.json to stdout when done")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from seqlab.errors import InputError
     from seqlab.lab import LabConfig, load_preset, run_lab
 
     cfg = LabConfig.load(args.config) if args.config else load_preset(args.preset)
+    if args.resume and args.out is None:
+        raise InputError("--resume needs --out, the folder of the run to continue")
     out = args.out or Path("runs") / f"{dt.datetime.now():%Y%m%d-%H%M%S}-{cfg.name}"
-    results = run_lab(cfg, out, progress=not args.no_progress)
-    rows = []
-    for c in results["quality"]["cells"]:
-        if "error" in c:
-            rows.append(f"  {c['mixer']:<22} failed: {c['error']}")
-        else:
-            rows.append(f"  {c['mixer']:<22} params {c['params']:>8,}  accuracy {c['eval']['accuracy']:.3f}  "
-                        f"train {c['train_tokens_per_s']:>8,.0f} tok/s  state {c['state_bytes']:>10,} B")
-    emit(results, args.json, "\n".join([f"lab '{cfg.name}' done in {results['meta']['seconds']:.0f} s", *rows,
-                                        f"report: {out / 'report.md'}"]))
+    results = run_lab(cfg, out, resume=args.resume, only=args.only, skip=args.skip, progress=not args.no_progress)
+    lines = [f"lab '{results['meta']['preset']}' done in {results['meta']['seconds']:.0f} s"]
+    for name, section in results["sections"].items():
+        failed = [c for c in section["cells"] if "error" in c]
+        lines.append(f"  {name}: {len(section['cells']) - len(failed)} cells done"
+                     + (f", {len(failed)} failed: " + "; ".join(f"{c['cell']}: {c['error']}" for c in failed)
+                        if failed else ""))
+    lines.append(f"report: {out / 'report.html'} (and report.md)")
+    emit(results, args.json, "\n".join(lines))
     return 0

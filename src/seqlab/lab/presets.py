@@ -1,8 +1,10 @@
-"""Lab configs: what to compare, on which task, with which budget. A preset is a JSON file users can copy and edit.
+"""Lab configs: which sections to run, and each section's tasks, mixers and budget.
 
-    {"name": "quick", "seed": 0,
-     "quality": {"task": {"name": "mqar", ...}, "mixers": ["attention", "gru", "lstm+attention"],
-                 "model": {"n_layers": 2, ...}, "target_params": 100000, "train": {"steps": 300, ...}}}
+A preset is a JSON file users can copy and edit (`seqlab lab --config FILE`):
+
+    {"name": "quick", "seed": 0, "sections": ["quality", "training"],
+     "quality": {"tasks": [{"name": "mqar", ...}], "mixers": ["attention", "gru", "lstm+attention"], ...},
+     "training": {"mixers": [...], "seq_lens": [128, 512, 2048], ...}}
 
 A mixer entry "a+b" is a hybrid whose layers cycle through a, b, a, b, ...
 """
@@ -13,39 +15,28 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from seqlab.config import MIXERS, TrainConfig, _check_types, _choice, _positive, _Section
+from seqlab.config import _check_types, _choice, _Section
 from seqlab.errors import InputError
+from seqlab.lab.sections import SECTIONS, quality, training
 
 PRESETS = ("quick",)
-
-
-@dataclass(frozen=True)
-class QualitySection(_Section):
-    """Train every mixer at a matched parameter count on one task and evaluate it."""
-
-    task: dict = field(default_factory=lambda: {"name": "mqar"})
-    mixers: tuple[str, ...] = ("attention", "sliding_attention", "lstm", "gru", "conv")
-    model: dict = field(default_factory=dict)  # base ModelConfig fields; d_model is chosen to match target_params
-    target_params: int | None = None  # None: use model.d_model as given for every mixer
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval_batches: int = 16
-    state_context: int = 1024  # context at which each model's state bytes are reported
-
-    def __post_init__(self) -> None:
-        _check_types(self, "quality.")
-        _positive(self, "quality.", "target_params", "eval_batches", "state_context")
-        if not self.mixers:
-            raise InputError("config field 'quality.mixers' is empty; list at least one mixer")
-        for i, entry in enumerate(self.mixers):
-            for part in entry.split("+"):
-                _choice("quality.", f"mixers[{i}]", part, MIXERS)
 
 
 @dataclass(frozen=True)
 class LabConfig(_Section):
     name: str = "custom"
     seed: int = 0
-    quality: QualitySection = field(default_factory=QualitySection)
+    sections: tuple[str, ...] = tuple(SECTIONS)  # the sections to run, in report order
+    quality: quality.Config = field(default_factory=quality.Config)
+    training: training.Config = field(default_factory=training.Config)
+
+    def __post_init__(self) -> None:
+        _check_types(self, "")
+        for i, name in enumerate(self.sections):
+            _choice("", f"sections[{i}]", name, tuple(SECTIONS))
+
+    def section(self, name: str) -> _Section:
+        return getattr(self, name)
 
 
 def preset_path(name: str) -> Path:
@@ -56,3 +47,15 @@ def preset_path(name: str) -> Path:
 
 def load_preset(name: str) -> LabConfig:
     return LabConfig.load(preset_path(name))
+
+
+def pick_sections(cfg: LabConfig, only: list[str] | None, skip: list[str] | None) -> list[str]:
+    """The sections to run: the config's list, narrowed by --only and --skip (names checked)."""
+    for flag, names in (("--only", only), ("--skip", skip)):
+        for n in names or ():
+            if n not in SECTIONS:
+                raise InputError(f"{flag} {n!r}: unknown section; sections: {', '.join(SECTIONS)}")
+    chosen = [s for s in cfg.sections if (not only or s in only) and s not in (skip or ())]
+    if not chosen:
+        raise InputError("no section left to run after --only/--skip")
+    return chosen

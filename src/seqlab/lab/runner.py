@@ -1,7 +1,6 @@
-"""Run a lab config: train and measure every cell, write results.json, then the report.
-
-Each cell (one mixer on one task) is independent: its config, metrics and checkpoint go into
-`OUT/cells/<section>/<cell>/`, and a cell that fails is recorded with its error while the others go on.
+"""Run a lab: plan every section's cells, run them (skipping finished ones on --resume), write results.json and
+the report. A cell's result is written to `cells/<section>/<cell>/cell.json` the moment it finishes, and
+results.json is rewritten after every cell, so an interrupted run loses at most the cell it was in.
 """
 
 from __future__ import annotations
@@ -18,102 +17,92 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from seqlab.checkpoint import save
-from seqlab.config import ModelConfig
-from seqlab.data import make_task
-from seqlab.lab.presets import LabConfig
-from seqlab.models import LanguageModel, build_model
-from seqlab.train import fit
-
-
-def hybrid_layers(entry: str, n_layers: int) -> tuple[str, ...]:
-    """"lstm+attention" with 4 layers -> (lstm, attention, lstm, attention)."""
-    parts = entry.split("+")
-    return tuple(parts[i % len(parts)] for i in range(n_layers))
-
-
-def count_parameters(cfg: ModelConfig) -> int:
-    with torch.device("meta"):  # no memory, no init cost
-        return LanguageModel(cfg).num_parameters()
-
-
-def matched_config(base: dict, entry: str, target: int | None) -> ModelConfig:
-    """The config for mixer `entry` whose parameter count is closest to `target`, varying d_model only."""
-    n_layers = base.get("n_layers", ModelConfig.n_layers)
-    fields = {**base, "layers": hybrid_layers(entry, n_layers), "n_layers": n_layers}
-    if target is None:
-        return ModelConfig.from_dict(fields)
-    heads = base.get("attention", {}).get("n_heads", 4)
-    step = 2 * heads  # keeps d_model divisible by the heads with an even head dim
-    best = None
-    for d in range(step, 1025, step):
-        cfg = ModelConfig.from_dict({**fields, "d_model": d})
-        n = count_parameters(cfg)
-        if best is None or abs(n - target) < abs(best[0] - target):
-            best = (n, cfg)
-        if n > target:
-            break
-    return best[1]
+from seqlab.errors import InputError
+from seqlab.lab.presets import LabConfig, pick_sections
+from seqlab.lab.report import build_report
+from seqlab.lab.sections import SECTIONS
 
 
 def machine() -> dict[str, Any]:
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version(), "device": "cpu"}
+            "python": platform.python_version(),
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
 
 
-@torch.no_grad()
-def state_bytes(model: torch.nn.Module, context: int) -> int:
-    """Bytes of the model's state after `context` tokens (batch 1)."""
-    tokens = torch.zeros(1, context, dtype=torch.long)
-    _, state = model(tokens)
-    return state.nbytes
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)  # atomic: a reader sees the old file or the new one, never half of one
 
 
-def run_quality(cfg: LabConfig, out: Path, progress: bool) -> dict[str, Any]:
-    q = cfg.quality
-    task = make_task(q.task["name"], **{k: v for k, v in q.task.items() if k != "name"})
-    base = {"vocab_size": task.vocab_size, **q.model}
-    cells = []
-    bar = tqdm(q.mixers, desc="quality", disable=not progress, dynamic_ncols=True)
-    for entry in bar:
-        bar.set_postfix(cell=entry)
-        cell_dir = out / "cells" / "quality" / entry
-        cell: dict[str, Any] = {"mixer": entry}
-        try:
-            model_cfg = matched_config(base, entry, q.target_params)
-            model = build_model(model_cfg, seed=cfg.seed)
-            result = fit(model, task, q.train.replace(eval_batches=q.eval_batches, seed=cfg.seed),
-                         progress=progress, desc=entry)
-            cell.update(
-                params=model.num_parameters(), d_model=model_cfg.d_model, eval=result["eval"],
-                train_loss=result["train_loss"], train_seconds=result["seconds"],
-                train_tokens_per_s=result["tokens_per_s"], state_bytes=state_bytes(model, q.state_context),
-                loss_curve=[[r["step"], r["loss"]] for r in result["history"]],
-            )
-            save(model, cell_dir / "checkpoint", json_files={"metrics.json": cell})
-        except Exception as e:  # a failing cell is recorded and the lab goes on
-            cell["error"] = f"{type(e).__name__}: {e}"
-            cell["traceback"] = traceback.format_exc()
-        cells.append(cell)
-    return {"task": q.task, "target_params": q.target_params, "state_context": q.state_context,
-            "train": q.train.to_dict(), "cells": cells}
+def _prepare(cfg: LabConfig, out: Path, resume: bool) -> LabConfig:
+    saved = out / "lab_config.json"
+    if resume:
+        if not saved.is_file():
+            raise InputError(f"cannot resume: '{out}' holds no lab run (no lab_config.json); run without --resume")
+        return LabConfig.load(saved)  # resume what was started, whatever preset flags came with --resume
+    if out.exists() and any(out.iterdir()):
+        raise InputError(f"output folder '{out}' is not empty; use --resume to continue the lab run in it, or "
+                         "choose another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"cannot create output folder '{out}': {e.strerror}") from None
+    _write_json(saved, cfg.to_dict())
+    return cfg
 
 
-def run_lab(cfg: LabConfig, out: str | Path, *, progress: bool = True) -> dict[str, Any]:
-    """Run the lab into folder `out`: results.json, report.md, plots/ and cells/."""
-    from seqlab.lab.report import write_report
-
+def run_lab(cfg: LabConfig, out: str | Path, *, resume: bool = False, only: list[str] | None = None,
+            skip: list[str] | None = None, progress: bool = True) -> dict[str, Any]:
+    """Run the lab into folder `out`; returns the content of results.json."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "lab_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    names = pick_sections(cfg, only, skip)
+    cfg = _prepare(cfg, out, resume)
+    plans = {name: SECTIONS[name].plan(cfg.section(name), cfg) for name in names}
     start = time.perf_counter()
+    previous = json.loads((out / "results.json").read_text()) if resume and (out / "results.json").is_file() else {}
     results: dict[str, Any] = {
         "meta": {"preset": cfg.name, "seed": cfg.seed, "machine": machine(),
-                 "started": dt.datetime.now().isoformat(timespec="seconds")},
+                 "started": previous.get("meta", {}).get("started", dt.datetime.now().isoformat(timespec="seconds")),
+                 "seconds": previous.get("meta", {}).get("seconds", 0.0)},
+        "sections": {},
     }
-    results["quality"] = run_quality(cfg, out, progress)
-    results["meta"]["seconds"] = time.perf_counter() - start
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    write_report(results, out)
+    elapsed_before = results["meta"]["seconds"]
+    overall = tqdm(total=sum(len(p) for p in plans.values()), desc="lab", disable=not progress, position=0,
+                   dynamic_ncols=True)
+    for name, cells in plans.items():
+        section, section_cfg = SECTIONS[name], cfg.section(name)
+        entry = {"config": section_cfg.to_dict(), "cells": []}
+        results["sections"][name] = entry
+        section_bar = tqdm(cells, desc=name, disable=not progress, position=1, leave=False, dynamic_ncols=True)
+        for cell in section_bar:
+            overall.set_postfix_str(f"{name}: {cell.id}")
+            cell_dir = out / "cells" / name / cell.id
+            done = cell_dir / "cell.json"
+            if resume and done.is_file():
+                record = json.loads(done.read_text())
+                if "error" not in record:
+                    entry["cells"].append(record)
+                    overall.update(1)
+                    continue
+            cell_dir.mkdir(parents=True, exist_ok=True)
+            t0 = time.perf_counter()
+            try:
+                result = section.run(cell, section_cfg, cfg, cell_dir, progress)
+                record = {"cell": cell.id, "spec": cell.spec, **result, "cell_seconds": time.perf_counter() - t0}
+            except Exception as e:  # a failing cell is recorded, and the lab goes on
+                record = {"cell": cell.id, "spec": cell.spec, "error": f"{type(e).__name__}: {e}",
+                          "traceback": traceback.format_exc()}
+                tqdm.write(f"seqlab lab: cell {name}/{cell.id} failed: {record['error']}")
+            _write_json(done, record)
+            entry["cells"].append(record)
+            results["meta"]["seconds"] = elapsed_before + time.perf_counter() - start
+            _write_json(out / "results.json", results)
+            overall.update(1)
+        section_bar.close()
+    overall.close()
+    results["meta"]["seconds"] = elapsed_before + time.perf_counter() - start
+    _write_json(out / "results.json", results)
+    build_report(results, out)
     return results

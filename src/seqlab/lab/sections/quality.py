@@ -1,0 +1,173 @@
+"""Quality: every mixer, at a matched parameter count, trained with the same budget on the same tasks.
+
+A task entry is a task name with its parameters, an optional `label` (its name in the report) and an optional
+`eval` dict of parameters that differ at test time, e.g. a longer `seq_len` for length extrapolation or the test
+split of the corpus: {"name": "induction", "seq_len": 64, "eval": {"seq_len": 256}}.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import matplotlib.pyplot as plt
+import torch
+
+from seqlab.checkpoint import save
+from seqlab.config import MIXERS, ModelConfig, TrainConfig, _check_types, _choice, _positive, _Section
+from seqlab.data import make_task
+from seqlab.errors import InputError
+from seqlab.lab import report
+from seqlab.models import LanguageModel, build_model
+
+TITLE = "Quality"
+
+
+@dataclass(frozen=True)
+class Config(_Section):
+    tasks: tuple[dict, ...] = ({"name": "mqar", "vocab_size": 64, "seq_len": 64, "num_pairs": 4},)
+    mixers: tuple[str, ...] = ("attention", "sliding_attention", "lstm", "gru", "conv")
+    model: dict = field(default_factory=dict)  # base ModelConfig fields; d_model is matched to target_params
+    target_params: int | None = None  # None: every mixer uses model.d_model as given
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval_batches: int = 16
+
+    def __post_init__(self) -> None:
+        _check_types(self, "quality.")
+        _positive(self, "quality.", "target_params", "eval_batches")
+        if not self.mixers:
+            raise InputError("config field 'quality.mixers' is empty; list at least one mixer")
+        for i, entry in enumerate(self.mixers):
+            for part in entry.split("+"):
+                _choice("quality.", f"mixers[{i}]", part, MIXERS)
+        labels = [task_label(t) for t in self.tasks]
+        if len(set(labels)) != len(labels):
+            raise InputError(f"config field 'quality.tasks' has two tasks named alike ({labels}); give each a "
+                             "distinct 'label'")
+
+
+def task_label(task: dict) -> str:
+    if not isinstance(task, dict) or not isinstance(task.get("name"), str):
+        raise InputError(f"config field 'quality.tasks' entry {task!r}: expected {{'name': TASK, ...params}}")
+    return task.get("label", task["name"])
+
+
+def split_task(task: dict) -> tuple[dict, dict]:
+    """(training parameters, evaluation parameters) of a task entry."""
+    train = {k: v for k, v in task.items() if k not in ("name", "label", "eval")}
+    return train, {**train, **task.get("eval", {})}
+
+
+def hybrid_layers(entry: str, n_layers: int) -> tuple[str, ...]:
+    """"lstm+attention" with 4 layers -> (lstm, attention, lstm, attention)."""
+    parts = entry.split("+")
+    return tuple(parts[i % len(parts)] for i in range(n_layers))
+
+
+def count_parameters(cfg: ModelConfig) -> int:
+    with torch.device("meta"):  # no memory, no init cost
+        return LanguageModel(cfg).num_parameters()
+
+
+def matched_config(base: dict, entry: str, target: int | None) -> ModelConfig:
+    """The config for mixer entry `entry` ("gru", or a hybrid "lstm+attention") whose parameter count is closest
+    to `target`, varying d_model only (in steps that keep attention heads even)."""
+    n_layers = base.get("n_layers", ModelConfig.n_layers)
+    fields = {**base, "layers": hybrid_layers(entry, n_layers), "n_layers": n_layers}
+    if target is None:
+        return ModelConfig.from_dict(fields)
+    heads = base.get("attention", {}).get("n_heads", 4)
+    step = 2 * heads
+    best = None
+    for d in range(step, 4097, step):
+        cfg = ModelConfig.from_dict({**fields, "d_model": d})
+        n = count_parameters(cfg)
+        if best is None or abs(n - target) < abs(best[0] - target):
+            best = (n, cfg)
+        if n > target:
+            break
+    return best[1]
+
+
+def plan(cfg: Config, lab: Any) -> list:
+    from seqlab.lab.sections import Cell
+
+    return [Cell(f"{task_label(t)}/{m}", {"task": t, "mixer": m}) for t in cfg.tasks for m in cfg.mixers]
+
+
+def run(cell: Any, cfg: Config, lab: Any, cell_dir: Path, progress: bool) -> dict[str, Any]:
+    from seqlab.train import evaluate, fit
+
+    task_entry, mixer = cell.spec["task"], cell.spec["mixer"]
+    train_params, eval_params = split_task(task_entry)
+    task = make_task(task_entry["name"], **train_params)
+    eval_task = make_task(task_entry["name"], **eval_params)
+    model_cfg = matched_config({"vocab_size": task.vocab_size, **cfg.model}, mixer, cfg.target_params)
+    model = build_model(model_cfg, seed=lab.seed)
+    train_cfg = cfg.train.replace(eval_batches=cfg.eval_batches, seed=lab.seed)
+    result = fit(model, task, train_cfg, progress=progress, desc=cell.id)
+    test = evaluate(model, eval_task, cfg.eval_batches, cfg.train.batch_size, seed=lab.seed + 1)
+    out = {"task": task_label(task_entry), "mixer": mixer, "params": model.num_parameters(),
+           "d_model": model_cfg.d_model, "train_eval": result["eval"], "test": test,
+           "train_seq_len": task.seq_len, "test_seq_len": eval_task.seq_len,
+           "train_seconds": result["seconds"], "train_tokens_per_s": result["tokens_per_s"],
+           "loss_curve": [[r["step"], r["loss"]] for r in result["history"]]}
+    save(model, cell_dir / "checkpoint", json_files={"train_config.json": train_cfg.to_dict()})
+    return out
+
+
+def headline(task: str, cells: list[dict]) -> tuple[str, str, bool]:
+    """(metric key, its label, higher is better) for a task's table and plot."""
+    if any("bits_per_byte" in c["test"] for c in cells):
+        return "bits_per_byte", "bits per byte (test)", False
+    return "accuracy", "accuracy (test)", True
+
+
+def render(results: dict[str, Any], out: Path) -> report.Section:
+    sec = report.Section(TITLE)
+    cfg = results["config"]
+    sec.p(f"Every model trained {cfg['train']['steps']} steps of batch {cfg['train']['batch_size']}"
+          + (f" at about {cfg['target_params']:,} parameters" if cfg["target_params"] else "")
+          + "; d_model is chosen per mixer to match the parameter count. Test metrics use fresh batches, at the "
+            "test length where it differs from the training length.")
+    cells = results["cells"]
+    tasks = list(dict.fromkeys(task_label(c["spec"]["task"]) for c in cells))
+    for task in tasks:
+        mine = [c for c in cells if task_label(c["spec"]["task"]) == task]
+        rows_ok = [c for c in mine if "error" not in c]
+        failed = [c for c in mine if "error" in c]
+        key, label, higher = headline(task, rows_ok) if rows_ok else ("accuracy", "accuracy (test)", True)
+        headers = ["mixer", "params", "d_model", label, "test loss", "train-length " + key, "train tokens/s"]
+        rows = [[c["mixer"], f"{c['params']:,}", str(c["d_model"]), f"{c['test'][key]:.3f}",
+                 f"{c['test']['loss']:.3f}", f"{c['train_eval'][key]:.3f}", f"{c['train_tokens_per_s']:,.0f}"]
+                for c in rows_ok]
+        sec.p(f"Task {task}: trained at length {rows_ok[0]['train_seq_len'] if rows_ok else '?'}, tested at "
+              f"length {rows_ok[0]['test_seq_len'] if rows_ok else '?'}.")
+        sec.table(headers, rows + report.error_rows(failed, len(headers)))
+        if rows_ok:
+            best = (max if higher else min)(rows_ok, key=lambda c: c["test"][key])
+            worst = (min if higher else max)(rows_ok, key=lambda c: c["test"][key])
+            path = f"plots/quality-{task}.png"
+            _plot(task, rows_ok, key, label, out / path)
+            sec.figure(path, f"{task}: {label} per mixer (left) and training loss (right); {best['mixer']} is best "
+                             f"at {best['test'][key]:.3f}, {worst['mixer']} worst at {worst['test'][key]:.3f}.")
+    return sec
+
+
+def _plot(task: str, cells: list[dict], key: str, label: str, path: Path) -> None:
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.6))
+    names = [c["mixer"] for c in cells]
+    ax1.barh(names, [c["test"][key] for c in cells], color="tab:blue")
+    ax1.set_xlabel(label)
+    ax1.invert_yaxis()
+    for c in cells:
+        steps, losses = zip(*c["loss_curve"])
+        ax2.plot(steps, losses, label=c["mixer"])
+    ax2.set_xlabel("step")
+    ax2.set_ylabel("training loss")
+    ax2.legend(fontsize=7)
+    fig.suptitle(task)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,148 @@
+"""Training cost: tokens/s and peak memory of one training step per mixer, at growing sequence lengths.
+
+Attention trains in parallel over the sequence (its cost per token grows with T through the T x T scores);
+LSTM and GRU run a sequential loop over time; the scans run chunk-parallel. Each cell runs in a fresh
+subprocess, so its peak resident memory is its own: the figure reported is the growth of the peak during the
+timed steps over the peak after building the model and one warm-up step.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import matplotlib.pyplot as plt
+
+from seqlab.config import MIXERS, _check_types, _choice, _positive, _Section
+from seqlab.errors import InputError
+from seqlab.lab import report
+
+TITLE = "Training cost"
+
+
+@dataclass(frozen=True)
+class Config(_Section):
+    mixers: tuple[str, ...] = ("attention", "lstm", "gru", "conv")
+    seq_lens: tuple[int, ...] = (128, 512, 2048)
+    batch_size: int = 4
+    steps: int = 5  # timed steps per cell, after one warm-up step
+    model: dict = field(default_factory=dict)
+    target_params: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_types(self, "training.")
+        _positive(self, "training.", "batch_size", "steps", "target_params")
+        if not self.mixers or not self.seq_lens:
+            raise InputError("config fields 'training.mixers' and 'training.seq_lens' must not be empty")
+        for i, entry in enumerate(self.mixers):
+            for part in entry.split("+"):
+                _choice("training.", f"mixers[{i}]", part, MIXERS)
+        for T in self.seq_lens:
+            if T < 1:
+                raise InputError(f"config field 'training.seq_lens' holds {T}: every length must be >= 1")
+
+
+def plan(cfg: Config, lab: Any) -> list:
+    from seqlab.lab.sections import Cell
+
+    return [Cell(f"{m}/T{T}", {"mixer": m, "seq_len": T}) for m in cfg.mixers for T in cfg.seq_lens]
+
+
+def run(cell: Any, cfg: Config, lab: Any, cell_dir: Path, progress: bool) -> dict[str, Any]:
+    job = {"mixer": cell.spec["mixer"], "seq_len": cell.spec["seq_len"], "batch_size": cfg.batch_size,
+           "steps": cfg.steps, "model": cfg.model, "target_params": cfg.target_params, "seed": lab.seed}
+    proc = subprocess.run([sys.executable, "-m", "seqlab.lab.sections.training", json.dumps(job)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit status {proc.returncode}"
+        raise RuntimeError(f"training-cost worker failed: {last}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _peak_rss_bytes() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB, macOS bytes
+
+
+def worker(job: dict[str, Any]) -> dict[str, Any]:
+    """Time `steps` training steps (forward, backward, AdamW) of a matched model on random tokens."""
+    import torch
+
+    from seqlab.config import TrainConfig
+    from seqlab.lab.sections.quality import matched_config
+    from seqlab.models import build_model
+    from seqlab.train.trainer import make_optimizer
+
+    cfg = matched_config({"vocab_size": 256, **job["model"]}, job["mixer"], job["target_params"])
+    model = build_model(cfg, seed=job["seed"]).train()
+    opt = make_optimizer(model, TrainConfig())
+    gen = torch.Generator().manual_seed(job["seed"])
+    tokens = torch.randint(0, 256, (job["batch_size"], job["seq_len"] + 1), generator=gen)
+
+    def step() -> None:
+        logits, _ = model(tokens[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    step()  # warm-up: allocator, optimizer state
+    before = _peak_rss_bytes()
+    times = []
+    for _ in range(job["steps"]):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    median = statistics.median(times)
+    return {"mixer": job["mixer"], "seq_len": job["seq_len"], "params": model.num_parameters(),
+            "d_model": cfg.d_model, "step_seconds_median": median, "repeats": job["steps"],
+            "tokens_per_s": job["batch_size"] * job["seq_len"] / median,
+            "peak_rss_bytes": _peak_rss_bytes(), "peak_growth_bytes": _peak_rss_bytes() - before}
+
+
+def render(results: dict[str, Any], out: Path) -> report.Section:
+    sec = report.Section(TITLE)
+    cfg = results["config"]
+    ok = [c for c in results["cells"] if "error" not in c]
+    sec.p(f"One training step (forward, backward, AdamW) at batch {cfg['batch_size']}, median of {cfg['steps']} "
+          "timed steps after a warm-up, each cell in a fresh process. Peak growth: how much the process's peak "
+          "resident memory rose during the timed steps.")
+    headers = ["mixer", "seq len", "params", "step (ms)", "tokens/s", "peak growth"]
+    rows = [[c["mixer"], str(c["seq_len"]), f"{c['params']:,}", f"{1000 * c['step_seconds_median']:.1f}",
+             f"{c['tokens_per_s']:,.0f}", report.fmt_bytes(c["peak_growth_bytes"])] for c in ok]
+    sec.table(headers, rows + report.error_rows(results["cells"], len(headers)))
+    if ok:
+        path = "plots/training-cost.png"
+        _plot(ok, out / path)
+        longest = max(c["seq_len"] for c in ok)
+        at = sorted((c for c in ok if c["seq_len"] == longest), key=lambda c: -c["tokens_per_s"])
+        sec.figure(path, f"Training throughput against sequence length (log-log); at length {longest}, "
+                         f"{at[0]['mixer']} trains fastest ({at[0]['tokens_per_s']:,.0f} tokens/s) and "
+                         f"{at[-1]['mixer']} slowest ({at[-1]['tokens_per_s']:,.0f} tokens/s).")
+    return sec
+
+
+def _plot(cells: list[dict], path: Path) -> None:
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.6))
+    for mixer in dict.fromkeys(c["mixer"] for c in cells):
+        mine = sorted((c for c in cells if c["mixer"] == mixer), key=lambda c: c["seq_len"])
+        T = [c["seq_len"] for c in mine]
+        ax1.plot(T, [c["tokens_per_s"] for c in mine], marker="o", label=mixer)
+        ax2.plot(T, [max(c["peak_growth_bytes"], 1) / 2**20 for c in mine], marker="o", label=mixer)
+    ax1.set(xscale="log", yscale="log", xlabel="sequence length", ylabel="training tokens/s")
+    ax2.set(xscale="log", yscale="log", xlabel="sequence length", ylabel="peak memory growth (MiB)")
+    ax1.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    print(json.dumps(worker(json.loads(sys.argv[1]))))
