@@ -1,0 +1,71 @@
+"""Gated linear attention (Yang et al. 2024, "Gated Linear Attention Transformers with Hardware-Efficient Training").
+
+Glossary (code name: paper symbol)
+    H        gla.n_heads
+    dk, dv   key and value width per head: D * gla.expand_k / H and D * gla.expand_v / H
+    alpha    the forget gate, alpha_t = sigmoid(low-rank(x_t))^(1/tau), applied as g_t = log alpha_t
+             = logsigmoid(.) / tau (tau = gla.gate_logit_normalizer), per key dimension
+    S        the state, (B, H, dk, dv), fp32
+
+    S_t = diag(alpha_t) S_{t-1} + k_t^T v_t,     o_t = q_t S_t / sqrt(dk)
+    out = out_proj(rmsnorm_per_head(o) * silu(W_r x))        (the output gate)
+
+A call with T == 1 takes the step path: one O(dk * dv) update per head, no scan machinery.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from seqlab.config import ModelConfig
+from seqlab.models.registry import register_mixer
+from seqlab.models.state import State
+from seqlab.ops import gla, gla_step
+
+
+@dataclass(frozen=True)
+class GLAState(State):
+    S: torch.Tensor  # (B, H, dk, dv), fp32
+
+
+@register_mixer("gla")
+class GatedLinearAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, name: str = "gla"):
+        super().__init__()
+        g = cfg.gla
+        self.cfg = g
+        self.H = g.n_heads
+        self.dk, self.dv = cfg.gla_d_key // g.n_heads, cfg.gla_d_value // g.n_heads
+        self.q_proj = nn.Linear(cfg.d_model, cfg.gla_d_key, bias=False)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.gla_d_key, bias=False)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.gla_d_value, bias=False)
+        self.gate_proj = nn.Linear(cfg.d_model, cfg.gla_d_value, bias=False)  # output gate W_r
+        self.gk_down = nn.Linear(cfg.d_model, g.gate_low_rank, bias=False)  # forget gate, low rank
+        self.gk_up = nn.Linear(g.gate_low_rank, cfg.gla_d_key, bias=True)
+        self.norm = nn.RMSNorm(self.dv, eps=cfg.norm_eps)
+        self.out_proj = nn.Linear(cfg.gla_d_value, cfg.d_model, bias=False)
+
+    def _heads(self, t: torch.Tensor, d: int) -> torch.Tensor:  # (B, T, H * d) -> (B, H, T, d)
+        B, T, _ = t.shape
+        return t.view(B, T, self.H, d).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, state: GLAState | None = None) -> tuple[torch.Tensor, GLAState]:
+        B, T, _ = x.shape
+        q = self._heads(self.q_proj(x), self.dk)
+        k = self._heads(self.k_proj(x), self.dk)
+        v = self._heads(self.v_proj(x), self.dv)
+        gk = F.logsigmoid(self.gk_up(self.gk_down(x))) / self.cfg.gate_logit_normalizer
+        gk = self._heads(gk, self.dk)  # (B, H, T, dk), log forget gate <= 0
+        S0 = None if state is None else state.S
+        if T == 1 and S0 is not None:  # decoding: the O(1) recurrent update
+            o, S = gla_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], gk[:, :, 0], S0)
+            o = o[:, :, None]  # (B, H, 1, dv)
+        else:
+            o, S = gla(q, k, v, gk, initial_state=S0, return_final_state=True, impl=self.cfg.impl,
+                       chunk_size=self.cfg.chunk_size)
+        o = self.norm(o).transpose(1, 2).reshape(B, T, -1)  # (B, T, H * dv)
+        return self.out_proj(o * F.silu(self.gate_proj(x))), GLAState(S)

@@ -1,0 +1,187 @@
+"""gla: chunked vs the reference loop (outputs, final state, every gradient), carried states, the step function,
+bf16, strong decay, and bad input."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from seqlab.errors import InputError
+from seqlab.ops import gla, gla_ref, gla_step
+
+
+def make_inputs(B, H, L, dk, dv, seed, *, init=True, strong=False, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    if strong:  # log gates from ~0 down to ~ -1e3 per step: most decays underflow to exactly 0
+        g = -torch.exp(r(B, H, L, dk) * 3 + 2)
+    else:
+        g = F.logsigmoid(r(B, H, L, dk) + 1)
+    x = dict(q=r(B, H, L, dk), k=r(B, H, L, dk), v=r(B, H, L, dv), g=g)
+    if init:
+        x["initial_state"] = r(B, H, dk, dv)
+    return {k: v.to(dtype) for k, v in x.items()}
+
+
+def run(x, impl, chunk_size=64, scale=None, seed=1):
+    """o, final state and the gradient of every input for a fixed random cotangent."""
+    x = {k: v.detach().clone().requires_grad_() for k, v in x.items()}
+    o, s = gla(**x, return_final_state=True, impl=impl, chunk_size=chunk_size, scale=scale)
+    gen = torch.Generator().manual_seed(seed)
+    go = torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.dtype)
+    gs = torch.randn(s.shape, generator=gen, dtype=torch.float64).to(s.dtype)
+    names = list(x)
+    grads = torch.autograd.grad((o * go).sum() + (s * gs).sum(), [x[n] for n in names])
+    return o.detach(), s.detach(), dict(zip(names, grads))
+
+
+def rel_err(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+def assert_matches(got, want, tol, what=""):
+    o, s, g = got
+    o0, s0, g0 = want
+    assert rel_err(o, o0) <= tol, f"{what} output"
+    assert rel_err(s, s0) <= tol, f"{what} final state"
+    for n in g0:
+        assert torch.isfinite(g[n]).all(), f"{what} grad {n} not finite"
+        assert rel_err(g[n], g0[n]) <= tol, f"{what} grad {n}: {rel_err(g[n], g0[n]):.2e}"
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(B=st.integers(1, 2), H=st.integers(1, 2), L=st.integers(1, 45), dk=st.integers(1, 5), dv=st.integers(1, 4),
+       chunk=st.sampled_from([1, 2, 3, 4, 6, 8, 16, 24, 64]), init=st.booleans(), seed=st.integers(0, 2**16))
+@example(B=1, H=2, L=1, dk=3, dv=2, chunk=64, init=True, seed=0)  # length 1
+@example(B=2, H=1, L=37, dk=4, dv=3, chunk=16, init=True, seed=1)  # not a multiple of the chunk; sub-chunks
+@example(B=1, H=1, L=32, dk=2, dv=2, chunk=32, init=False, seed=2)  # an exact multiple, four sub-chunks
+def test_chunked_matches_ref_fp32(B, H, L, dk, dv, chunk, init, seed):
+    x = make_inputs(B, H, L, dk, dv, seed, init=init)
+    want = run({k: v.double() for k, v in x.items()}, "ref")  # the truth, in float64
+    got = run(x, "chunked", chunk_size=chunk)
+    assert got[0].dtype == torch.float32 and got[1].dtype == torch.float32
+    assert_matches(got, want, 1e-4)
+
+
+def test_gradcheck_float64():
+    """The chunked form's gradients are the true derivatives (finite differences), not only equal to the ref's."""
+    x = make_inputs(1, 1, 10, 2, 1, seed=3, dtype=torch.float64)
+    names = list(x)
+    inputs = tuple(x[n].requires_grad_() for n in names)
+
+    def f(*t):  # chunk 16 -> two sub-chunks of 8: both the diagonal and the off-diagonal blocks
+        return gla(**dict(zip(names, t)), return_final_state=True, chunk_size=16)
+
+    assert torch.autograd.gradcheck(f, inputs)
+
+
+@pytest.mark.parametrize("L", [1, 100, 300])
+def test_strong_decay_is_finite_and_matches(L):
+    x = make_inputs(2, 2, L, 4, 3, seed=4, strong=True)
+    got = run(x, "chunked", chunk_size=64)
+    assert all(torch.isfinite(t).all() for t in (got[0], got[1], *got[2].values()))
+    want = run({k: v.double() for k, v in x.items()}, "ref")
+    assert_matches(got, want, 1e-4, "strong decay")
+
+
+def test_scale():
+    x = make_inputs(1, 2, 9, 4, 3, seed=5)
+    o1, _ = gla(**x, scale=0.3, chunk_size=4)
+    o2, _ = gla_ref(**x, scale=0.3)
+    o3, _ = gla(**{**x, "q": x["q"] * 0.3 / 4 ** -0.5}, chunk_size=4)  # default scale is dk ** -0.5
+    assert rel_err(o1, o2) <= 1e-5 and rel_err(o1, o3) <= 1e-5
+    with pytest.raises(InputError, match="scale"):
+        gla(**x, scale="big")
+
+
+def test_returns_a_tuple_always():
+    x = make_inputs(1, 2, 5, 3, 2, seed=6)
+    for impl in ("ref", "chunked"):
+        out = gla(**x, impl=impl)
+        assert isinstance(out, tuple) and len(out) == 2 and out[1] is None
+        assert gla(**x, impl=impl, return_final_state=True)[1].shape == (1, 2, 3, 2)
+
+
+def test_bf16_inputs_fp32_state():
+    x = make_inputs(2, 2, 37, 4, 3, seed=7)
+    x16 = {k: v.to(torch.bfloat16) if k != "initial_state" else v for k, v in x.items()}
+    y0, s0 = gla_ref(**{k: v.float() for k, v in x16.items()}, return_final_state=True)
+    for impl in ("ref", "chunked"):
+        y, s = gla(**x16, return_final_state=True, impl=impl, chunk_size=8)
+        assert y.dtype == torch.bfloat16 and s.dtype == torch.float32
+        assert rel_err(s, s0) <= 1e-4
+        assert rel_err(y, y0) <= 1e-2
+
+
+@pytest.mark.parametrize("impl", ["ref", "chunked"])
+@pytest.mark.parametrize("L, cut", [(23, 9), (32, 16), (5, 1), (40, 39)])
+def test_split_sequence_with_carried_state_equals_one_call(impl, L, cut):
+    x = make_inputs(2, 2, L, 4, 3, seed=8)
+    full_o, full_s = gla(**x, return_final_state=True, impl=impl, chunk_size=8)
+    first = {k: v[:, :, :cut] if k != "initial_state" else v for k, v in x.items()}
+    second = {k: v[:, :, cut:] for k, v in x.items() if k != "initial_state"}
+    o1, s1 = gla(**first, return_final_state=True, impl=impl, chunk_size=8)
+    o2, s2 = gla(**second, initial_state=s1, return_final_state=True, impl=impl, chunk_size=8)
+    assert rel_err(torch.cat([o1, o2], 2), full_o) <= 1e-5
+    assert rel_err(s2, full_s) <= 1e-5
+
+
+def step_args(x, t):
+    return {n: x[n][:, :, t] for n in ("q", "k", "v", "g")}
+
+
+def test_step_equals_scan_of_length_one():
+    x = make_inputs(2, 3, 1, 4, 5, seed=9)
+    o, s = gla_ref(**x, return_final_state=True)
+    o1, s1 = gla_step(**step_args(x, 0), state=x["initial_state"])
+    assert o1.shape == (2, 3, 5) and s1.dtype == torch.float32
+    assert torch.allclose(o1, o[:, :, 0], atol=1e-6) and torch.allclose(s1, s, atol=1e-6)
+
+
+def test_iterating_the_step_equals_the_scan():
+    x = make_inputs(2, 2, 21, 4, 3, seed=10)
+    o, s = gla(**x, return_final_state=True, chunk_size=8)
+    state, os_ = x["initial_state"], []
+    for t in range(21):
+        o_t, state = gla_step(**step_args(x, t), state=state)
+        os_.append(o_t)
+    assert rel_err(torch.stack(os_, 2), o) <= 1e-5 and rel_err(state, s) <= 1e-5
+
+
+def test_step_keeps_bf16_output_and_fp32_state():
+    x = make_inputs(1, 2, 1, 3, 2, seed=11)
+    args = {k: v.to(torch.bfloat16) for k, v in step_args(x, 0).items()}
+    o, s = gla_step(**args, state=x["initial_state"].to(torch.bfloat16))
+    assert o.dtype == torch.bfloat16 and s.dtype == torch.float32
+
+
+def test_unknown_impl():
+    x = make_inputs(1, 2, 3, 2, 2, seed=12)
+    with pytest.raises(InputError, match=r"'fast'.*'ref', 'chunked'"):
+        gla(**x, impl="fast")
+    with pytest.raises(InputError, match="impl='ref'"):
+        gla_ref(**x, impl="chunked")
+    with pytest.raises(InputError, match="chunk_size"):
+        gla(**x, chunk_size=-1)
+
+
+@pytest.mark.parametrize("name, shape", [("q", (2, 2, 5)), ("k", (2, 2, 5, 4)), ("v", (2, 2, 4, 2)),
+                                         ("g", (2, 1, 5, 3)), ("initial_state", (2, 2, 3, 3))])
+def test_wrong_shape_names_the_tensor(name, shape):
+    x = make_inputs(2, 2, 5, 3, 2, seed=13)
+    x[name] = torch.zeros(shape)
+    with pytest.raises(InputError, match=rf"{name} must have shape"):
+        gla(**x)
+
+
+def test_step_wrong_shape_names_the_tensor():
+    x = make_inputs(2, 2, 1, 3, 2, seed=14)
+    with pytest.raises(InputError, match="state must have shape"):
+        gla_step(**step_args(x, 0), state=torch.zeros(2, 2, 3, 4))
+    with pytest.raises(InputError, match="v must have shape"):
+        gla_step(**{**step_args(x, 0), "v": torch.zeros(2, 1, 2)}, state=x["initial_state"])

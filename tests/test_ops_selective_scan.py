@@ -1,0 +1,204 @@
+"""selective_scan: chunked vs the reference loop (outputs, final state, every gradient), carried states, the step
+function, bf16, strong decay, and bad input."""
+
+import pytest
+import torch
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from seqlab.errors import InputError
+from seqlab.ops import selective_scan, selective_scan_ref, selective_scan_step
+
+NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
+
+
+def make_inputs(b, d, N, L, seed, *, optional=True, strong=False, dtype=torch.float32):
+    """Random inputs as a dict (all of NAMES when optional, else the required five)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    if strong:  # long steps and fast decays: exp(delta * A) underflows to 0 for most pairs
+        delta = r(b, d, L) * 3 + 6  # softplus of this is ~ 1 .. 15
+        A = -(torch.rand(d, N, generator=gen, dtype=torch.float64) * 500 + 1)
+    else:
+        delta = r(b, d, L) * 0.5
+        A = -(torch.rand(d, N, generator=gen, dtype=torch.float64) * 2 + 0.1)
+    x = dict(u=r(b, d, L), delta=delta, A=A, B=r(b, N, L), C=r(b, N, L))
+    if optional:
+        x.update(D=r(d), z=r(b, d, L), delta_bias=r(d) * 0.3, initial_state=r(b, d, N))
+    return {k: v.to(dtype) for k, v in x.items()}
+
+
+def run(x, impl, softplus=True, chunk_size=64, seed=1):
+    """y, final state and the gradient of every input for a fixed random cotangent."""
+    x = {k: v.detach().clone().requires_grad_() for k, v in x.items()}
+    y, s = selective_scan(**x, delta_softplus=softplus, return_final_state=True, impl=impl, chunk_size=chunk_size)
+    gen = torch.Generator().manual_seed(seed)
+    gy = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(y.dtype)
+    gs = torch.randn(s.shape, generator=gen, dtype=torch.float64).to(s.dtype)
+    names = list(x)
+    grads = torch.autograd.grad((y * gy).sum() + (s * gs).sum(), [x[n] for n in names])
+    return y.detach(), s.detach(), dict(zip(names, grads))
+
+
+def rel_err(a, b):
+    """max |a - b| relative to max |b| (elementwise relative error is meaningless near zero)."""
+    a, b = a.double(), b.double()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+def assert_matches(got, want, tol, what=""):
+    y, s, g = got
+    y0, s0, g0 = want
+    assert rel_err(y, y0) <= tol, f"{what} output"
+    assert rel_err(s, s0) <= tol, f"{what} final state"
+    for n in g0:
+        assert torch.isfinite(g[n]).all(), f"{what} grad {n} not finite"
+        assert rel_err(g[n], g0[n]) <= tol, f"{what} grad {n}: {rel_err(g[n], g0[n]):.2e}"
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(b=st.integers(1, 2), d=st.integers(1, 4), N=st.integers(1, 4), L=st.integers(1, 40),
+       chunk=st.sampled_from([1, 2, 3, 4, 8, 16, 64]), optional=st.booleans(), softplus=st.booleans(),
+       seed=st.integers(0, 2**16))
+@example(b=1, d=2, N=3, L=1, chunk=64, optional=True, softplus=True, seed=0)  # length 1
+@example(b=2, d=3, N=2, L=17, chunk=8, optional=True, softplus=True, seed=1)  # not a multiple of the chunk
+@example(b=1, d=2, N=2, L=16, chunk=4, optional=False, softplus=False, seed=2)  # an exact multiple
+def test_chunked_matches_ref_fp32(b, d, N, L, chunk, optional, softplus, seed):
+    x = make_inputs(b, d, N, L, seed, optional=optional)
+    if not softplus:  # a step size must be positive when it is used as given
+        x["delta"] = x["delta"].abs() + 0.01
+    want = run({k: v.double() for k, v in x.items()}, "ref", softplus)  # the truth, in float64
+    got = run(x, "chunked", softplus, chunk_size=chunk)
+    assert got[0].dtype == torch.float32 and got[1].dtype == torch.float32
+    assert_matches(got, want, 1e-4)
+
+
+def test_gradcheck_float64():
+    """The chunked form's gradients are the true derivatives (finite differences), not only equal to the ref's."""
+    x = make_inputs(1, 2, 2, 7, seed=3, dtype=torch.float64)
+    names = list(x)
+    inputs = tuple(x[n].requires_grad_() for n in names)
+
+    def f(*t):
+        y, s = selective_scan(**dict(zip(names, t)), delta_softplus=True, return_final_state=True, chunk_size=3)
+        return y, s
+
+    assert torch.autograd.gradcheck(f, inputs)
+
+
+@pytest.mark.parametrize("L", [1, 100, 300])
+def test_strong_decay_is_finite_and_matches(L):
+    x = make_inputs(2, 3, 4, L, seed=4, strong=True)
+    x["delta"][:, :, ::7] = -30.0  # mixed with near-zero steps (softplus(-30) ~ 1e-13): decay ~ 1
+    got = run(x, "chunked", chunk_size=64)
+    assert all(torch.isfinite(t).all() for t in (got[0], got[1], *got[2].values()))
+    want = run({k: v.double() for k, v in x.items()}, "ref")
+    assert_matches(got, want, 1e-4, "strong decay")
+
+
+def test_returns_a_tuple_always():
+    x = make_inputs(1, 2, 2, 5, seed=5)
+    for impl in ("ref", "chunked"):
+        out = selective_scan(**x, impl=impl)
+        assert isinstance(out, tuple) and len(out) == 2 and out[1] is None
+        out = selective_scan(**x, impl=impl, return_final_state=True)
+        assert out[1].shape == (1, 2, 2)
+
+
+def test_ref_twin_is_the_ref_impl():
+    x = make_inputs(2, 3, 2, 9, seed=6)
+    y0, s0 = selective_scan(**x, delta_softplus=True, return_final_state=True, impl="ref")
+    y1, s1 = selective_scan_ref(**x, delta_softplus=True, return_final_state=True)
+    assert torch.equal(y0, y1) and torch.equal(s0, s1)
+
+
+def test_bf16_inputs_fp32_state():
+    x = make_inputs(2, 4, 3, 37, seed=7)
+    x16 = {k: v.to(torch.bfloat16) if k in ("u", "delta", "B", "C", "z") else v for k, v in x.items()}
+    for impl in ("ref", "chunked"):
+        y, s = selective_scan(**x16, delta_softplus=True, return_final_state=True, impl=impl, chunk_size=8)
+        assert y.dtype == torch.bfloat16 and s.dtype == torch.float32
+        # the truth for the same (bf16-rounded) values, in fp32
+        y0, s0 = selective_scan_ref(**{k: v.float() for k, v in x16.items()}, delta_softplus=True,
+                                    return_final_state=True)
+        assert rel_err(s, s0) <= 1e-4  # the state never went through bf16
+        assert rel_err(y, y0) <= 1e-2  # the output is rounded to bf16 once, at the end
+
+
+@pytest.mark.parametrize("impl", ["ref", "chunked"])
+@pytest.mark.parametrize("L, cut", [(23, 9), (16, 8), (5, 1), (40, 39)])
+def test_split_sequence_with_carried_state_equals_one_call(impl, L, cut):
+    x = make_inputs(2, 3, 4, L, seed=8)
+    full_y, full_s = selective_scan(**x, delta_softplus=True, return_final_state=True, impl=impl, chunk_size=4)
+    seq = ("u", "delta", "B", "C", "z")
+    first = {k: v[..., :cut] if k in seq else v for k, v in x.items()}
+    second = {k: v[..., cut:] if k in seq else v for k, v in x.items()}
+    y1, s1 = selective_scan(**first, delta_softplus=True, return_final_state=True, impl=impl, chunk_size=4)
+    second["initial_state"] = s1
+    y2, s2 = selective_scan(**second, delta_softplus=True, return_final_state=True, impl=impl, chunk_size=4)
+    assert rel_err(torch.cat([y1, y2], -1), full_y) <= 1e-5
+    assert rel_err(s2, full_s) <= 1e-5
+
+
+def step_args(x, l):
+    """The step's arguments for time step l of a scan's inputs."""
+    return dict(u=x["u"][..., l], delta=x["delta"][..., l], A=x["A"], B=x["B"][..., l], C=x["C"][..., l],
+                D=x["D"], z=x["z"][..., l], delta_bias=x["delta_bias"])
+
+
+def test_step_equals_scan_of_length_one():
+    x = make_inputs(2, 3, 4, 1, seed=9)
+    y, s = selective_scan_ref(**x, delta_softplus=True, return_final_state=True)
+    y1, s1 = selective_scan_step(**step_args(x, 0), state=x["initial_state"], delta_softplus=True)
+    assert y1.shape == (2, 3) and s1.dtype == torch.float32
+    assert torch.allclose(y1, y[..., 0], atol=1e-6) and torch.allclose(s1, s, atol=1e-6)
+
+
+def test_iterating_the_step_equals_the_scan():
+    x = make_inputs(2, 3, 4, 19, seed=10)
+    y, s = selective_scan(**x, delta_softplus=True, return_final_state=True, chunk_size=8)
+    state, ys = x["initial_state"], []
+    for l in range(19):
+        y_l, state = selective_scan_step(**step_args(x, l), state=state, delta_softplus=True)
+        ys.append(y_l)
+    assert rel_err(torch.stack(ys, -1), y) <= 1e-5 and rel_err(state, s) <= 1e-5
+
+
+def test_step_keeps_bf16_output_and_fp32_state():
+    x = make_inputs(1, 2, 3, 1, seed=11)
+    args = {k: v.to(torch.bfloat16) if k in ("u", "delta", "B", "C", "z") else v for k, v in step_args(x, 0).items()}
+    y, s = selective_scan_step(**args, state=x["initial_state"].to(torch.bfloat16), delta_softplus=True)
+    assert y.dtype == torch.bfloat16 and s.dtype == torch.float32
+
+
+def test_unknown_impl():
+    x = make_inputs(1, 2, 2, 3, seed=12)
+    with pytest.raises(InputError, match=r"'fast'.*'ref', 'chunked'"):
+        selective_scan(**x, impl="fast")
+    with pytest.raises(InputError, match="impl='ref'"):
+        selective_scan_ref(**x, impl="chunked")
+    with pytest.raises(InputError, match="chunk_size"):
+        selective_scan(**x, chunk_size=0)
+
+
+@pytest.mark.parametrize("name, shape", [("u", (2, 3)), ("delta", (2, 3, 6)), ("A", (4, 2)), ("B", (2, 3, 5)),
+                                         ("C", (2, 2, 4)), ("D", (4,)), ("z", (1, 3, 5)), ("delta_bias", (3, 1)),
+                                         ("initial_state", (2, 3, 3))])
+def test_wrong_shape_names_the_tensor(name, shape):
+    x = make_inputs(2, 3, 2, 5, seed=13)
+    x[name] = torch.zeros(shape)
+    with pytest.raises(InputError, match=rf"{name} must have shape"):
+        selective_scan(**x)
+
+
+def test_step_wrong_shape_names_the_tensor():
+    x = make_inputs(2, 3, 2, 1, seed=14)
+    with pytest.raises(InputError, match="state must have shape"):
+        selective_scan_step(**step_args(x, 0), state=torch.zeros(2, 3, 5))
+    args = step_args(x, 0)
+    args["B"] = torch.zeros(2, 3)
+    with pytest.raises(InputError, match="B must have shape"):
+        selective_scan_step(**args, state=x["initial_state"])
