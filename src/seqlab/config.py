@@ -24,7 +24,7 @@ from seqlab.errors import InputError
 
 # Every mixer name a config may use. The registry in `seqlab.models` implements these; a test keeps the two equal.
 MIXERS = ("attention", "sliding_attention", "lstm", "gru", "conv", "mamba", "gla")
-ARCHS = ("lm",)
+ARCHS = ("lm", "recurrent_depth")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -227,6 +227,55 @@ class GLAConfig(_Section):
         _choice("gla.", "impl", self.impl, ("chunked", "ref"))
 
 
+@dataclass(frozen=True)
+class RecurrentDepthConfig(_Section):
+    """`arch="recurrent_depth"`: prelude -> core iterated r times (input re-injected) -> coda (Geiping et al. 2025).
+
+    Training draws r per step (`sampler`): poisson_lognormal: tau ~ LogNormal(ln(mean_steps) - sigma^2/2, sigma),
+    r = Poisson(tau) + 1 (so E[r] = mean_steps + 1); progressive: n ~ Uniform{0, ..., floor(2 (mean_steps - k))}
+    steps without gradient, then k with (E[r] = mean_steps); fixed: r = mean_steps. Only the last k =
+    backprop_steps iterations are differentiated. See `seqlab.models.recurrent_depth`.
+    """
+
+    prelude: int = 1  # blocks before the loop
+    core: int = 2  # blocks iterated r times
+    coda: int = 1  # blocks after the loop
+    sampler: str = "poisson_lognormal"  # poisson_lognormal | progressive | fixed
+    mean_steps: float = 8.0
+    sigma: float = 0.5
+    backprop_steps: int = 8  # k: truncated backpropagation in depth
+    init_scale: float = 0.0  # s_0 ~ truncated normal with this std; 0: s_0 = 0 (deterministic)
+    test_steps: int | None = None  # r at inference (the maximum under adaptive exit); None: round(mean_steps)
+    exit: str = "none"  # none | kl | latent: per-token adaptive exit at inference
+    exit_threshold: float = 5e-4
+    kv_slots: int | None = None  # None: one core state per iteration; N: iteration i reuses slot i mod N
+    warm_start: bool = False  # a token's s_0 is the previous token's final latent ("continuous thought")
+
+    def __post_init__(self) -> None:
+        _check_types(self, "depth.")
+        _positive(self, "depth.", "core", "mean_steps", "sigma", "backprop_steps", "test_steps", "kv_slots")
+        _choice("depth.", "sampler", self.sampler, ("poisson_lognormal", "progressive", "fixed"))
+        _choice("depth.", "exit", self.exit, ("none", "kl", "latent"))
+        for name in ("prelude", "coda", "init_scale", "exit_threshold"):
+            if getattr(self, name) < 0:
+                raise InputError(f"config field 'depth.{name}' = {getattr(self, name)!r}: must be >= 0")
+        if self.sampler == "fixed" and (self.mean_steps != int(self.mean_steps)):
+            raise InputError(f"config field 'depth.mean_steps' = {self.mean_steps}: the fixed sampler needs a whole "
+                             "number of steps")
+        if self.sampler == "progressive" and self.mean_steps < self.backprop_steps:
+            raise InputError(f"config field 'depth.mean_steps' = {self.mean_steps}: the progressive sampler needs "
+                             f"mean_steps >= depth.backprop_steps = {self.backprop_steps}")
+
+    @property
+    def n_layers(self) -> int:
+        """Real (distinct) blocks: prelude + core + coda."""
+        return self.prelude + self.core + self.coda
+
+    @property
+    def default_steps(self) -> int:
+        return self.test_steps or max(1, round(self.mean_steps))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the model
 
@@ -257,10 +306,16 @@ class ModelConfig(_Section):
     conv: ConvConfig = field(default_factory=ConvConfig)
     mamba: MambaConfig = field(default_factory=MambaConfig)
     gla: GLAConfig = field(default_factory=GLAConfig)
+    depth: RecurrentDepthConfig = field(default_factory=RecurrentDepthConfig)  # arch="recurrent_depth" only
 
     def __post_init__(self) -> None:
         _check_types(self, "")
         _choice("", "arch", self.arch, ARCHS)
+        if self.arch == "recurrent_depth" and self.n_layers != self.depth.n_layers:
+            raise InputError(
+                f"config field 'n_layers' = {self.n_layers}: arch recurrent_depth has depth.prelude + depth.core + "
+                f"depth.coda = {self.depth.n_layers} blocks; set n_layers = {self.depth.n_layers} or leave it out"
+            )
         _choice("", "mixer", self.mixer, MIXERS)
         _positive(self, "", "vocab_size", "d_model", "n_layers", "d_ff", "norm_eps", "init_std")
         _choice("", "mlp", self.mlp, ("swiglu", "gelu", "none"))
@@ -334,6 +389,10 @@ class ModelConfig(_Section):
         # Convenience: a `layers` list alone fixes the depth.
         if isinstance(data, dict) and data.get("layers") is not None and "n_layers" not in data:
             data = {**data, "n_layers": len(data["layers"])}
+        # Recurrent depth: the depth section fixes the block count, and sandwich norms are on unless turned off.
+        if isinstance(data, dict) and data.get("arch") == "recurrent_depth":
+            depth = _from_dict(RecurrentDepthConfig, data.get("depth") or {}, "depth.")
+            data = {"n_layers": depth.n_layers, "sandwich_norm": True, **data}
         return _from_dict(cls, data)
 
 

@@ -8,13 +8,14 @@ import torch
 
 from seqlab.config import ModelConfig
 from seqlab.errors import InputError
-from seqlab.models import attention, conv, rnn  # noqa: F401  (each registers its mixers)
+from seqlab.models import attention, conv, gla, mamba, rnn  # noqa: F401  (each registers its mixers)
 from seqlab.models.lm import LanguageModel
+from seqlab.models.recurrent_depth import RecurrentDepthModel
 from seqlab.models.registry import available_mixers, build_mixer, register_mixer
 from seqlab.models.state import ModelState, State
 
 __all__ = ["LanguageModel", "ModelState", "State", "available_mixers", "build_mixer", "build_model",
-           "register_mixer", "as_config"]
+           "register_mixer", "as_config", "RecurrentDepthModel"]
 
 
 def as_config(config: ModelConfig | dict | None = None, **fields: Any) -> ModelConfig:
@@ -36,8 +37,9 @@ def build_model(config: ModelConfig | dict | None = None, *, seed: int | None = 
     With `seed`, the initial weights depend on the seed alone (the global RNG is left as it was).
     """
     cfg = as_config(config, **fields)
+    cls = RecurrentDepthModel if cfg.arch == "recurrent_depth" else LanguageModel
     if seed is None:
-        return LanguageModel(cfg)
+        return cls(cfg)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return LanguageModel(cfg)
+        return cls(cfg)

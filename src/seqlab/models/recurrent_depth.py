@@ -1,0 +1,309 @@
+"""The recurrent-depth latent reasoner: think longer by iterating a block in latent space (Geiping et al. 2025).
+
+    e   = prelude(embed(tokens))                          (B, T, D)   once per token
+    s_0 = 0, or truncated-normal noise (depth.init_scale), or the previous token's s_r (warm start)
+    s_i = norm_s(core(adapter([s_{i-1}, e])))             i = 1 .. r  the input is re-injected every step
+    p   = softmax(head(norm(coda(s_r))))                  (B, T, V)
+
+Glossary
+    P, C, D_   depth.prelude, depth.core, depth.coda: real blocks before, inside and after the loop
+    r          steps: how many times the core runs (sampled in training, any number at inference)
+    k          depth.backprop_steps: only the last k steps are differentiated (truncated backprop in depth)
+    s_i        the latent state after step i, (B, T, D); norm_s keeps it on the sphere of radius sqrt(D)
+    effective depth  P + r * C + D_ blocks
+
+Every block is causal and its mixer comes from the registry, so the model is a language model like the others:
+`logits, state = model(tokens, state)` holds the model contract (one call == chunks == token by token) for a
+fixed r and a deterministic s_0. Its `ModelState.layers` is flat: P prelude states, then C core states per slot
+(slot-major), then D_ coda states, then (warm start only) a `LatentState` with the last token's s_r.
+
+Core states ("KV cache across iterations"): each step of the core sees a different input sequence, so each step
+needs its own mixer state (an attention core: one KV cache per (step, layer), growing with r). With
+`depth.kv_slots = N`, step i reads and writes slot i mod N instead: a slot starts every call from its state
+before the call, and the last step that used it writes the new state, so for each past position the slot holds
+what the latest step of its class computed (Huginn's cache sharing). Memory stops growing with r; the price is
+that a token attends to past tokens as a later step saw them, so chunked and one-call outputs differ (exact when
+N >= r). `state.nbytes` counts whatever the slots really hold.
+
+Adaptive exit (inference): a token stops when its output distribution (`kl`: KL(p_i || p_{i-1}) through the
+coda and head) or its latent (`latent`: ||s_i - s_{i-1}|| / ||s_i||) changes by less than a threshold. Its latent
+is then frozen, and the core keeps running on the frozen latent while other tokens think, so that every step's
+state covers every position. The loop stops when all tokens have exited and every slot has been written (with
+kv_slots = N, after step N at the earliest; without sharing only at step r, so exit then saves no compute in this
+implementation: `steps_used` is what a per-token scheduler would spend).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from seqlab.config import ModelConfig
+from seqlab.errors import InputError
+from seqlab.models.blocks import Block, make_norm
+from seqlab.models.lm import LanguageModel
+from seqlab.models.state import ModelState, State
+
+EXITS = ("none", "kl", "latent")
+
+
+@dataclass(frozen=True)
+class LatentState(State):
+    """Warm start: the final latent s_r of the last token seen, (B, 1, D)."""
+
+    s: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Thought:
+    """What `RecurrentDepthModel.think` returns.
+
+    logits      (B, T, V)
+    state       the ModelState after the last token
+    steps_used  (B, T) int64: the steps each token used (r for every token without adaptive exit)
+    trajectory  (r + 1, B, T, D) float32: s_0, s_1, ..., s_r for every token, or None unless asked for.
+                An exited token's latent stays frozen at its exit value for the later entries.
+    """
+
+    logits: torch.Tensor
+    state: ModelState
+    steps_used: torch.Tensor
+    trajectory: torch.Tensor | None = None
+
+
+def _run_blocks(blocks: nn.ModuleList, x: torch.Tensor, states: tuple) -> tuple[torch.Tensor, tuple]:
+    new = []
+    for block, s in zip(blocks, states):
+        x, s = block(x, s)
+        new.append(s)
+    return x, tuple(new)
+
+
+class RecurrentDepthModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.arch != "recurrent_depth":
+            raise InputError(f"RecurrentDepthModel needs config arch 'recurrent_depth', got {cfg.arch!r}")
+        self.config = cfg
+        d = cfg.depth
+        mixers = cfg.layer_mixers  # one per real block: prelude, then core, then coda
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.prelude = nn.ModuleList(Block(cfg, m) for m in mixers[: d.prelude])
+        self.adapter = nn.Linear(2 * cfg.d_model, cfg.d_model, bias=False)  # [s, e] -> core input
+        self.core = nn.ModuleList(Block(cfg, m) for m in mixers[d.prelude : d.prelude + d.core])
+        self.latent_norm = make_norm(cfg)  # norm_s
+        self.coda = nn.ModuleList(Block(cfg, m) for m in mixers[d.prelude + d.core :])
+        self.norm = make_norm(cfg)
+        self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """As `LanguageModel`: N(0, init_std), output projections scaled by 1 / sqrt(2 * real blocks), then each
+        mixer's own init."""
+        std = self.config.init_std
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                scale = 1 / math.sqrt(2 * self.config.n_layers) if name.endswith(("wo", "w2", "out_proj")) else 1
+                nn.init.normal_(module.weight, 0.0, std * scale)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+        for block in (*self.prelude, *self.core, *self.coda):
+            if hasattr(block.mixer, "reset_parameters"):
+                block.mixer.reset_parameters()
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.embed.weight.numel() if exclude_embeddings else n
+
+    def effective_depth(self, steps: int) -> int:
+        """Blocks a token passes through with r = steps: P + r * C + D_."""
+        d = self.config.depth
+        return d.prelude + steps * d.core + d.coda
+
+    def n_slots(self, steps: int) -> int:
+        """Core states per layer that a call with `steps` steps keeps."""
+        slots = self.config.depth.kv_slots
+        return steps if slots is None else min(steps, slots)
+
+    # -----------------------------------------------------------------------------------------------------------
+    # the r sampler (training)
+
+    def sample_steps(self, generator: torch.Generator | None = None) -> tuple[int, int]:
+        """Draw (r, n_nograd) for one training step: r steps, the first n_nograd of them without gradient.
+
+        Uses `generator`, or the global torch RNG (which the trainer checkpoints) when None.
+        """
+        d = self.config.depth
+        if d.sampler == "fixed":
+            r = int(d.mean_steps)
+            return r, max(0, r - d.backprop_steps)
+        if d.sampler == "progressive":
+            n = int(torch.randint(0, int(2 * (d.mean_steps - d.backprop_steps)) + 1, (), generator=generator))
+            return n + d.backprop_steps, n
+        mu = math.log(d.mean_steps) - d.sigma**2 / 2
+        tau = torch.exp(mu + d.sigma * torch.randn((), generator=generator, dtype=torch.float64))
+        r = int(torch.poisson(tau.reshape(1), generator=generator)) + 1
+        return r, max(0, r - d.backprop_steps)
+
+    # -----------------------------------------------------------------------------------------------------------
+    # forward
+
+    def forward(self, tokens: torch.Tensor, state: ModelState | None = None, *,
+                steps: int | None = None) -> tuple[torch.Tensor, ModelState]:
+        """tokens (B, T) int64 -> logits (B, T, V) and the state after the last token.
+
+        steps: r. None: sampled (`sample_steps`) in training mode, `depth.test_steps` otherwise. The exit
+        criterion and warm start come from the config; `think` takes them as arguments and says more.
+        """
+        out = self.think(tokens, state, steps=steps)
+        return out.logits, out.state
+
+    def think(self, tokens: torch.Tensor, state: ModelState | None = None, *, steps: int | None = None,
+              exit: str | None = None, threshold: float | None = None, warm_start: bool | None = None,
+              trajectory: bool = False, generator: torch.Generator | None = None) -> Thought:
+        """Run the model with r = `steps` core steps (the maximum with an exit criterion); see `Thought`.
+
+        exit: "none", "kl" or "latent" (default `depth.exit`); threshold: default `depth.exit_threshold`.
+        warm_start: default `depth.warm_start`; tokens are then processed one at a time, since each token's s_0
+            is the previous token's s_r.
+        trajectory: also return every s_i for every token.
+        generator: the noise of s_0 (depth.init_scale > 0) and, in training mode with steps=None, the draw of r;
+            None: the global torch RNG.
+        """
+        d = self.config.depth
+        LanguageModel.check_tokens(self, tokens)  # same checks and messages as every language model
+        exit = d.exit if exit is None else exit
+        threshold = d.exit_threshold if threshold is None else threshold
+        warm_start = d.warm_start if warm_start is None else warm_start
+        if exit not in EXITS:
+            raise InputError(f"exit criterion {exit!r} does not exist; expected one of {', '.join(EXITS)}")
+        if not isinstance(threshold, (int, float)) or threshold < 0:
+            raise InputError(f"exit threshold {threshold!r}: must be a number >= 0")
+        if steps is None:
+            steps, n_nograd = self.sample_steps(generator) if self.training else (d.default_steps, None)
+        else:
+            n_nograd = None
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise InputError(f"steps = {steps!r}: must be an integer >= 1 (the number of core iterations)")
+        if n_nograd is None:
+            n_nograd = max(0, steps - d.backprop_steps)
+        parts = self._split_state(state, steps)
+        if not warm_start:
+            return self._think_chunk(tokens, parts, steps, n_nograd, exit, threshold, False, trajectory, generator)
+        # Warm start: token by token, each starting from the previous token's final latent.
+        outs = []
+        for t in range(tokens.shape[1]):
+            out = self._think_chunk(tokens[:, t : t + 1], parts, steps, n_nograd, exit, threshold, True, trajectory,
+                                    generator)
+            outs.append(out)
+            parts = self._split_state(out.state, steps)
+        return Thought(
+            torch.cat([o.logits for o in outs], dim=1), outs[-1].state,
+            torch.cat([o.steps_used for o in outs], dim=1),
+            torch.cat([o.trajectory for o in outs], dim=2) if trajectory else None,
+        )
+
+    def core_step(self, s: torch.Tensor, e: torch.Tensor, states: tuple) -> tuple[torch.Tensor, tuple]:
+        """One step of the loop: s_i = norm_s(core(adapter([s_{i-1}, e]))); `states` are this step's core states."""
+        x = self.adapter(torch.cat([s, e], dim=-1))  # (B, T, 2D) -> (B, T, D)
+        x, states = _run_blocks(self.core, x, states)
+        return self.latent_norm(x), states
+
+    def initial_latent(self, e: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """s_0, shaped like e: zeros, or N(0, init_scale^2) truncated at +-2 init_scale."""
+        scale = self.config.depth.init_scale
+        s = torch.zeros_like(e)
+        if scale > 0:
+            nn.init.trunc_normal_(s, 0.0, scale, -2 * scale, 2 * scale, generator=generator)
+        return s
+
+    def logits(self, s: torch.Tensor, coda_states: tuple) -> tuple[torch.Tensor, tuple]:
+        """The coda and head on latents s (B, T, D) -> logits (B, T, V) and the new coda states."""
+        h, coda_states = _run_blocks(self.coda, s, coda_states)
+        h = self.norm(h)
+        return (self.head(h) if self.head is not None else F.linear(h, self.embed.weight)), coda_states
+
+    def _think_chunk(self, tokens: torch.Tensor, parts: tuple, steps: int, n_nograd: int, exit: str,
+                     threshold: float, warm_start: bool, trajectory: bool,
+                     generator: torch.Generator | None) -> Thought:
+        prelude_states, slots_before, coda_states, last, pos = parts
+        B, T = tokens.shape
+        e, prelude_states = _run_blocks(self.prelude, self.embed(tokens), prelude_states)  # (B, T, D)
+        if warm_start and last is not None:
+            s = last.s.to(e.dtype).expand_as(e)  # T == 1 here: the previous token's s_r
+        else:
+            s = self.initial_latent(e, generator)
+        slots_after = list(slots_before)
+        n_slots = len(slots_before)
+        used = torch.full((B, T), steps, dtype=torch.long, device=tokens.device)
+        done = torch.zeros(B, T, dtype=torch.bool, device=tokens.device)
+        signal = self._exit_signal(exit, s, coda_states)
+        path = [s]
+        for i in range(steps):
+            with torch.set_grad_enabled(torch.is_grad_enabled() and i >= n_nograd):
+                s_new, slots_after[i % n_slots] = self.core_step(s, e, slots_before[i % n_slots])
+            if exit != "none":
+                s_new = torch.where(done[..., None], s, s_new)  # exited tokens keep their latent
+                new_signal = self._exit_signal(exit, s_new, coda_states)
+                converged = self._change(exit, signal, new_signal) < threshold
+                used = torch.where(converged & ~done, i + 1, used)
+                done = done | converged
+                signal = new_signal
+            s = s_new
+            path.append(s)
+            if exit != "none" and bool(done.all()) and i + 1 >= n_slots:
+                break  # every token has exited and every slot holds this chunk: the rest would change nothing
+        logits, coda_states = self.logits(s, coda_states)
+        layers = [*prelude_states, *(st for slot in slots_after for st in slot), *coda_states]
+        if warm_start:
+            layers.append(LatentState(s[:, -1:]))
+        traj = None
+        if trajectory:
+            path += [s] * (steps + 1 - len(path))  # after an early stop the latents stay frozen
+            traj = torch.stack(path).float()  # (r + 1, B, T, D)
+        return Thought(logits, ModelState(tuple(layers), pos + T), used, traj)
+
+    def _exit_signal(self, exit: str, s: torch.Tensor, coda_states: tuple) -> torch.Tensor | None:
+        """What the exit criterion compares between steps: log-probabilities (kl), the latent itself (latent)."""
+        if exit == "kl":
+            with torch.no_grad():
+                return torch.log_softmax(self.logits(s, coda_states)[0].float(), dim=-1)  # (B, T, V)
+        if exit == "latent":
+            return s.detach().float()
+        return None
+
+    @staticmethod
+    def _change(exit: str, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        """(B, T): KL(p_new || p_old) (clamped at 0 against rounding), or ||s_new - s_old|| / ||s_new||."""
+        if exit == "kl":
+            return (new.exp() * (new - old)).sum(-1).clamp_min(0.0)
+        return (new - old).norm(dim=-1) / new.norm(dim=-1).clamp_min(1e-12)
+
+    # -----------------------------------------------------------------------------------------------------------
+    # state layout
+
+    def _split_state(self, state: ModelState | None, steps: int) -> tuple:
+        """(prelude states, core states per slot, coda states, LatentState or None, pos)."""
+        d = self.config.depth
+        n_slots = self.n_slots(steps)
+        if state is None:
+            return ((None,) * d.prelude, [(None,) * d.core] * n_slots, (None,) * d.coda, None, 0)
+        if not isinstance(state, ModelState):
+            raise InputError(f"state must be the ModelState this model returned, got {type(state).__name__}")
+        layers = state.layers
+        latent = layers[-1] if layers and isinstance(layers[-1], LatentState) else None
+        if latent is not None:
+            layers = layers[:-1]
+        core = layers[d.prelude : len(layers) - d.coda]
+        if len(layers) < d.prelude + d.coda or len(core) != n_slots * d.core:
+            have = (len(layers) - d.prelude - d.coda) / d.core
+            raise InputError(
+                f"this recurrent-depth state holds core states for {have:g} steps (slots) but the call uses "
+                f"steps = {steps} ({n_slots} slots); continue a state with the same steps it was built with"
+            )
+        slots = [tuple(core[j * d.core : (j + 1) * d.core]) for j in range(n_slots)]
+        return tuple(layers[: d.prelude]), slots, tuple(layers[len(layers) - d.coda :]), latent, state.pos
