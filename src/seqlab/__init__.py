@@ -3,10 +3,11 @@
 from seqlab.checkpoint import load, save
 from seqlab.config import ModelConfig
 from seqlab.errors import InputError
-from seqlab.generate import generate
+from seqlab.generate import generate, generate_batch
+from seqlab.infer.stream import Stream
 from seqlab.models import available_mixers, build_model
 
 __version__ = "0.1.0"
 
-__all__ = ["InputError", "ModelConfig", "available_mixers", "build_model", "generate", "load", "save",
-           "__version__"]
+__all__ = ["InputError", "ModelConfig", "Stream", "available_mixers", "build_model", "generate", "generate_batch",
+           "load", "save", "__version__"]

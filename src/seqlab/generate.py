@@ -1,43 +1,17 @@
-"""Text generation: prefill the prompt in one parallel call, then decode one token at a time from the state."""
+"""Text generation: prefill the prompt in one parallel call, then decode one token at a time from the state.
+
+`generate` continues a (B, T) batch of equal-length prompts; `generate_batch` continues prompts of different
+lengths. Both decode with `torch.inference_mode` from a preallocated state (see `seqlab.infer.decode`).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
 from seqlab.errors import InputError
-
-
-def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
-                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Pick the next token from logits (B, V): greedy at temperature 0, else sample (top-k, then nucleus top-p)."""
-    if temperature == 0.0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if top_p is not None and top_p < 1.0:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        # drop a token when the tokens ranked above it already reach top_p (the first token always stays)
-        drop = (sorted_p.cumsum(dim=-1) - sorted_p) >= top_p
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-def as_prompt(prompt: torch.Tensor | Sequence[int], device: torch.device) -> torch.Tensor:
-    """A (B, T) int64 tensor from a 2-D tensor, a 1-D tensor or a list of token ids."""
-    if not isinstance(prompt, torch.Tensor):
-        prompt = torch.tensor(list(prompt), dtype=torch.long)
-    if prompt.dim() == 1:
-        prompt = prompt[None]
-    if prompt.dim() != 2 or prompt.shape[1] == 0:
-        raise InputError(f"prompt must hold at least one token, as a list, a (T,) or a (B, T) tensor; got shape "
-                         f"{tuple(prompt.shape)}")
-    return prompt.to(device=device, dtype=torch.long)
+from seqlab.infer.decode import Sampler, as_prompt, reserve, sample_next  # noqa: F401  (re-exported)
 
 
 @torch.inference_mode()
@@ -46,32 +20,94 @@ def generate(model: torch.nn.Module, prompt: torch.Tensor | Sequence[int], max_n
              use_cache: bool = True) -> torch.Tensor:
     """Continue `prompt` by `max_new_tokens` tokens. Returns (B, T + max_new_tokens) int64, prompt included.
 
-    use_cache=True decodes from the model's state (KV cache or recurrent state) in O(1) work per token for a
-    recurrent model; use_cache=False re-runs the whole prefix for every token (the reference it must equal).
-    Sampling draws from a generator seeded with `seed`, so the same call gives the same tokens.
+    use_cache=True prefills the prompt in one parallel call, reserves room in the KV caches for every new token,
+    then decodes one token per step from the state (O(1) work per token for a recurrent model, nothing
+    recomputed); use_cache=False re-runs the whole prefix for every token (the reference it must equal).
+    Sampling at position p draws from a generator seeded with (seed, p), so the same call gives the same tokens,
+    and a `seqlab.Stream` with the same seed samples the same ones.
     """
-    if max_new_tokens < 0:
-        raise InputError(f"max_new_tokens = {max_new_tokens}: must be >= 0")
-    if temperature < 0:
-        raise InputError(f"temperature = {temperature}: must be >= 0 (0 means greedy)")
-    if top_k is not None and top_k < 1:
-        raise InputError(f"top_k = {top_k}: must be >= 1")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise InputError(f"top_p = {top_p}: must be in (0, 1]")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise InputError(f"max_new_tokens = {max_new_tokens}: must be an integer >= 0")
+    sampler = Sampler(temperature, top_k, top_p, seed)
     device = next(model.parameters()).device
     tokens = as_prompt(prompt, device)
-    gen = torch.Generator(device=device).manual_seed(seed)
+    B, T = tokens.shape
+    out = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=device)  # filled in place, no concatenation
+    out[:, :T] = tokens
     if max_new_tokens == 0:
-        return tokens
+        return out
+    gen = None if sampler.greedy else torch.Generator(device=device)
     logits, state = model(tokens)
-    out = [tokens]
-    for i in range(max_new_tokens):
-        nxt = sample_next(logits[:, -1], temperature, top_k, top_p, gen)[:, None]  # (B, 1)
-        out.append(nxt)
-        if i == max_new_tokens - 1:
+    if use_cache:
+        state = reserve(model, state, max_new_tokens - 1)
+    for p in range(T, T + max_new_tokens):
+        out[:, p] = sampler(logits[:, -1], p, gen)
+        if p == T + max_new_tokens - 1:
             break
         if use_cache:
-            logits, state = model(nxt, state)
+            logits, state = model(out[:, p:p + 1], state)
         else:
-            logits, _ = model(torch.cat(out, dim=1))
-    return torch.cat(out, dim=1)
+            logits, _ = model(out[:, :p + 1])
+    return out
+
+
+def generate_batch(model: torch.nn.Module, prompts: Sequence[torch.Tensor | Sequence[int]], max_new_tokens: int = 64,
+                   temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                   seed: int = 0) -> list[torch.Tensor]:
+    """Continue several prompts of different lengths in one batch. Returns one 1-D tensor per prompt: the prompt
+    followed by its `max_new_tokens` new tokens. See `decode_prompts` for how the batch advances."""
+    from seqlab.infer.stream import Stream
+
+    stream = Stream(model, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    rows, buf = _prompt_rows(prompts, max_new_tokens, stream._device)
+    for p, tokens, _ in decode_prompts(stream, prompts, max_new_tokens):
+        buf[:, p] = tokens
+    return [buf[i, :len(r) + max_new_tokens].clone() for i, r in enumerate(rows)]
+
+
+def decode_prompts(stream, prompts: Sequence[torch.Tensor | Sequence[int]],
+                   max_new_tokens: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """Feed prompts of different lengths to a fresh `seqlab.Stream` as one batch and decode `max_new_tokens` for
+    each. Yields (position p, tokens at p (B,), new (B,) bool: True where the token is generated, not prompt).
+
+    No padding enters any state: the batch advances in lockstep, one position per step. The first min(lengths)
+    tokens of every prompt are prefilled in one parallel call; after that, a row whose prompt is not over yet is
+    fed its next prompt token (the sampled one is dropped) while shorter prompts already generate. So each row
+    sees exactly its own sequence, for every mixer, and greedy output equals generating each prompt alone; the
+    price is that prompt tokens beyond the shortest prompt are fed one per step. Rows that are done keep
+    decoding (their tokens are marked not new) until the longest one is.
+    """
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise InputError(f"max_new_tokens = {max_new_tokens}: must be an integer >= 0")
+    if stream.state is not None:
+        raise InputError("decode_prompts needs a fresh stream (nothing fed yet)")
+    rows, buf = _prompt_rows(prompts, max_new_tokens, stream._device)
+    lengths = torch.tensor([len(r) for r in rows], device=buf.device)
+    first, last = int(lengths.min()), buf.shape[1]  # positions [first, last) are decoded
+    if max_new_tokens == 0:
+        return
+    stream.feed(buf[:, :first])
+    stream.reserve(last - first - 1)
+    for p in range(first, last):
+        in_prompt = p < lengths  # (B,) rows still reading their prompt keep the prompt token
+        buf[:, p] = torch.where(in_prompt, buf[:, p], stream.sample()[:, 0])
+        yield p, buf[:, p], ~in_prompt & (p < lengths + max_new_tokens)
+        if p < last - 1:
+            stream.feed(buf[:, p:p + 1])
+
+
+def _prompt_rows(prompts: Sequence[torch.Tensor | Sequence[int]], max_new_tokens: int,
+                 device: torch.device) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The prompts as 1-D tensors, and a (B, max length + max_new_tokens) buffer holding them left-aligned."""
+    if isinstance(prompts, torch.Tensor) or len(prompts) == 0:
+        raise InputError("prompts must be a non-empty list of prompts (each a list of ids or a 1-D tensor)")
+    rows = []
+    for i, p in enumerate(prompts):
+        t = as_prompt(p, device)
+        if t.shape[0] != 1:
+            raise InputError(f"prompt {i} has shape {tuple(t.shape)}: each prompt must be one sequence of ids")
+        rows.append(t[0])
+    buf = torch.zeros(len(rows), max(len(r) for r in rows) + max_new_tokens, dtype=torch.long, device=device)
+    for i, r in enumerate(rows):
+        buf[i, :len(r)] = r
+    return rows, buf

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import codecs
+import sys
+import time
 
 from seqlab.commands import emit
 from seqlab.errors import InputError
@@ -10,17 +13,26 @@ from seqlab.errors import InputError
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate tokens from a checkpoint",
-                       description="Prefill the prompt in one call, then decode token by token from the state.")
+                       description="Prefill the prompt in one call, then decode token by token from the state. "
+                                   "Several --prompt (or --tokens) flags decode as one batch, whatever their "
+                                   "lengths.")
     p.add_argument("checkpoint", help="checkpoint folder")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", help="prompt text, encoded as UTF-8 bytes (needs a model with vocab_size 256)")
-    src.add_argument("--tokens", help="prompt as comma-separated token ids, e.g. 1,2,3")
+    src.add_argument("--prompt", action="append",
+                     help="prompt text, encoded as UTF-8 bytes (needs a model with vocab_size 256); repeat for a batch")
+    src.add_argument("--tokens", action="append",
+                     help="prompt as comma-separated token ids, e.g. 1,2,3; repeat for a batch")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy (default 0)")
     p.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold in (0, 1]")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    p.add_argument("--json", action="store_true", help="print the token ids as JSON")
+    p.add_argument("--stream", action="store_true", help="print each token as soon as it is produced (one prompt)")
+    p.add_argument("--stats", action="store_true",
+                   help="also report prefill and decode tokens/s and the state's bytes (on stderr without --json)")
+    p.add_argument("--json", action="store_true",
+                   help='print JSON: {"prompt", "generated"} for one prompt, {"outputs": [...]} for several, '
+                        'plus "stats" with --stats')
     p.set_defaults(func=run)
 
 
@@ -33,18 +45,81 @@ def parse_tokens(text: str) -> list[int]:
 
 def run(args: argparse.Namespace) -> int:
     from seqlab.checkpoint import load
-    from seqlab.generate import generate
+    from seqlab.generate import decode_prompts
+    from seqlab.infer.stream import Stream
 
     model = load(args.checkpoint).eval()
-    if args.prompt is not None:
+    as_text = args.prompt is not None
+    if as_text:
         if model.config.vocab_size < 256:
             raise InputError(f"--prompt needs a byte-level model (vocab_size 256); this one has vocab_size "
                              f"{model.config.vocab_size}: use --tokens")
-        prompt = list(args.prompt.encode("utf-8"))
+        prompts = [list(text.encode("utf-8")) for text in args.prompt]
     else:
-        prompt = parse_tokens(args.tokens)
-    out = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
-    new = out[0, len(prompt):].tolist()
-    text = bytes(new).decode("utf-8", errors="replace") if args.prompt is not None else ",".join(map(str, new))
-    emit({"prompt": prompt, "generated": new}, args.json, text)
+        prompts = [parse_tokens(text) for text in args.tokens]
+    if args.stream and (args.json or len(prompts) > 1):
+        raise InputError("--stream prints the tokens of one prompt as they come: use it without --json and with "
+                         "one --prompt or --tokens")
+    stream = Stream(model, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    show = _printer(as_text) if args.stream else None
+    new: list[list[int]] = [[] for _ in prompts]
+    start = time.perf_counter()
+    decoding, first_new = None, 0  # when the first tokens were out (prefill done), and how many were new
+    for _, tokens, is_new in decode_prompts(stream, prompts, args.max_new_tokens):
+        if decoding is None:
+            decoding, first_new = time.perf_counter(), int(is_new.sum())
+        for i in is_new.nonzero().flatten().tolist():
+            new[i].append(int(tokens[i]))
+        if show is not None:
+            show(new[0][-1])
+    end = time.perf_counter()
+    if show is not None:
+        show(None)
+    outputs = [{"prompt": p, "generated": g} for p, g in zip(prompts, new)]
+    result: dict = dict(outputs[0]) if len(outputs) == 1 else {"outputs": outputs}
+    texts = [bytes(g).decode("utf-8", errors="replace") if as_text else ",".join(map(str, g)) for g in new]
+    if args.stats:
+        result["stats"] = _stats(prompts, args.max_new_tokens, first_new, start, decoding or end, end,
+                                 stream.nbytes)
+        if not args.json:
+            s = result["stats"]
+            print(f"prefill {s['prefill_tokens']} tokens in {s['prefill_seconds']:.3f} s; decode "
+                  f"{s['decode_tokens']} tokens at {s['decode_tokens_per_s']:,.1f} tokens/s; state "
+                  f"{s['state_bytes']:,} bytes", file=sys.stderr)
+    if not args.stream:
+        emit(result, args.json, "\n".join(texts))
+    elif args.json:
+        emit(result, True, "")
     return 0
+
+
+def _stats(prompts: list[list[int]], max_new: int, first_new: int, start: float, decoding: float, end: float,
+           state_bytes: int) -> dict:
+    """Throughput figures. Prefill covers the shortest prompt's length (fed in parallel to every row) and the first
+    sample; decode covers every later step and the new tokens they made (see `decode_prompts`)."""
+    B, first = len(prompts), min(len(p) for p in prompts)
+    steps = max(max_new - 1, 0) + max(len(p) for p in prompts) - first
+    decode_tokens = B * max_new - first_new
+    return {"batch": B, "prefill_tokens": B * first, "prefill_seconds": decoding - start,
+            "prefill_tokens_per_s": B * first / max(decoding - start, 1e-9), "decode_steps": steps,
+            "decode_tokens": decode_tokens, "decode_seconds": end - decoding,
+            "decode_tokens_per_s": decode_tokens / max(end - decoding, 1e-9), "state_bytes": state_bytes}
+
+
+def _printer(as_text: bool):
+    """A function printing tokens as they come (bytes decoded incrementally, so a multi-byte character prints
+    once complete); call it with None at the end."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    sep = [""]
+
+    def show(token: int | None) -> None:
+        if token is None:
+            text = decoder.decode(b"", final=True) + "\n" if as_text else "\n"
+        elif as_text:
+            text = decoder.decode(bytes([token]))
+        else:
+            text, sep[0] = f"{sep[0]}{token}", ","
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    return show

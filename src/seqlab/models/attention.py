@@ -13,7 +13,8 @@ Glossary
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -25,16 +26,88 @@ from seqlab.models.registry import register_mixer
 from seqlab.models.state import State
 
 
+class KVBuffer:
+    """Preallocated keys and values, k, v (B, Hkv, capacity, hd), shared by the KVCaches that view it.
+
+    `fill` is the high-water mark: entries [0, fill) may be seen by some cache, entries from `fill` on are free.
+    Entries below `fill` are never written again, so a cache that views this buffer keeps its value whatever is
+    decoded later.
+    """
+
+    __slots__ = ("k", "v", "fill")
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, fill: int):
+        self.k, self.v, self.fill = k, v, fill
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+    @classmethod
+    def holding(cls, k: torch.Tensor, v: torch.Tensor, capacity: int) -> KVBuffer:
+        """A new buffer with room for `capacity` entries, the first ones a copy of k, v (B, Hkv, S, hd)."""
+        B, H, S, hd = k.shape
+        buf = cls(k.new_empty(B, H, capacity, hd), v.new_empty(B, H, capacity, v.shape[-1]), S)
+        buf.k[:, :, :S] = k
+        buf.v[:, :, :S] = v
+        return buf
+
+
 @dataclass(frozen=True)
 class KVCache(State):
     """Keys and values after rotation, k, v (B, Hkv, S, hd), and `pos`, the number of tokens seen so far.
 
-    S == pos for full attention; S == min(pos, W) for sliding-window attention.
+    S == pos for full attention; S == min(pos, W) for sliding-window attention. `nbytes` counts these S entries
+    (the used part of the cache): 2 x Hkv x hd x S x element size per sequence.
+
+    Memory: outside autograd (`torch.no_grad` / `torch.inference_mode`, i.e. decoding), k and v are views into a
+    preallocated `KVBuffer` and a new token is written in place after the last entry instead of concatenating the
+    whole cache. The buffer holds S entries plus room to grow: it is allocated at S + max(S // 4, 64) entries when
+    it fills up (so appending costs O(1) amortized and the allocation is at most 25% + 64 entries above S), or at
+    exactly the size asked for by `Attention.reserve`; `capacity` and `allocated_nbytes` report it.
+
+    Aliasing: a cache returned by a later step may share the buffer with this one, but it only ever writes past
+    this cache's last entry, and only when nobody wrote there before (else it copies), so this cache stays a value:
+    it can be reused, branched from or serialized at any time. `map` (and so `to`, `detach`) returns a compact copy
+    with no spare room. With autograd on (training), caches are plain tensors joined by concatenation.
     """
 
     k: torch.Tensor
     v: torch.Tensor
     pos: int
+    buffer: KVBuffer | None = field(default=None, compare=False, repr=False, metadata={"transient": True})
+    start: int = field(default=0, compare=False, repr=False, metadata={"transient": True})  # k == buffer.k[start:]
+
+    @property
+    def end(self) -> int:
+        """The index in `buffer` just after the last entry of this cache."""
+        return self.start + self.k.shape[2]
+
+    @property
+    def capacity(self) -> int:
+        """Entries allocated (used + spare room)."""
+        return self.buffer.capacity - self.start if self.buffer is not None else self.k.shape[2]
+
+    @property
+    def allocated_nbytes(self) -> int:
+        """Bytes allocated for this cache's keys and values, spare room included (>= nbytes)."""
+        if self.buffer is None:
+            return self.nbytes
+        k, v = self.buffer.k[:, :, self.start:], self.buffer.v[:, :, self.start:]
+        return k.numel() * k.element_size() + v.numel() * v.element_size()
+
+    def can_append(self, n: int) -> bool:
+        """True when n more entries fit in place: the buffer has room and nothing was written after this cache."""
+        b = self.buffer
+        return b is not None and b.fill == self.end and self.end + n <= b.capacity
+
+    def map(self, fn: Any) -> KVCache:
+        return KVCache(fn(self.k), fn(self.v), self.pos)
+
+
+def _room(n: int) -> int:
+    """Entries to allocate for n used ones: 25% (at least 64) spare, so growth copies O(1) entries per token."""
+    return n + max(n // 4, 64)
 
 
 @register_mixer("attention")
@@ -58,9 +131,14 @@ class Attention(nn.Module):
         k = self.wk(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
         v = self.wv(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = self.rotary(q, pos0), self.rotary(k, pos0)
-        if state is not None:
-            k = torch.cat([state.k, k], dim=2)  # (B, Hkv, P + T, hd)
+        buffer, start = None, 0
+        if state is not None and torch.is_grad_enabled():
+            k = torch.cat([state.k, k], dim=2)  # (B, Hkv, P + T, hd), differentiable
             v = torch.cat([state.v, v], dim=2)
+        elif state is not None:
+            buffer, start = self._append(state, k, v)
+            end = buffer.fill
+            k, v = buffer.k[:, :, start:end], buffer.v[:, :, start:end]  # (B, Hkv, P + T, hd), views
         P = k.shape[2] - T
         mask = self._mask(T, P, x.device)
         y = F.scaled_dot_product_attention(
@@ -68,9 +146,39 @@ class Attention(nn.Module):
             enable_gqa=self.kv_heads != self.n_heads,
         )  # (B, H, T, hd)
         y = self.wo(y.transpose(1, 2).reshape(B, T, -1))
+        if self.window is not None and k.shape[2] > self.window:
+            start += k.shape[2] - self.window  # only the last W keys are ever seen again
+            k, v = k[:, :, -self.window:], v[:, :, -self.window:]
+        return y, KVCache(k, v, pos0 + T, buffer, start)
+
+    def _append(self, state: KVCache, k: torch.Tensor, v: torch.Tensor) -> tuple[KVBuffer, int]:
+        """Write the new k, v (B, Hkv, T, hd) after the cache's entries: in place when `state` owns the buffer's
+        tail and there is room, else into a new buffer with spare room. Returns the buffer and where the cache
+        starts in it; the entries run up to `buffer.fill`."""
+        T = k.shape[2]
+        if state.can_append(T):
+            buffer, start = state.buffer, state.start
+        else:
+            S = state.k.shape[2]
+            buffer, start = KVBuffer.holding(state.k.to(k.dtype), state.v.to(v.dtype), _room(S + T)), 0
+        end = start + state.k.shape[2]
+        buffer.k[:, :, end:end + T] = k
+        buffer.v[:, :, end:end + T] = v
+        buffer.fill = end + T
+        return buffer, start
+
+    def reserve(self, state: KVCache, n: int) -> KVCache:
+        """A cache equal to `state` with room for n more tokens without reallocating (one copy at most).
+
+        Sliding-window caches never need more than W + n entries, so they get at most W + max(W // 4, 64) + 1.
+        """
+        S = state.k.shape[2]
         if self.window is not None:
-            k, v = k[:, :, -self.window:], v[:, :, -self.window:]  # only the last W keys are ever seen again
-        return y, KVCache(k, v, pos0 + T)
+            n = min(n, _room(self.window) + 1 - S)
+        if n <= 0 or state.can_append(n):
+            return state
+        buffer = KVBuffer.holding(state.k, state.v, S + n)
+        return KVCache(buffer.k[:, :, :S], buffer.v[:, :, :S], state.pos, buffer, 0)
 
     def _mask(self, T: int, P: int, device: torch.device) -> torch.Tensor | None:
         """Boolean (T, P + T) mask, True where query i may see key j; None where is_causal or no mask suffices."""

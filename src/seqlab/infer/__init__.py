@@ -1,0 +1,7 @@
+"""Inference: fast decoding (`decode`), streams with snapshots (`stream`), and the memory/latency profiler
+(`profile`, imported on demand: `from seqlab.infer.profile import run_profile`)."""
+
+from seqlab.infer.decode import Sampler, allocated_nbytes, reserve
+from seqlab.infer.stream import Stream
+
+__all__ = ["Sampler", "Stream", "allocated_nbytes", "reserve"]

@@ -1,0 +1,572 @@
+"""The memory/latency profiler: the fixed recurrent state against the growing KV cache, measured.
+
+For each mixer at a matched parameter count and each context length (a "cell"), a fresh process builds the model,
+prefills `context` random tokens in chunks (carrying the state, so memory stays bounded by the cache, not by the
+context's activations), then decodes greedily one token at a time from that state, and reports what the JSON
+fields below describe. A fresh process per cell keeps cells from contaminating each other's peak memory: on a CPU
+the peak resident set size (VmHWM, reset before each phase through /proc/self/clear_refs where Linux allows it,
+else the process's ru_maxrss); on a GPU `torch.cuda.max_memory_allocated`.
+
+Timings are medians: prefill over `repeats` runs (a single run once one takes longer than `long_prefill_s`; the
+cell says how many), decode over `decode_steps` steps after `warmup` steps. Decode latency is one model call on one
+new token plus the argmax.
+
+The crossover of a mixer is the context beyond which it decodes faster than `attention`: interpolated on the
+log-log curves between the two measured contexts where the sign of (its latency - attention's) last changes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import gc
+import json
+import math
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from seqlab.config import ModelConfig
+from seqlab.errors import InputError
+
+# Every field of the JSON that `run_profile` returns (and `seqlab profile --json` prints), with its meaning.
+TOP_FIELDS = {
+    "meta": "machine, torch version and thread count, memory method, start time and total seconds",
+    "config": "the resolved profile settings (mixers, contexts, sizes, steps, repeats, ...)",
+    "models": "one entry per mixer: its parameter count, d_model, full model config and state-size formula",
+    "cells": "one entry per (mixer, context): the measurements below, or an 'error'",
+    "crossover": "one entry per mixer other than attention: where it starts to decode faster than attention",
+    "plots": "paths of the plots written (empty without a plot folder)",
+}
+MODEL_FIELDS = {
+    "mixer": "mixer name (or a hybrid such as lstm+attention)",
+    "params": "parameter count without the embedding, matched to the target",
+    "d_model": "model width chosen to match the parameter count",
+    "state_formula": "the analytical state size per layer and sequence, in elements",
+    "config": "the full model config",
+}
+CELL_FIELDS = {
+    "mixer": "mixer name",
+    "context": "tokens prefilled before decoding",
+    "params": "parameter count without the embedding",
+    "state_bytes": "state.nbytes after the context (used KV-cache entries or the recurrent state)",
+    "state_bytes_formula": "the analytical state size for this config and context (null if unknown)",
+    "state_allocated_bytes": "bytes allocated for the state, preallocated KV-cache room included",
+    "baseline_memory_bytes": "process memory (RSS; CUDA: allocated) after building and warming up the model",
+    "peak_memory_prefill_bytes": "peak process memory during prefill",
+    "peak_memory_decode_bytes": "peak process memory during decode",
+    "peak_memory_bytes": "the larger of the two peaks",
+    "prefill_seconds": "median time to prefill the context",
+    "prefill_tokens_per_s": "batch x context / prefill_seconds",
+    "prefill_repeats": "prefill runs the median is over",
+    "prefill_chunk": "tokens per prefill call",
+    "decode_latency_s": "median seconds per decoded token (one step)",
+    "decode_latency_p10_s": "10th percentile of the step time",
+    "decode_latency_p90_s": "90th percentile of the step time",
+    "decode_steps": "timed decode steps (after the warmup steps)",
+    "decode_tokens_per_s": "batch / decode_latency_s",
+    "seconds": "wall time of the cell, process start excluded",
+}
+CROSSOVER_FIELDS = {
+    "mixer": "mixer name",
+    "baseline": "the mixer it is compared with: attention",
+    "status": "crosses | faster_at_every_context | slower_at_largest_context",
+    "context": "the interpolated crossover context (null unless status is crosses)",
+    "bracket": "the two measured contexts the crossover lies between (null unless it crosses)",
+    "speedup_at_largest_context": "attention's decode latency / this mixer's, at the largest context measured",
+}
+
+# Analytical state size in elements, per layer and sequence, after T tokens: the formulas the tests and the
+# profiler hold `nbytes` to (x element size x batch).
+FORMULAS: dict[str, tuple[str, Any]] = {
+    "attention": ("2 x kv_heads x head_dim x T",
+                  lambda c, T: 2 * c.attention.kv_heads * c.head_dim * T),
+    "sliding_attention": ("2 x kv_heads x head_dim x min(T, window)",
+                          lambda c, T: 2 * c.attention.kv_heads * c.head_dim * min(T, c.attention.window)),
+    "lstm": ("2 x d_hidden (h and c)", lambda c, T: 2 * c.rnn_hidden),
+    "gru": ("d_hidden (h)", lambda c, T: c.rnn_hidden),
+    "conv": ("d_model x (kernel_size - 1)", lambda c, T: c.d_model * (c.conv.kernel_size - 1)),
+    "mamba": ("d_inner x d_state (SSM) + d_inner x (d_conv - 1) (conv window)",
+              lambda c, T: c.mamba_d_inner * (c.mamba.d_state + c.mamba.d_conv - 1)),
+    "gla": ("d_key x d_value / n_heads (one d_k x d_v matrix per head)",
+            lambda c, T: c.gla_d_key * c.gla_d_value // c.gla.n_heads),
+}
+
+
+def state_bytes_formula(cfg: ModelConfig, context: int, batch: int = 1, itemsize: int = 4) -> int | None:
+    """Bytes of the state after `context` tokens by the formulas in `FORMULAS` (None for a mixer without one)."""
+    total = 0
+    for mixer in cfg.layer_mixers:
+        if mixer not in FORMULAS:
+            return None
+        total += FORMULAS[mixer][1](cfg, context)
+    return total * batch * itemsize
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    """What `seqlab profile` measures. Models: every mixer at the parameter count (embedding excluded) of an
+    attention model with `d_model` and `n_layers`, or at `params`, varying d_model only; `model` holds other
+    config fields."""
+
+    mixers: tuple[str, ...] = ()  # empty: every available mixer
+    contexts: tuple[int, ...] = (256, 1024, 4096, 16384, 65536)
+    d_model: int = 128
+    n_layers: int = 2
+    vocab_size: int = 256
+    params: int | None = None
+    model: dict = field(default_factory=dict)
+    batch: int = 1
+    chunk: int = 512
+    decode_steps: int = 64
+    warmup: int = 8
+    repeats: int = 3
+    long_prefill_s: float = 5.0
+    threads: int | None = None  # None: torch's default
+    device: str = "cpu"
+    isolate: bool = True  # a fresh process per cell
+    timeout_s: float = 900.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        from seqlab.models import available_mixers
+
+        for entry in self.mixers:
+            for part in entry.split("+"):
+                if part not in available_mixers():
+                    raise InputError(f"mixer {part!r} is not available; available mixers: "
+                                     f"{', '.join(available_mixers())}")
+        if not self.contexts or any(not isinstance(c, int) or c < 1 for c in self.contexts):
+            raise InputError(f"contexts = {list(self.contexts)}: expected one or more integers >= 1")
+        for name in ("d_model", "n_layers", "vocab_size", "batch", "chunk", "decode_steps", "repeats"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise InputError(f"{name} = {value!r}: must be an integer >= 1")
+        if self.params is not None and self.params < 1:
+            raise InputError(f"params = {self.params}: must be >= 1")
+        if self.threads is not None and self.threads < 1:
+            raise InputError(f"threads = {self.threads}: must be >= 1")
+        if self.warmup < 0:
+            raise InputError(f"warmup = {self.warmup}: must be >= 0")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise InputError(f"device = {self.device!r}, but CUDA is not available here; use --device cpu")
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise InputError(f"device = {self.device!r}: expected cpu or cuda[:N]")
+
+    @property
+    def mixer_list(self) -> tuple[str, ...]:
+        from seqlab.models import available_mixers
+
+        return self.mixers or tuple(available_mixers())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "mixers": list(self.mixer_list), "contexts": list(self.contexts)}
+
+
+def count_parameters(cfg: ModelConfig) -> int:
+    """Parameters of a model with this config, the embedding excluded (built on the meta device: no memory)."""
+    from seqlab.models import build_model
+
+    with torch.device("meta"):
+        return build_model(cfg).num_parameters(exclude_embeddings=True)
+
+
+def matched_config(base: dict[str, Any], entry: str, target: int) -> ModelConfig:
+    """The config for mixer `entry` ("gru", or a hybrid "lstm+attention" alternating per layer) whose parameter
+    count (embedding excluded) is closest to `target`, varying d_model only, in steps of 2 x attention heads."""
+    n_layers = base["n_layers"]
+    parts = entry.split("+")
+    fields = {**base, "layers": tuple(parts[i % len(parts)] for i in range(n_layers))}
+    step = 2 * base.get("attention", {}).get("n_heads", 4)
+    best: tuple[int, ModelConfig] | None = None
+    for d in range(step, 8193, step):
+        try:
+            cfg = ModelConfig.from_dict({**fields, "d_model": d})
+        except InputError:
+            continue  # a width this mixer does not allow (e.g. GLA heads)
+        n = count_parameters(cfg)
+        if best is None or abs(n - target) < abs(best[0] - target):
+            best = (n, cfg)
+        if n > target:
+            break
+    if best is None:
+        raise InputError(f"no d_model up to 8192 builds a valid {entry} model with these settings")
+    return best[1]
+
+
+def resolve_models(cfg: ProfileConfig) -> dict[str, ModelConfig]:
+    """Each mixer's model config at the matched parameter count."""
+    base = {**cfg.model, "vocab_size": cfg.vocab_size, "n_layers": cfg.n_layers, "d_model": cfg.d_model}
+    target = cfg.params or count_parameters(ModelConfig.from_dict({**base, "mixer": "attention"}))
+    return {m: matched_config(base, m, target) for m in cfg.mixer_list}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# one cell, in this process
+
+
+class _Memory:
+    """Process memory: peak RSS with a resettable high-water mark on Linux, CUDA allocator stats on a GPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.can_reset = self.cuda or self._clear_refs()
+        self.method = ("cuda max_memory_allocated" if self.cuda else
+                       "peak RSS (VmHWM, reset per phase)" if self.can_reset else "peak RSS (ru_maxrss, not reset)")
+
+    @staticmethod
+    def _clear_refs() -> bool:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current RSS
+            return "VmHWM" in Path("/proc/self/status").read_text()
+        except OSError:
+            return False
+
+    def reset_peak(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        elif self.can_reset:
+            self._clear_refs()
+
+    def now(self) -> int:
+        if self.cuda:
+            return torch.cuda.memory_allocated()
+        try:
+            return self._status("VmRSS")
+        except (OSError, AttributeError):
+            return self.peak()
+
+    def peak(self) -> int:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated()
+        if self.can_reset:
+            return self._status("VmHWM")
+        scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is in bytes on macOS, KiB on Linux
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+    @staticmethod
+    def _status(key: str) -> int:
+        return int(re.search(rf"{key}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _prefill(model: torch.nn.Module, context: int, batch: int, chunk: int, extra: int, seed: int,
+             device: torch.device):
+    """Feed `context` random tokens in chunks, carrying the state; room for `extra` more tokens is reserved once
+    the first chunk has made the caches. Returns the last logits and the state."""
+    from seqlab.infer.decode import reserve
+
+    gen = torch.Generator().manual_seed(seed)
+    vocab = model.config.vocab_size
+    logits, state = None, None
+    for start in range(0, context, chunk):
+        n = min(chunk, context - start)
+        tokens = torch.randint(0, vocab, (batch, n), generator=gen).to(device)
+        logits, state = model(tokens, state)
+        if start == 0:
+            state = reserve(model, state, context - n + extra)
+    return logits[:, -1:], state
+
+
+@torch.inference_mode()
+def measure_cell(spec: dict[str, Any]) -> dict[str, Any]:
+    """Measure one cell in this process. spec: {"model": config dict, "context", "batch", "chunk",
+    "decode_steps", "warmup", "repeats", "long_prefill_s", "threads", "device", "seed"}."""
+    from seqlab.infer.decode import allocated_nbytes
+    from seqlab.models import build_model
+
+    cell_start = time.perf_counter()
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    device = torch.device(spec["device"])
+    cfg = ModelConfig.from_dict(spec["model"])
+    model = build_model(cfg, seed=spec["seed"]).to(device).eval()
+    context, batch, chunk = spec["context"], spec["batch"], spec["chunk"]
+    steps, warmup = spec["decode_steps"], spec["warmup"]
+    mem = _Memory(device)
+
+    # Warm up kernels and allocators on a short sequence, then take the baseline.
+    logits, state = _prefill(model, min(context, 2 * min(chunk, 64)), batch, min(chunk, 64), 4, spec["seed"], device)
+    for _ in range(3):
+        logits, state = model(logits[:, -1].argmax(-1, keepdim=True), state)
+    del logits, state
+    gc.collect()
+    baseline = mem.now()
+
+    mem.reset_peak()
+    times: list[float] = []
+    for r in range(spec["repeats"]):
+        logits = state = None
+        gc.collect()
+        t0 = time.perf_counter()
+        logits, state = _prefill(model, context, batch, chunk, warmup + steps, spec["seed"] + r, device)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+        if times[-1] > spec["long_prefill_s"]:
+            break
+    peak_prefill = mem.peak()
+    state_bytes, allocated = state.nbytes, allocated_nbytes(state)
+
+    mem.reset_peak()
+    token = logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
+    step_times = []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        logits, state = model(token, state)
+        token = logits[:, -1].argmax(-1, keepdim=True)
+        _sync(device)
+        if i >= warmup:
+            step_times.append(time.perf_counter() - t0)
+    peak_decode = mem.peak()
+
+    step_times.sort()
+    latency = statistics.median(step_times)
+    prefill_s = statistics.median(times)
+    return {
+        "mixer": spec["mixer"], "context": context,
+        "params": model.num_parameters(exclude_embeddings=True), "state_bytes": state_bytes,
+        "state_bytes_formula": state_bytes_formula(cfg, context, batch,
+                                                   next(model.parameters()).element_size()),
+        "state_allocated_bytes": allocated, "baseline_memory_bytes": baseline,
+        "peak_memory_prefill_bytes": peak_prefill, "peak_memory_decode_bytes": peak_decode,
+        "peak_memory_bytes": max(peak_prefill, peak_decode), "prefill_seconds": prefill_s,
+        "prefill_tokens_per_s": batch * context / prefill_s, "prefill_repeats": len(times), "prefill_chunk": chunk,
+        "decode_latency_s": latency, "decode_latency_p10_s": step_times[int(0.1 * (len(step_times) - 1))],
+        "decode_latency_p90_s": step_times[int(0.9 * (len(step_times) - 1))], "decode_steps": steps,
+        "decode_tokens_per_s": batch / latency, "seconds": time.perf_counter() - cell_start,
+        "memory_method": mem.method,
+    }
+
+
+def _cell_main() -> None:
+    """Entry point of a cell's process: spec JSON on stdin, result JSON as the last line of stdout."""
+    spec = json.loads(sys.stdin.read())
+    print(json.dumps(measure_cell(spec)))
+
+
+def run_cell(spec: dict[str, Any], isolate: bool, timeout_s: float) -> dict[str, Any]:
+    """Measure a cell in a fresh process (isolate) or in this one; failures come back as {"error": ...}."""
+    if not isolate:
+        try:
+            return measure_cell(spec)
+        except Exception as e:  # a failing cell is recorded and the profile goes on
+            return {"error": f"{type(e).__name__}: {e}"}
+    code = "from seqlab.infer.profile import _cell_main; _cell_main()"
+    try:
+        r = subprocess.run([sys.executable, "-c", code], input=json.dumps(spec), capture_output=True, text=True,
+                           timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout_s:.0f} s"}
+    if r.returncode != 0:
+        why = "killed (likely out of memory)" if r.returncode in (-9, 137) else f"exit status {r.returncode}"
+        last = (r.stderr.strip().splitlines() or [""])[-1]
+        return {"error": f"cell process failed: {why}: {last}"}
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the whole profile
+
+
+def crossovers(cells: list[dict[str, Any]], baseline: str = "attention") -> list[dict[str, Any]]:
+    """Where each mixer starts decoding faster than `baseline` (see the module docstring)."""
+    lat = {(c["mixer"], c["context"]): c["decode_latency_s"] for c in cells if "error" not in c}
+    mixers = list(dict.fromkeys(c["mixer"] for c in cells))
+    if baseline not in mixers:
+        return []
+    out = []
+    for m in mixers:
+        if m == baseline:
+            continue
+        ctx = sorted(c for (mm, c) in lat if mm == m and (baseline, c) in lat)
+        if not ctx:
+            continue
+        ratio = [lat[(m, c)] / lat[(baseline, c)] for c in ctx]  # < 1: m is faster
+        entry: dict[str, Any] = {"mixer": m, "baseline": baseline, "context": None, "bracket": None,
+                                 "speedup_at_largest_context": 1 / ratio[-1]}
+        if all(r < 1 for r in ratio):
+            entry["status"] = "faster_at_every_context"
+        elif ratio[-1] >= 1:
+            entry["status"] = "slower_at_largest_context"
+        else:
+            i = max(j for j, r in enumerate(ratio) if r >= 1)  # last context where m is not faster
+            a, b = math.log(ratio[i]), math.log(ratio[i + 1])
+            t = a / (a - b) if a != b else 0.0
+            entry.update(status="crosses", bracket=[ctx[i], ctx[i + 1]],
+                         context=math.exp(math.log(ctx[i]) + t * (math.log(ctx[i + 1]) - math.log(ctx[i]))))
+        out.append(entry)
+    return out
+
+
+def machine(device: str, threads: int | None) -> dict[str, Any]:
+    import os
+    import platform
+
+    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+            "device": device, "torch_threads": threads or torch.get_num_threads()}
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return info
+
+
+def run_profile(cfg: ProfileConfig, plot_dir: str | Path | None = None, progress: bool = False) -> dict[str, Any]:
+    """Measure every (mixer, context) cell; returns the JSON-ready results (fields: TOP_FIELDS, CELL_FIELDS...)."""
+    from seqlab import __version__
+
+    start = time.perf_counter()
+    models = resolve_models(cfg)
+    results: dict[str, Any] = {
+        "meta": {"seqlab": __version__, "machine": machine(cfg.device, cfg.threads),
+                 "started": dt.datetime.now().isoformat(timespec="seconds"), "isolated": cfg.isolate},
+        "config": cfg.to_dict(),
+        "models": [
+            {"mixer": m, "params": count_parameters(mc), "d_model": mc.d_model, "config": mc.to_dict(),
+             "state_formula": {name: FORMULAS.get(name, ("unknown", None))[0] for name in dict.fromkeys(
+                 mc.layer_mixers)}}
+            for m, mc in models.items()
+        ],
+    }
+    cells = []
+    todo = [(m, c) for m in models for c in sorted(cfg.contexts)]
+    bar = _bar(len(todo), progress)
+    failed: set[str] = set()
+    for mixer, context in todo:
+        if bar is not None:
+            bar.set_postfix_str(f"{mixer} @ {context}")
+        if mixer in failed:
+            cell = {"error": "skipped: a shorter context already failed"}
+        else:
+            spec = {"mixer": mixer, "model": models[mixer].to_dict(), "context": context, "batch": cfg.batch,
+                    "chunk": cfg.chunk, "decode_steps": cfg.decode_steps, "warmup": cfg.warmup,
+                    "repeats": cfg.repeats, "long_prefill_s": cfg.long_prefill_s, "threads": cfg.threads,
+                    "device": cfg.device, "seed": cfg.seed}
+            cell = run_cell(spec, cfg.isolate, cfg.timeout_s)
+        if "error" in cell:
+            failed.add(mixer)
+            cell = {"mixer": mixer, "context": context, **cell}
+        cells.append(cell)
+        if bar is not None:
+            bar.update()
+    if bar is not None:
+        bar.close()
+    methods = {c.pop("memory_method") for c in cells if "memory_method" in c}
+    results["meta"]["memory_method"] = ", ".join(sorted(methods)) + ("" if cfg.isolate else " (in one process)")
+    results["cells"] = cells
+    results["crossover"] = crossovers(cells)
+    results["plots"] = [str(p) for p in plot_profile(results, plot_dir)] if plot_dir is not None else []
+    results["meta"]["seconds"] = time.perf_counter() - start
+    return results
+
+
+def _bar(total: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="profile", dynamic_ncols=True, file=sys.stderr)
+
+
+PLOTS = {  # file name: (cell field, y label)
+    "state_bytes.png": ("state_bytes", "state bytes"),
+    "peak_memory.png": ("peak_memory_bytes", "peak process memory (bytes)"),
+    "prefill_time.png": ("prefill_seconds", "prefill time (s)"),
+    "decode_latency.png": ("decode_latency_s", "decode latency per token (s)"),
+}
+
+
+def plot_profile(results: dict[str, Any], out: str | Path) -> list[Path]:
+    """Log-log plots against context, one line per mixer: one file per figure in PLOTS, and all four together in
+    profile.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cells = [c for c in results["cells"] if "error" not in c]
+    mixers = list(dict.fromkeys(c["mixer"] for c in results["cells"]))
+    meta = results["meta"]["machine"]
+    subtitle = (f"{meta.get('processor', '')} {meta['device']}, {meta['torch_threads']} threads; "
+                f"median of {results['config']['decode_steps']} decode steps")
+
+    def draw(ax, key: str, label: str) -> None:
+        for m in mixers:
+            pts = sorted((c["context"], c[key]) for c in cells if c["mixer"] == m and c[key] > 0)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=m)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+
+    written = []
+    for name, (key, label) in PLOTS.items():
+        fig, ax = plt.subplots(figsize=(6, 4.2))
+        draw(ax, key, label)
+        ax.set_title(f"{label} vs context\n{subtitle}", fontsize=9)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        written.append(out / name)
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    for ax, (key, label) in zip(axes.flat, PLOTS.values()):
+        draw(ax, key, label)
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle(f"seqlab profile: {subtitle}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out / "profile.png", dpi=110)
+    plt.close(fig)
+    written.append(out / "profile.png")
+    return written
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """The profile as a text table, plus the crossovers."""
+    lines = [f"{'mixer':<18} {'params':>9} {'context':>8} {'state B':>12} {'formula B':>12} {'peak MiB':>9} "
+             f"{'prefill tok/s':>13} {'decode ms':>10}"]
+    for c in results["cells"]:
+        if "error" in c:
+            lines.append(f"{c['mixer']:<18} {'':>9} {c['context']:>8}  error: {c['error']}")
+            continue
+        formula = "-" if c["state_bytes_formula"] is None else f"{c['state_bytes_formula']:,}"
+        lines.append(f"{c['mixer']:<18} {c['params']:>9,} {c['context']:>8} {c['state_bytes']:>12,} {formula:>12} "
+                     f"{c['peak_memory_bytes'] / 2**20:>9.1f} {c['prefill_tokens_per_s']:>13,.0f} "
+                     f"{c['decode_latency_s'] * 1e3:>10.3f}")
+    for x in results["crossover"]:
+        if x["status"] == "crosses":
+            where = (f"decodes faster than attention beyond ~{x['context']:,.0f} tokens (between "
+                     f"{x['bracket'][0]:,} and {x['bracket'][1]:,})")
+        elif x["status"] == "faster_at_every_context":
+            where = "decodes faster than attention at every context measured"
+        else:
+            where = "is not faster than attention at the largest context"
+        lines.append(f"{x['mixer']}: {where}; {x['speedup_at_largest_context']:.2f}x attention's speed at the "
+                     f"largest context")
+    cfg = results["config"]
+    lines.append(f"decode latency: median of {cfg['decode_steps']} steps after {cfg['warmup']} warmup steps; "
+                 f"prefill: median of up to {cfg['repeats']} runs in chunks of {cfg['chunk']}; memory: "
+                 f"{results['meta']['memory_method']}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    _cell_main()

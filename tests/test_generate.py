@@ -1,0 +1,164 @@
+"""Fast decoding: the preallocated KV cache, generate / generate_batch, and `seqlab generate --stream/--stats`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import assert_states_close, tiny
+
+import seqlab
+from seqlab.cli import main
+from seqlab.infer.decode import allocated_nbytes, reserve
+
+ALL = seqlab.available_mixers()
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Step-by-step decoding of tiny models: one thread avoids OpenMP spinning on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def feed(model, tokens, cuts, state=None):
+    outs, edges = [], [0, *cuts, tokens.shape[1]]
+    for a, b in zip(edges, edges[1:]):
+        logits, state = model(tokens[:, a:b], state)
+        outs.append(logits)
+    return torch.cat(outs, dim=1), state
+
+
+@pytest.mark.parametrize("mixer", ["attention", "sliding_attention"])
+def test_preallocated_cache_equals_concatenation(mixer):
+    model = tiny(mixer)  # window 5, so the sliding cache is compacted many times
+    tokens = torch.randint(0, 37, (2, 90))
+    cuts = [7, 8, 9, 30, *range(31, 90)]  # chunks, then one token at a time
+    ref, ref_state = feed(model, tokens, cuts)  # autograd on: concatenation
+    with torch.inference_mode():
+        fast, fast_state = feed(model, tokens, cuts)  # in place, growing by 25%
+        reserved, reserved_state = feed(model, tokens[:, 9:], [1, 2, 3], reserve(model, model(tokens[:, :9])[1], 90))
+    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(reserved, ref[:, 9:], atol=1e-5, rtol=0)
+    assert_states_close(fast_state, ref_state, atol=1e-5)
+    assert_states_close(reserved_state, ref_state, atol=1e-5)
+    assert fast_state.layers[0].buffer is not None  # really the preallocated path
+
+
+def test_cache_stays_a_value_when_branched():
+    model = tiny("attention")
+    with torch.inference_mode():
+        _, s0 = model(torch.randint(0, 37, (1, 10)))
+        s0 = reserve(model, s0, 8)
+        la, sa = model(torch.tensor([[3]]), s0)  # writes in place after s0's entries
+        kept = [t.clone() for t in sa.layers[0].tensors().values()]
+        lb, sb = model(torch.tensor([[4]]), s0)  # branches from s0 again: must not overwrite sa
+        lb2, _ = model(torch.tensor([[5]]), sa)
+    for t, k in zip(sa.layers[0].tensors().values(), kept):
+        assert torch.equal(t, k)
+    ref_b, _ = model(torch.tensor([[4]]), s0.map(torch.clone))
+    ref_b2, _ = model(torch.tensor([[5]]), sa.map(torch.clone))
+    torch.testing.assert_close(lb, ref_b, atol=1e-6, rtol=0)
+    torch.testing.assert_close(lb2, ref_b2, atol=1e-6, rtol=0)
+    assert sa.layers[0].buffer is s0.layers[0].buffer and sb.layers[0].buffer is not s0.layers[0].buffer
+
+
+def test_cache_bytes_report_used_entries_and_allocation_is_bounded():
+    layers, kv_heads, head_dim = 2, 2, 8
+    model = tiny("attention", attention={"n_heads": 4, "n_kv_heads": kv_heads})
+    with torch.inference_mode():
+        _, state = model(torch.randint(0, 37, (1, 20)))
+        state = reserve(model, state, 30)
+        buffers = {id(s.buffer) for s in state.layers}
+        for t in range(30):
+            _, state = model(torch.tensor([[t % 37]]), state)
+            assert state.nbytes == 2 * layers * kv_heads * head_dim * (21 + t) * 4  # the formula, exactly
+        assert {id(s.buffer) for s in state.layers} == buffers  # never reallocated within the reservation
+        assert allocated_nbytes(state) == 2 * layers * kv_heads * head_dim * 50 * 4
+        for _ in range(100):  # past the reservation: grows by 25% (at least 64 entries) at a time
+            _, state = model(torch.tensor([[1]]), state)
+        entry = 2 * layers * kv_heads * head_dim * 4
+        assert state.nbytes <= allocated_nbytes(state) <= state.nbytes * 1.25 + entry * 65
+
+
+def test_sliding_cache_allocation_stays_bounded():
+    model = tiny("sliding_attention", attention={"n_heads": 4, "window": 5})
+    with torch.inference_mode():
+        _, state = model(torch.randint(0, 37, (1, 3)))
+        for t in range(300):
+            _, state = model(torch.tensor([[t % 37]]), state)
+            assert state.layers[0].k.shape[2] == min(4 + t, 5)
+            assert state.layers[0].capacity <= 5 + 64 + 1
+
+
+@pytest.mark.parametrize("layers", [(m, m) for m in ALL] + [("gru", "attention")], ids="+".join)
+def test_batch_of_different_lengths_equals_one_by_one(layers):
+    model = tiny(layers=layers)
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11], torch.tensor([12, 13])]
+    outs = seqlab.generate_batch(model, prompts, max_new_tokens=7)
+    for p, out in zip(prompts, outs):
+        assert torch.equal(out, seqlab.generate(model, p, max_new_tokens=7)[0])
+
+
+def test_sampling_is_seeded_and_matches_a_stream():
+    model = tiny("gru")
+    prompt = torch.randint(0, 37, (2, 5))
+    a = seqlab.generate(model, prompt, 20, temperature=1.0, top_k=10, seed=3)
+    assert torch.equal(a, seqlab.generate(model, prompt, 20, temperature=1.0, top_k=10, seed=3))
+    assert not torch.equal(a, seqlab.generate(model, prompt, 20, temperature=1.0, top_k=10, seed=4))
+    stream = seqlab.Stream(model, temperature=1.0, top_k=10, seed=3)
+    stream.feed(prompt)
+    assert torch.equal(stream.generate(20), a[:, 5:])
+
+
+def test_generate_rejects_bad_arguments():
+    model = tiny("gru")
+    for kwargs, msg in [({"max_new_tokens": -1}, "max_new_tokens"), ({"temperature": -1}, "temperature"),
+                        ({"top_k": 0}, "top_k"), ({"top_p": 1.5}, "top_p")]:
+        with pytest.raises(seqlab.InputError, match=msg):
+            seqlab.generate(model, [1, 2], **kwargs)
+    with pytest.raises(seqlab.InputError, match="non-empty list"):
+        seqlab.generate_batch(model, [])
+    with pytest.raises(seqlab.InputError, match="at least one token"):
+        seqlab.generate_batch(model, [[1], []])
+    with pytest.raises(seqlab.InputError, match="token id 99"):
+        seqlab.generate_batch(model, [[1], [99]])
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "c"
+    seqlab.save(tiny("attention"), path)
+    return path
+
+
+def test_cli_stream_prints_the_same_tokens(checkpoint, capsys):
+    assert main(["generate", str(checkpoint), "--tokens", "1,2,3", "--max-new-tokens", "9"]) == 0
+    plain = capsys.readouterr().out
+    assert main(["generate", str(checkpoint), "--tokens", "1,2,3", "--max-new-tokens", "9", "--stream"]) == 0
+    assert capsys.readouterr().out == plain
+    expected = seqlab.generate(seqlab.load(checkpoint), [1, 2, 3], 9)[0, 3:].tolist()
+    assert plain.strip() == ",".join(map(str, expected))
+
+
+def test_cli_stats_and_batch_json(checkpoint, capsys):
+    assert main(["generate", str(checkpoint), "--tokens", "1,2,3", "--tokens", "4", "--max-new-tokens", "6",
+                 "--stats", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [o["prompt"] for o in out["outputs"]] == [[1, 2, 3], [4]]
+    assert all(len(o["generated"]) == 6 for o in out["outputs"])
+    stats = out["stats"]
+    assert stats["batch"] == 2 and stats["decode_tokens_per_s"] > 0 and stats["prefill_tokens"] == 2
+    assert stats["decode_tokens"] + 1 == 2 * 6  # the first sample, right after prefill, counts as prefill
+    assert stats["state_bytes"] == 2 * 2 * 4 * 8 * (3 + 6 - 1) * 2 * 4  # batch 2 x the formula at 8 tokens
+    assert main(["generate", str(checkpoint), "--tokens", "1,2", "--max-new-tokens", "3", "--stats"]) == 0
+    err = capsys.readouterr().err
+    assert "tokens/s" in err and "state" in err
+
+
+def test_cli_stream_takes_one_prompt(checkpoint, capsys):
+    assert main(["generate", str(checkpoint), "--tokens", "1", "--tokens", "2", "--stream"]) == 2
+    assert "--stream" in capsys.readouterr().err
