@@ -1,0 +1,495 @@
+"""Distillation: carry what a trained teacher knows into a student of any architecture (e.g. attention -> Mamba).
+
+    student = seqlab.build_model(student_config, seed=0)
+    moved = transfer_weights(teacher, student)            # copy what shapes allow; map attention onto the mixer
+    result = distill(teacher, student, task, DistillConfig(temperature=2.0, ce_weight=0.5))
+
+Losses, averaged over the positions whose target counts (the task's mask):
+    kl      T^2 * KL(p_teacher || p_student), both at temperature T: p = softmax(logits / T) (Hinton et al. 2015;
+            the T^2 keeps the gradient's scale independent of T)
+    ce      the student's cross-entropy on the data targets (weight `ce_weight`, default 0: off)
+    hidden  for each student block i and its teacher block j = layer_map[i]: mean squared error between
+            P_i(student block output) and the teacher block output, P_i a learned linear map when the widths
+            differ (weight `hidden_weight`, default 0: off; both models must be plain language models)
+
+Weight transfer (`transfer_weights`), where shapes allow, student block i taking teacher block j = layer_map[i]
+(evenly spaced, first and last included: 4 teacher blocks -> 2 student blocks takes blocks 0 and 3):
+    embedding, final norm and head, and each block's norms and MLP: copied when the shapes are equal (a tied
+        teacher's embedding also initializes an untied student's head);
+    mixer, same kind (attention <-> sliding_attention, lstm <-> lstm, ...): every tensor of equal shape copied;
+    attention -> gla (the linear-attention recipe): q_proj <- W_Q, k_proj <- W_K, v_proj <- W_V, out_proj <- W_O
+        (grouped K/V heads repeated to the query heads); needs gla key and value widths = the attention width
+        and the same head count. The forget gate, output gate and per-head norm keep their new init.
+    attention -> mamba (the "Mamba in the Llama" / "Transformers to SSMs" recipe, in Mamba-1's layout): Mamba with
+        A -> 0, dt -> 1 and no gate is linear attention y_t = sum_s (C_t . B_s) x_s, one query/key of size N shared
+        by every channel. So: the x branch of in_proj <- W_V (first rows), out_proj <- W_O (first columns), the
+        short conv <- the identity filter, and the B and C rows of x_proj <- W_K[:N] M^+ and W_Q[:N] M^+ where M is
+        the x branch of in_proj, so that before the SiLU, B_t = W_K[:N] u_t and C_t = W_Q[:N] u_t (needs
+        d_inner >= the attention width). The gate branch, dt, A and D keep Mamba's own init.
+    anything else: the student's own new init. `Transfer` lists every tensor copied, mapped or left fresh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from seqlab.config import TrainConfig
+from seqlab.data import Batch, Task, masked_cross_entropy
+from seqlab.errors import InputError
+
+ATTENTION = ("attention", "sliding_attention")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """The distillation losses and whether to transfer weights; `train` is the optimization (as for training)."""
+
+    temperature: float = 2.0
+    kl_weight: float = 1.0
+    ce_weight: float = 0.0
+    hidden_weight: float = 0.0
+    transfer: bool = True
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.temperature, (int, float)) or not self.temperature > 0:
+            raise InputError(f"distill temperature = {self.temperature!r}: must be > 0")
+        for name in ("kl_weight", "ce_weight", "hidden_weight"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+                raise InputError(f"distill {name} = {value!r}: must be a number >= 0")
+        if self.kl_weight == self.ce_weight == self.hidden_weight == 0:
+            raise InputError("distill: kl_weight, ce_weight and hidden_weight are all 0; nothing to learn from")
+        if self.train.grad_accum != 1 or self.train.stream:
+            raise InputError("distill supports train.grad_accum = 1 and train.stream = false only")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> DistillConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise InputError(f"unknown distill key '{unknown[0]}'; allowed keys: {', '.join(sorted(names))}")
+        data = dict(data)
+        if "train" in data:
+            data["train"] = TrainConfig.from_dict(data["train"])
+        return cls(**data)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def check_pair(teacher: nn.Module, student: nn.Module) -> None:
+    """InputError unless teacher and student predict over the same vocabulary."""
+    tv, sv = teacher.config.vocab_size, student.config.vocab_size
+    if tv != sv:
+        raise InputError(f"teacher vocab_size {tv} and student vocab_size {sv} differ: distillation compares "
+                         "next-token distributions, so both must use the same vocabulary")
+
+
+def layer_map(n_teacher: int, n_student: int) -> list[int]:
+    """Teacher block for each student block: evenly spaced, first and last included (equal depth: identity)."""
+    if n_student == 1:
+        return [n_teacher - 1]
+    return [round(i * (n_teacher - 1) / (n_student - 1)) for i in range(n_student)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# losses
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
+            temperature: float = 1.0) -> torch.Tensor:
+    """T^2 * mean over masked positions of KL(softmax(teacher / T) || softmax(student / T)); logits (B, T, V)."""
+    log_p = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)  # (B, T)
+    mask = mask.to(kl.device)
+    if not mask.any():
+        return kl.sum() * 0.0
+    return kl[mask].mean() * temperature**2
+
+
+def block_outputs(model: nn.Module, tokens: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """A plain language model's logits (B, T, V) and every block's output (B, T, D), from an empty state."""
+    if not isinstance(getattr(model, "blocks", None), nn.ModuleList) or model.config.arch != "lm":
+        raise InputError(f"hidden-state alignment needs plain language models (arch 'lm'); got arch "
+                         f"{model.config.arch!r}")
+    model.check_tokens(tokens)
+    x = model.hidden(tokens)
+    outs = []
+    for block in model.blocks:
+        x, _ = block(x, None)
+        outs.append(x)
+    return model.logits(model.norm(x)), outs
+
+
+class HiddenAlignment(nn.Module):
+    """One projection per student block onto its teacher block's width (identity when the widths match)."""
+
+    def __init__(self, d_student: int, d_teacher: int, pairs: list[int]):
+        super().__init__()
+        self.pairs = pairs
+        self.proj = nn.ModuleList(
+            nn.Linear(d_student, d_teacher, bias=False) if d_student != d_teacher else nn.Identity() for _ in pairs)
+
+    def forward(self, student_hs: list[torch.Tensor], teacher_hs: list[torch.Tensor],
+                mask: torch.Tensor) -> torch.Tensor:
+        mask = mask.to(student_hs[0].device)
+        losses = []
+        for proj, h, j in zip(self.proj, student_hs, self.pairs):
+            err = ((proj(h).float() - teacher_hs[j].float()) ** 2).mean(-1)  # (B, T)
+            losses.append(err[mask].mean() if mask.any() else err.sum() * 0.0)
+        return torch.stack(losses).mean()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# weight transfer
+
+
+@dataclass
+class Transfer:
+    """What `transfer_weights` did: copied {student tensor: teacher tensor} (identical values), mapped
+    {student tensor: how} (set from teacher tensors by a documented map), fresh [student tensors left as built]
+    and notes (why a mixer was not mapped)."""
+
+    layer_map: list[int]
+    copied: dict[str, str] = field(default_factory=dict)
+    mapped: dict[str, str] = field(default_factory=dict)
+    fresh: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def fraction_transferred(self, student: nn.Module) -> float:
+        sd = student.state_dict()
+        moved = sum(sd[k].numel() for k in (*self.copied, *self.mapped))
+        return moved / max(sum(v.numel() for v in sd.values()), 1)
+
+
+def _expand_kv(w: torch.Tensor, kv_heads: int, n_heads: int) -> torch.Tensor:
+    """(Hkv * hd, D) key or value projection -> (H * hd, D), each kv head repeated for its group of query heads."""
+    if kv_heads == n_heads:
+        return w
+    hd = w.shape[0] // kv_heads
+    return w.view(kv_heads, hd, -1).repeat_interleave(n_heads // kv_heads, dim=0).reshape(n_heads * hd, -1)
+
+
+def _attention_weights(mixer: nn.Module) -> dict[str, torch.Tensor]:
+    """W_Q, W_K, W_V (K and V expanded to every query head) and W_O of a seqlab attention mixer."""
+    return {"wq": mixer.wq.weight, "wk": _expand_kv(mixer.wk.weight, mixer.kv_heads, mixer.n_heads),
+            "wv": _expand_kv(mixer.wv.weight, mixer.kv_heads, mixer.n_heads), "wo": mixer.wo.weight}
+
+
+def _map_attention_to_gla(att: nn.Module, gla: nn.Module, sp: str, tp: str, out: Transfer) -> dict:
+    w = _attention_weights(att)
+    width = w["wq"].shape[0]
+    if gla.q_proj.weight.shape != w["wq"].shape or gla.v_proj.weight.shape != w["wv"].shape or gla.H != att.n_heads:
+        out.notes.append(f"{sp}: gla key/value widths {gla.q_proj.weight.shape[0]}/{gla.v_proj.weight.shape[0]} "
+                         f"and {gla.H} heads do not match the attention's {width} and {att.n_heads} heads: "
+                         "left at its new init")
+        return {}
+    new = {}
+    for s_name, t_name in (("q_proj", "wq"), ("k_proj", "wk"), ("v_proj", "wv"), ("out_proj", "wo")):
+        new[f"{sp}.{s_name}.weight"] = (w[t_name], f"{tp}.{t_name}.weight"
+                                        + (" (kv heads repeated)" if t_name in ("wk", "wv") and
+                                           att.kv_heads != att.n_heads else ""))
+    return new
+
+
+def _map_attention_to_mamba(att: nn.Module, mamba: nn.Module, sp: str, tp: str, out: Transfer) -> dict:
+    w = _attention_weights(att)
+    width, d_inner, N, R = w["wq"].shape[0], mamba.d_inner, mamba.N, mamba.dt_rank
+    if d_inner < width or width < N:
+        out.notes.append(f"{sp}: mamba d_inner {d_inner} < attention width {width} (or d_state {N} > width): "
+                         "left at its new init")
+        return {}
+    in_proj = mamba.in_proj.weight.detach().clone()  # (2 d_inner, D): rows [0, d_inner) are the x branch
+    in_proj[:width] = w["wv"]
+    out_proj = mamba.out_proj.weight.detach().clone()  # (D, d_inner)
+    out_proj[:, :width] = w["wo"]
+    conv = torch.zeros_like(mamba.conv.weight)  # (d_inner, 1, k): the identity filter, y_t = x_t
+    conv[:, 0, -1] = 1.0
+    M_pinv = torch.linalg.pinv(in_proj[:d_inner].double())  # (D, d_inner): M^+ M = I when M has full column rank
+    x_proj = mamba.x_proj.weight.detach().clone()  # (R + 2N, d_inner): dt, B, C rows
+    x_proj[R : R + N] = (w["wk"][:N].double() @ M_pinv).to(x_proj.dtype)
+    x_proj[R + N :] = (w["wq"][:N].double() @ M_pinv).to(x_proj.dtype)
+    return {
+        f"{sp}.in_proj.weight": (in_proj, f"rows [0, {width}) <- {tp}.wv.weight (x branch); gate rows fresh"),
+        f"{sp}.out_proj.weight": (out_proj, f"columns [0, {width}) <- {tp}.wo.weight"),
+        f"{sp}.conv.weight": (conv, "identity filter (x_t passes the short conv unchanged)"),
+        f"{sp}.conv.bias": (torch.zeros_like(mamba.conv.bias), "zeros (identity filter)"),
+        f"{sp}.x_proj.weight": (x_proj, f"B rows <- {tp}.wk.weight[:{N}] M^+, C rows <- {tp}.wq.weight[:{N}] M^+ "
+                                        f"(M: the x branch of in_proj); dt rows fresh"),
+    }
+
+
+@torch.no_grad()
+def transfer_weights(teacher: nn.Module, student: nn.Module, mapping: list[int] | None = None) -> Transfer:
+    """Initialize `student` from `teacher` where shapes allow (see the module docstring); returns what moved."""
+    check_pair(teacher, student)
+    t_blocks = getattr(teacher, "blocks", None)
+    s_blocks = getattr(student, "blocks", None)
+    has_blocks = isinstance(t_blocks, nn.ModuleList) and isinstance(s_blocks, nn.ModuleList)
+    if mapping is None:
+        mapping = layer_map(len(t_blocks), len(s_blocks)) if has_blocks else []
+    if has_blocks and (len(mapping) != len(s_blocks) or any(not 0 <= j < len(t_blocks) for j in mapping)):
+        raise InputError(f"layer map {mapping}: expected {len(s_blocks)} teacher block indices in "
+                         f"[0, {len(t_blocks)})")
+    out = Transfer(list(mapping))
+    t_sd, s_sd = teacher.state_dict(), student.state_dict()
+    new: dict[str, tuple[torch.Tensor, str]] = {}  # student tensor -> (value, how), for the mapped ones
+
+    def teacher_key(key: str) -> str:
+        if key.startswith("blocks.") and has_blocks:
+            _, i, rest = key.split(".", 2)
+            return f"blocks.{mapping[int(i)]}.{rest}"
+        if key == "head.weight" and "head.weight" not in t_sd:
+            return "embed.weight"  # a tied teacher's head is its embedding
+        return key
+
+    if has_blocks:
+        for i, j in enumerate(mapping):
+            sb, tb = s_blocks[i], t_blocks[j]
+            sp, tp = f"blocks.{i}.mixer", f"blocks.{j}.mixer"
+            same = sb.mixer_name == tb.mixer_name or {sb.mixer_name, tb.mixer_name} <= set(ATTENTION)
+            if same:
+                continue  # same kind: the generic copy below takes every tensor of equal shape
+            if tb.mixer_name in ATTENTION and sb.mixer_name == "gla":
+                new.update(_map_attention_to_gla(tb.mixer, sb.mixer, sp, tp, out))
+            elif tb.mixer_name in ATTENTION and sb.mixer_name == "mamba":
+                new.update(_map_attention_to_mamba(tb.mixer, sb.mixer, sp, tp, out))
+            else:
+                out.notes.append(f"{sp}: no map from the teacher's {tb.mixer_name} mixer to the student's "
+                                 f"{sb.mixer_name} mixer: left at its new init")
+
+    def mixer_of_other_kind(key: str) -> bool:
+        if not (has_blocks and key.startswith("blocks.") and ".mixer." in key):
+            return False
+        i = int(key.split(".")[1])
+        a, b = s_blocks[i].mixer_name, t_blocks[mapping[i]].mixer_name
+        return not (a == b or {a, b} <= set(ATTENTION))
+
+    for key, value in s_sd.items():
+        if key in new:
+            tensor, how = new[key]
+            value.copy_(tensor)
+            out.mapped[key] = how
+            continue
+        src = teacher_key(key)
+        if not mixer_of_other_kind(key) and src in t_sd and t_sd[src].shape == value.shape:
+            value.copy_(t_sd[src])
+            out.copied[key] = src
+        else:
+            out.fresh.append(key)
+    return out  # state_dict() tensors share storage with the parameters: the copies above are in place
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the loop
+
+
+def distill(teacher: nn.Module, student: nn.Module, task: Task, cfg: DistillConfig, *,
+            eval_task: Task | None = None, progress: bool = True,
+            log: Callable[[dict], None] | None = None) -> dict[str, Any]:
+    """Train `student` on the teacher's next-token distributions (and the data, and hidden states, as `cfg` says)
+    for cfg.train.steps steps; the teacher is not changed.
+
+    Batches, optimizer (AdamW, decay on matrices only), schedule (warmup + cosine) and evaluation are exactly the
+    trainer's for the same TrainConfig, so `seqlab.train.fit` on the same config is the from-scratch twin.
+    Returns the student's final evaluation on `eval_task` (default `task`) and the loss history.
+    """
+    from seqlab.train.trainer import autocast, evaluate, lr_at, make_optimizer, resolve_device
+
+    check_pair(teacher, student)
+    if task.vocab_size > student.config.vocab_size:
+        raise InputError(f"task '{task.name}' needs vocab_size {task.vocab_size}; the models have vocab_size "
+                         f"{student.config.vocab_size}")
+    tc = cfg.train
+    device = resolve_device(tc.device)
+    teacher.to(device).eval()
+    student.to(device).train()
+    align = None
+    if cfg.hidden_weight > 0:
+        align = HiddenAlignment(student.config.d_model, teacher.config.d_model,
+                                layer_map(len(teacher.blocks), len(student.blocks))).to(device)
+    opt = make_optimizer(nn.ModuleList([student, *([align] if align is not None else [])]), tc)
+    gen = torch.Generator().manual_seed(tc.seed)
+    history: list[dict[str, float]] = []
+    bar = tqdm(total=tc.steps, desc="distill", disable=not progress, leave=False, dynamic_ncols=True)
+    start = time.perf_counter()
+    for step in range(tc.steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, tc)
+        batch = task.batch(tc.batch_size, gen)
+        part = Batch(batch.inputs.to(device), batch.targets.to(device), batch.mask.to(device))
+        with autocast(device, tc.precision):
+            with torch.no_grad():
+                if align is not None:
+                    t_logits, t_hs = block_outputs(teacher, part.inputs)
+                else:
+                    t_logits, t_hs = teacher(part.inputs)[0], None
+            if align is not None:
+                s_logits, s_hs = block_outputs(student, part.inputs)
+            else:
+                s_logits, s_hs = student(part.inputs)[0], None
+        parts = {"kl": kd_loss(s_logits, t_logits, part.mask, cfg.temperature)}
+        if cfg.ce_weight > 0:
+            parts["ce"] = masked_cross_entropy(s_logits, part)
+        if align is not None:
+            parts["hidden"] = align(s_hs, t_hs, part.mask)
+        weights = {"kl": cfg.kl_weight, "ce": cfg.ce_weight, "hidden": cfg.hidden_weight}
+        loss = sum(weights[k] * v for k, v in parts.items())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        params = [p for g in opt.param_groups for p in g["params"]]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip or math.inf).item()
+        if math.isfinite(loss.item()) and math.isfinite(grad_norm):
+            opt.step()
+        bar.update(1)
+        if (step + 1) % tc.log_every == 0 or step == 0 or step + 1 == tc.steps:
+            row = {"step": step + 1, "loss": loss.item(), **{k: v.item() for k, v in parts.items()},
+                   "grad_norm": grad_norm}
+            history.append(row)
+            bar.set_postfix(loss=f"{row['loss']:.3f}")
+            if log is not None:
+                log(row)
+    bar.close()
+    seconds = time.perf_counter() - start
+    final = evaluate(student, eval_task or task, tc.eval_batches, tc.batch_size, tc.seed + 1,
+                     precision=tc.precision)
+    return {"eval": final, "steps": tc.steps, "seconds": seconds,
+            "tokens_per_s": tc.steps * tc.batch_size * task.seq_len / max(seconds, 1e-9), "history": history}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# inference cost
+
+
+@torch.no_grad()
+def decode_cost(model: nn.Module, context: int, new_tokens: int = 16, chunk: int = 1024, seed: int = 0) -> dict:
+    """Batch 1: the state's bytes after `context` tokens (prefilled in chunks), and the median wall time of
+    decoding one more token from that state (over `new_tokens` steps). A simple stand-in for the profiler."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, model.config.vocab_size, (1, context + new_tokens + 1), generator=gen).to(device)
+    state = None
+    for s in range(0, context, chunk):
+        _, state = model(tokens[:, s : min(s + chunk, context)], state)
+    state_bytes = state.nbytes
+    times = []
+    _, state = model(tokens[:, context : context + 1], state)  # warm-up step (allocations), not timed
+    for i in range(1, new_tokens):
+        t0 = time.perf_counter()
+        _, state = model(tokens[:, context + i : context + i + 1], state)
+        times.append(time.perf_counter() - t0)
+    model.train(was_training)
+    return {"context": context, "state_bytes": state_bytes, "state_bytes_after_decode": state.nbytes,
+            "decode_ms": 1e3 * statistics.median(times)}
+
+
+def quality(metrics: dict[str, float]) -> tuple[str, float, bool]:
+    """(metric name, value, higher is better): bits per byte on byte-level data, else accuracy."""
+    if "bits_per_byte" in metrics:
+        return "bits_per_byte", metrics["bits_per_byte"], False
+    return "accuracy", metrics["accuracy"], True
+
+
+def better(a: dict[str, float], b: dict[str, float]) -> bool:
+    """True when metrics `a` are strictly better than `b` by `quality`."""
+    _, x, higher = quality(a)
+    _, y, _ = quality(b)
+    return x > y if higher else x < y
+
+
+def retained(student: dict[str, float], teacher: dict[str, float]) -> float:
+    """The fraction of the teacher's quality the student keeps: teacher bpb / student bpb, or student accuracy /
+    teacher accuracy (1.0 = as good as the teacher)."""
+    _, s, higher = quality(student)
+    _, t, _ = quality(teacher)
+    if higher:
+        return s / t if t > 0 else float("nan")
+    return t / s if s > 0 else float("nan")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the whole comparison: teacher, distilled student, the same student from scratch
+
+
+@dataclass
+class Comparison:
+    """What `distill_and_compare` returns: the report (JSON-ready) and the two trained students."""
+
+    report: dict[str, Any]
+    student: nn.Module
+    scratch: nn.Module | None
+
+
+def distill_and_compare(teacher: nn.Module, student_config: Any, task: Task, cfg: DistillConfig, *,
+                        eval_task: Task | None = None, scratch: bool = True, context: int = 4096,
+                        progress: bool = True) -> Comparison:
+    """Distill a fresh student (built from `student_config` with seed cfg.train.seed, weights transferred when
+    cfg.transfer), train its twin from scratch with the same TrainConfig (same batches, steps, optimizer), and
+    evaluate the teacher, both students and their decoding cost at `context` tokens (0: skip) on `eval_task`."""
+    from seqlab.models import as_config, build_model
+    from seqlab.train.trainer import evaluate, fit
+
+    tc = cfg.train
+    eval_task = eval_task or task
+    student_config = as_config(student_config)
+    student = build_model(student_config, seed=tc.seed)
+    check_pair(teacher, student)
+    moved = transfer_weights(teacher, student) if cfg.transfer else None
+    teacher_eval = evaluate(teacher, eval_task, tc.eval_batches, tc.batch_size, tc.seed + 1, precision=tc.precision)
+    result = distill(teacher, student, task, cfg, eval_task=eval_task, progress=progress)
+    twin = None
+    scratch_result = None
+    if scratch:
+        twin = build_model(student_config, seed=tc.seed)
+        scratch_result = fit(twin, task, tc, progress=progress, desc="scratch", eval_task=eval_task)
+    metric, _, _ = quality(teacher_eval)
+
+    def row(model: nn.Module, metrics: dict, extra: dict) -> dict:
+        out = {"mixers": sorted(set(model.config.layer_mixers)), "arch": model.config.arch,
+               "params": sum(p.numel() for p in model.parameters()), "eval": metrics,
+               "retained": retained(metrics, teacher_eval), **extra}
+        if context:
+            out["decode"] = decode_cost(model, context)
+        return out
+
+    report = {
+        "task": getattr(task, "name", "?"), "metric": metric, "context": context,
+        "distill": {k: v for k, v in cfg.to_dict().items() if k != "train"}, "train": tc.to_dict(),
+        "teacher": row(teacher, teacher_eval, {}),
+        "distilled": row(student, result["eval"], {
+            "seconds": result["seconds"], "history": result["history"],
+            "transfer": None if moved is None else {**moved.to_dict(),
+                                                    "fraction": moved.fraction_transferred(student)}}),
+    }
+    if scratch_result is not None:
+        report["scratch"] = row(twin, scratch_result["eval"], {
+            "seconds": scratch_result["seconds"],
+            "history": [{"step": h["step"], "loss": h["loss"]} for h in scratch_result["history"]]})
+    d, t = report["distilled"], report["teacher"]
+    report["headline"] = {
+        "retained": d["retained"],
+        "scratch_retained": report["scratch"]["retained"] if "scratch" in report else None,
+        "distilled_better_than_scratch": better(d["eval"], report["scratch"]["eval"]) if "scratch" in report
+        else None,
+        "within_10_percent": None if metric != "bits_per_byte" else
+        d["eval"]["bits_per_byte"] <= 1.1 * t["eval"]["bits_per_byte"],
+    }
+    return Comparison(report, student, twin)
