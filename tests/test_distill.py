@@ -15,6 +15,7 @@ from seqlab.data import make_task
 from seqlab.distill import (
     DistillConfig,
     block_outputs,
+    decode_cost,
     distill,
     kd_loss,
     layer_map,
@@ -150,6 +151,19 @@ def test_distill_command_end_to_end(tmp_path, capsys):
     for name in ("teacher", "distilled", "scratch"):
         assert set(report[name]["decode"]) >= {"state_bytes", "decode_ms"}
     assert report["teacher"]["decode"]["state_bytes"] > report["distilled"]["decode"]["state_bytes"]
+    assert not report["teacher"]["decode"]["constant_state"]  # the KV cache grows with the context
+    assert report["distilled"]["decode"]["constant_state"] and report["scratch"]["decode"]["constant_state"]
     assert seqlab.load(tmp_path / "o" / "student").config.mixer == "gru"
     assert (tmp_path / "o" / "scratch" / "config.json").is_file()
     assert "keeps" in (tmp_path / "o" / "report.md").read_text()
+
+
+def test_decode_cost_tells_a_growing_cache_from_a_constant_state():
+    att = decode_cost(tiny("attention"), context=64, decode_steps=4)
+    gru = decode_cost(tiny("gru"), context=64, decode_steps=4)
+    assert att["short_context"] == 32 and att["state_bytes"] == 2 * att["state_bytes_short"] > 0
+    assert not att["constant_state"]
+    assert gru["constant_state"] and gru["state_bytes"] == gru["state_bytes_short"] > 0
+    assert gru["decode_ms"] > 0
+    with pytest.raises(InputError, match="decode context = 1"):
+        decode_cost(tiny("gru"), context=1)

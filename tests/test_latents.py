@@ -10,9 +10,10 @@ import torch
 from helpers import tiny
 
 import seqlab
-from seqlab.analysis.latents import Rules, capture, classify, fit_pca, spearman
+from seqlab.analysis.latents import Rules, analyze, capture, classify, fit_pca, spearman
 from seqlab.cli import main
 from seqlab.config import ARCHS
+from seqlab.data import make_task
 from seqlab.errors import InputError
 
 S, D = 32, 16
@@ -118,6 +119,30 @@ def test_capture_holds_what_the_coda_reads():
     torch.testing.assert_close(cap.logits, logits)
     coda_logits, _ = model.logits(cap.trajectory[-1], (None,))  # the coda on s_4 gives the model's output
     torch.testing.assert_close(coda_logits, logits)
+
+
+@needs_depth
+def test_captured_trajectories_reconstruct_within_the_reported_explained_variance():
+    model = rd_model(vocab_size=2)
+    batch = make_task("prefix_parity", seq_len=10).batch(3, _gen())
+    out = analyze(model, batch.inputs, batch.targets, batch.mask, steps=8, components=4)
+    p = out["pca"]
+    assert p["components"] == 4 and 0 < p["explained_total"] <= 1
+    # the mean squared error of the rank-4 reconstruction of all 9 x 30 states is what the PCA left unexplained
+    unexplained = (1 - p["explained_total"]) * p["total_variance"]
+    assert p["reconstruction_mse"] == pytest.approx(unexplained, rel=1e-6, abs=1e-9)
+    assert out["summary"]["tokens"] == 30 == len(out["tokens"])
+    assert all(t["loss"] is not None and t["loss"] >= 0 for t in out["tokens"])  # every parity target counts
+
+
+@needs_depth
+def test_capture_with_a_noisy_start_is_reproducible():
+    model = seqlab.build_model({"arch": "recurrent_depth", "mixer": "gru", "vocab_size": 37, "d_model": 16,
+                                "depth": {"prelude": 1, "core": 1, "coda": 1, "mean_steps": 3,
+                                          "backprop_steps": 3, "init_scale": 1.0}}, seed=0)
+    tokens = torch.randint(0, 37, (1, 4))
+    a, b, c = (capture(model, tokens, steps=3, seed=s).trajectory for s in (0, 0, 1))
+    assert torch.equal(a, b) and not torch.equal(a[0], c[0])  # s_0 is drawn from the seed
 
 
 def test_capture_rejects_a_model_without_latents():

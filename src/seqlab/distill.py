@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -377,28 +376,35 @@ def distill(teacher: nn.Module, student: nn.Module, task: Task, cfg: DistillConf
 # inference cost
 
 
-@torch.no_grad()
-def decode_cost(model: nn.Module, context: int, new_tokens: int = 16, chunk: int = 1024, seed: int = 0) -> dict:
-    """Batch 1: the state's bytes after `context` tokens (prefilled in chunks), and the median wall time of
-    decoding one more token from that state (over `new_tokens` steps). A simple stand-in for the profiler."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    gen = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, model.config.vocab_size, (1, context + new_tokens + 1), generator=gen).to(device)
-    state = None
-    for s in range(0, context, chunk):
-        _, state = model(tokens[:, s : min(s + chunk, context)], state)
-    state_bytes = state.nbytes
-    times = []
-    _, state = model(tokens[:, context : context + 1], state)  # warm-up step (allocations), not timed
-    for i in range(1, new_tokens):
-        t0 = time.perf_counter()
-        _, state = model(tokens[:, context + i : context + i + 1], state)
-        times.append(time.perf_counter() - t0)
-    model.train(was_training)
-    return {"context": context, "state_bytes": state_bytes, "state_bytes_after_decode": state.nbytes,
-            "decode_ms": 1e3 * statistics.median(times)}
+def decode_cost(model: nn.Module, context: int, decode_steps: int = 32, short: int = 256, seed: int = 0) -> dict:
+    """The student's inference advantage, from the profiler (`seqlab.infer.profile.measure_cell`, in this
+    process, at batch 1): state bytes after `context` tokens and the median latency of one decode step there,
+    plus the state bytes after min(`short`, context / 2) tokens: `constant_state` says whether they are equal.
+
+    The profiler builds a fresh model from `model.config`: cost depends on the architecture, not on the weights.
+    """
+    from seqlab.infer.profile import measure_cell
+
+    def cell(n: int, steps: int) -> dict:
+        spec = {"mixer": "+".join(dict.fromkeys(model.config.layer_mixers)), "model": model.config.to_dict(),
+                "context": n, "batch": 1, "chunk": 512, "decode_steps": steps, "warmup": 4, "repeats": 1,
+                "long_prefill_s": 0.0, "threads": None, "device": "cpu", "seed": seed}
+        return measure_cell(spec)
+
+    if context < 2:
+        raise InputError(f"decode context = {context}: must be >= 2 (the state is compared with a shorter one)")
+    short = max(1, min(short, context // 2))
+    long = cell(context, decode_steps)
+    brief = cell(short, 2)
+    return {"context": context, "state_bytes": long["state_bytes"], "short_context": short,
+            "state_bytes_short": brief["state_bytes"], "constant_state": long["state_bytes"] == brief["state_bytes"],
+            "decode_ms": 1e3 * long["decode_latency_s"], "decode_ms_p10": 1e3 * long["decode_latency_p10_s"],
+            "decode_ms_p90": 1e3 * long["decode_latency_p90_s"], "decode_steps": decode_steps,
+            "prefill_tokens_per_s": long["prefill_tokens_per_s"]}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# quality
 
 
 def quality(metrics: dict[str, float]) -> tuple[str, float, bool]:

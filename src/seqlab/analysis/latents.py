@@ -68,14 +68,18 @@ def check_recurrent_depth(model: torch.nn.Module, name: str = "the model") -> No
 
 
 @torch.no_grad()
-def capture(model: torch.nn.Module, tokens: torch.Tensor, steps: int) -> Capture:
-    """Run `model` (recurrent depth) for exactly `steps` core iterations (no adaptive exit) and keep s_0 .. s_S."""
+def capture(model: torch.nn.Module, tokens: torch.Tensor, steps: int, seed: int = 0) -> Capture:
+    """Run `model` (recurrent depth) for exactly `steps` core iterations (no adaptive exit) and keep s_0 .. s_S.
+
+    seed: the noise of s_0 when the model draws one (depth.init_scale > 0), so a capture is reproducible.
+    """
     check_recurrent_depth(model)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise InputError(f"steps = {steps!r}: must be an integer >= 1")
     was_training = model.training
     model.eval()
-    out = model.think(tokens, steps=steps, exit="none", trajectory=True)
+    out = model.think(tokens, steps=steps, exit="none", trajectory=True,
+                      generator=torch.Generator(tokens.device).manual_seed(seed))
     model.train(was_training)
     return Capture(out.trajectory.float(), out.logits.float())
 
@@ -377,11 +381,12 @@ def token_name(token: int, byte_level: bool) -> str:
 
 def analyze(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, steps: int,
             *, rules: Rules | None = None, components: int = 6, chosen: list[int] | None = None,
-            plots_dir=None, byte_level: bool = False) -> dict:
+            plots_dir=None, byte_level: bool = False, seed: int = 0) -> dict:
     """Capture, PCA, classify and summarize the trajectories of every token of one batch (B, T).
 
     chosen: positions in row 0 to plot (default: the first token of each class, then evenly spaced ones, up to 6).
     plots_dir: where the PNGs go (pcs.png, distance.png, classes.png); None: no plots.
+    seed: the noise of s_0, for models that draw one.
     Returns a JSON-ready dict (see `seqlab latents --help` for what each field means).
     """
     from pathlib import Path
@@ -389,7 +394,7 @@ def analyze(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
     rules = rules or Rules()
     if steps < 2:
         raise InputError(f"steps = {steps}: the trajectory classifier needs at least 2 steps")
-    cap = capture(model, inputs, steps)
+    cap = capture(model, inputs, steps, seed)
     S, B, T, D = cap.trajectory.shape
     flat = cap.trajectory.reshape(S, B * T, D)  # tokens flattened row-major: index b * T + t
     pca = fit_pca(flat.reshape(-1, D), components)

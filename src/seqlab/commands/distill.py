@@ -19,7 +19,8 @@ attention teacher's W_Q, W_K, W_V, W_O mapped onto a gla or mamba student's mixe
 same student architecture is trained from scratch with the same steps, batches and optimizer. Reported on the
 held-out data (corpus: the validation split): teacher quality, distilled student, scratch student, the fraction
 of the teacher's quality each keeps (teacher bpb / student bpb on byte-level data, else accuracy ratio), and the
-state bytes and median decode latency at --context tokens.
+state bytes and median decode latency at --context tokens from the profiler (and whether the state has the same
+size at a shorter context: a constant state).
 
 --student-config FILE is JSON: a model config ({"mixer": "mamba", "d_model": 128, "n_layers": 2, ...}), or
 {"model": {...}, "train": {...}, "distill": {...}} with TrainConfig and distill fields (temperature, kl_weight,
@@ -91,8 +92,8 @@ def run(args: argparse.Namespace) -> int:
     if args.no_transfer:
         distill_dict["transfer"] = False
     cfg = DistillConfig.from_dict({**distill_dict, "train": train_dict})
-    if args.context < 0:
-        raise InputError(f"--context = {args.context}: must be >= 0")
+    if args.context < 0 or args.context == 1:
+        raise InputError(f"--context = {args.context}: must be 0 (skip) or >= 2")
     student_cfg = ModelConfig.from_dict(model_dict)
     teacher = load(args.teacher)
     if teacher.config.vocab_size != student_cfg.vocab_size:
@@ -164,7 +165,9 @@ def report_markdown(report: dict[str, Any]) -> str:
         r = report[name]
         row = f"| {name} | {'+'.join(r['mixers'])} | {r['params']:,} | {r['eval'][m]:.4f} | {r['retained']:.1%} |"
         if ctx:
-            row += f" {_bytes(r['decode']['state_bytes'])} | {r['decode']['decode_ms']:.2f} |"
+            dc = r["decode"]
+            row += (f" {_bytes(dc['state_bytes'])} ({'constant' if dc['constant_state'] else 'grows'}) |"
+                    f" {dc['decode_ms']:.2f} |")
         lines.append(row)
     tr = report["distilled"].get("transfer")
     if tr is not None:
@@ -174,6 +177,7 @@ def report_markdown(report: dict[str, Any]) -> str:
         lines += [f"- mapped `{k}`: {v}" for k, v in tr["mapped"].items()]
         lines += [f"- note: {n}" for n in tr["notes"]]
     if ctx:
-        lines += ["", "Decode latency: the median wall time of one token at batch 1 after a prefill of the context "
-                      "(seqlab.distill.decode_cost); state bytes: the KV cache or recurrent state at that point."]
+        lines += ["", "Decode latency: the profiler's median wall time of one token at batch 1 after a prefill of "
+                      "the context (seqlab.distill.decode_cost); state bytes: the KV cache or recurrent state at "
+                      "that point, 'constant' when it is the same size after half the context or fewer tokens."]
     return "\n".join(lines) + "\n"

@@ -43,7 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=32, help="core iterations to capture, N >= 2 (default 32)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--batch-size", type=int, default=8, help="rows of the task batch (default 8)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the task batch (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the task batch and of a noisy s_0 (default 0)")
     p.add_argument("--tokens", help="positions (in the first row) to plot, e.g. 0,5,9 (default: one per class)")
     p.add_argument("--components", type=int, default=6, help="principal components kept (default 6)")
     p.add_argument("--tol", type=float, default=1e-2, help="fixed-point step tolerance (default 0.01)")
@@ -124,7 +124,8 @@ def run(args: argparse.Namespace) -> int:
     if model is not None:
         result["latents"] = analyze(model, batch.inputs, batch.targets, batch.mask, args.steps, rules=rules,
                                     components=args.components, chosen=_positions(args.tokens),
-                                    plots_dir=args.out / "plots", byte_level=batch.byte_level)
+                                    plots_dir=args.out / "plots", byte_level=batch.byte_level,
+                                    seed=args.seed)
     if gf_models:
         result["gradflow"] = gradflow_section(gf_models, args, args.out / "plots")
     (args.out / "latents.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -141,8 +142,10 @@ def gradflow_section(models: dict, args: argparse.Namespace, plots_dir: Path) ->
 
     from seqlab.analysis.gradflow import gradient_flow, plot_gradient_flow
 
+    from tqdm.auto import tqdm
+
     curves = {}
-    for path, m in models.items():
+    for path, m in tqdm(models.items(), desc="gradient flow", disable=args.json, leave=False):
         name = f"{Path(path).name} ({'+'.join(sorted(set(m.config.layer_mixers)))})"
         gen = torch.Generator().manual_seed(args.seed)
         if args.text is not None:
