@@ -149,6 +149,7 @@ class AttentionConfig(_Section):
     n_kv_heads: int | None = None  # grouped-query attention; None means n_heads (plain multi-head)
     window: int = 64  # sliding_attention: a query sees itself and the `window` tokens before it
     rope_theta: float = 10000.0
+    bias: bool = False  # biases on the q, k, v and output projections (GPT-2)
 
     def __post_init__(self) -> None:
         _check_types(self, "attention.")
@@ -199,6 +200,8 @@ class MambaConfig(_Section):
     dt_init_floor: float = 1e-4
     chunk_size: int = 64
     impl: str = "chunked"
+    proj_bias: bool = False  # biases on in_proj and out_proj (Hugging Face `use_bias`)
+    conv_bias: bool = True  # a bias on the short convolution (Hugging Face `use_conv_bias`)
 
     def __post_init__(self) -> None:
         _check_types(self, "mamba.")
@@ -294,8 +297,11 @@ class ModelConfig(_Section):
     vocab_size: int = 256
     d_model: int = 128
     n_layers: int = 2
-    mlp: str = "swiglu"  # swiglu | gelu | none
+    mlp: str = "swiglu"  # swiglu | gelu | gelu_tanh (GPT-2's tanh approximation) | none
     d_ff: int | None = None  # None: 4 * d_model for gelu, the 2/3 of that rounded up to 8 for swiglu
+    mlp_bias: bool = False  # biases on the MLP's linear layers (GPT-2)
+    position: str = "rope"  # rope (rotary, inside attention) | learned (an absolute table added to the embedding)
+    max_positions: int = 1024  # position="learned": rows of the table, the longest context the model accepts
     norm: str = "rmsnorm"  # rmsnorm | layernorm
     norm_eps: float = 1e-5
     sandwich_norm: bool = False  # also normalize the mixer and MLP outputs (keeps iterated latents bounded)
@@ -318,7 +324,12 @@ class ModelConfig(_Section):
             )
         _choice("", "mixer", self.mixer, MIXERS)
         _positive(self, "", "vocab_size", "d_model", "n_layers", "d_ff", "norm_eps", "init_std")
-        _choice("", "mlp", self.mlp, ("swiglu", "gelu", "none"))
+        _choice("", "mlp", self.mlp, ("swiglu", "gelu", "gelu_tanh", "none"))
+        _choice("", "position", self.position, ("rope", "learned"))
+        _positive(self, "", "max_positions")
+        if self.position == "learned" and self.arch != "lm":
+            raise InputError(f"config field 'position' = 'learned': only arch lm has a learned position table, "
+                             f"got arch {self.arch!r}")
         _choice("", "norm", self.norm, ("rmsnorm", "layernorm"))
         if self.layers is not None:
             if len(self.layers) != self.n_layers:
@@ -334,7 +345,7 @@ class ModelConfig(_Section):
                 f"config field 'd_model' = {self.d_model}: must be divisible by attention.n_heads = "
                 f"{self.attention.n_heads}"
             )
-        if uses & {"attention", "sliding_attention"} and self.head_dim % 2:
+        if uses & {"attention", "sliding_attention"} and self.position == "rope" and self.head_dim % 2:
             raise InputError(
                 f"config field 'd_model' = {self.d_model}: d_model / attention.n_heads = {self.head_dim} must be "
                 "even for rotary embeddings"

@@ -118,11 +118,12 @@ class Attention(nn.Module):
         a = cfg.attention
         self.n_heads, self.kv_heads, self.head_dim = a.n_heads, a.kv_heads, cfg.head_dim
         self.window = a.window if name == "sliding_attention" else None
-        self.wq = nn.Linear(cfg.d_model, a.n_heads * cfg.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.d_model, a.kv_heads * cfg.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.d_model, a.kv_heads * cfg.head_dim, bias=False)
-        self.wo = nn.Linear(a.n_heads * cfg.head_dim, cfg.d_model, bias=False)
-        self.rotary = Rotary(cfg.head_dim, a.rope_theta)
+        self.wq = nn.Linear(cfg.d_model, a.n_heads * cfg.head_dim, bias=a.bias)
+        self.wk = nn.Linear(cfg.d_model, a.kv_heads * cfg.head_dim, bias=a.bias)
+        self.wv = nn.Linear(cfg.d_model, a.kv_heads * cfg.head_dim, bias=a.bias)
+        self.wo = nn.Linear(a.n_heads * cfg.head_dim, cfg.d_model, bias=a.bias)
+        # position="learned": positions enter once, at the embedding (GPT-2), so no rotation here
+        self.rotary = Rotary(cfg.head_dim, a.rope_theta) if cfg.position == "rope" else None
 
     def forward(self, x: torch.Tensor, state: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
         B, T, _ = x.shape
@@ -130,7 +131,8 @@ class Attention(nn.Module):
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = self.wk(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
         v = self.wv(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
-        q, k = self.rotary(q, pos0), self.rotary(k, pos0)
+        if self.rotary is not None:
+            q, k = self.rotary(q, pos0), self.rotary(k, pos0)
         buffer, start = None, 0
         if state is not None and torch.is_grad_enabled():
             k = torch.cat([state.k, k], dim=2)  # (B, Hkv, P + T, hd), differentiable

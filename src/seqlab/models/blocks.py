@@ -24,19 +24,22 @@ def make_norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
 
 
 class MLP(nn.Module):
-    """SwiGLU (w2(silu(w1 x) * w3 x)) or GELU (w2(gelu(w1 x))) feed-forward layer, no biases."""
+    """SwiGLU (w2(silu(w1 x) * w3 x)) or GELU (w2(gelu(w1 x))) feed-forward layer; biases only with `mlp_bias`.
+
+    `gelu_tanh` is GELU's tanh approximation, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), which GPT-2 uses.
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.kind = cfg.mlp
-        self.w1 = nn.Linear(cfg.d_model, cfg.ff_dim, bias=False)
-        self.w2 = nn.Linear(cfg.ff_dim, cfg.d_model, bias=False)
-        self.w3 = nn.Linear(cfg.d_model, cfg.ff_dim, bias=False) if cfg.mlp == "swiglu" else None
+        self.w1 = nn.Linear(cfg.d_model, cfg.ff_dim, bias=cfg.mlp_bias)
+        self.w2 = nn.Linear(cfg.ff_dim, cfg.d_model, bias=cfg.mlp_bias)
+        self.w3 = nn.Linear(cfg.d_model, cfg.ff_dim, bias=cfg.mlp_bias) if cfg.mlp == "swiglu" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (B, T, D)
         if self.w3 is not None:
             return self.w2(F.silu(self.w1(x)) * self.w3(x))
-        return self.w2(F.gelu(self.w1(x)))
+        return self.w2(F.gelu(self.w1(x), approximate="tanh" if self.kind == "gelu_tanh" else "none"))
 
 
 class Rotary(nn.Module):

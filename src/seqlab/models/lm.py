@@ -25,6 +25,8 @@ class LanguageModel(nn.Module):
         super().__init__()
         self.config = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        # position="learned": an absolute position table added to the token embedding (GPT-2)
+        self.pos_embed = nn.Embedding(cfg.max_positions, cfg.d_model) if cfg.position == "learned" else None
         self.blocks = nn.ModuleList(Block(cfg, name) for name in cfg.layer_mixers)
         self.norm = make_norm(cfg)
         self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
@@ -74,6 +76,8 @@ class LanguageModel(nn.Module):
         if state is not None:
             self.check_state(state, tokens.shape[0])
         x = self.hidden(tokens)  # (B, T, D)
+        if self.pos_embed is not None:
+            x = x + self.positions(state.pos if state is not None else 0, tokens.shape[1])
         layer_states = state.layers if state is not None else (None,) * len(self.blocks)
         new_states = []
         for block, s in zip(self.blocks, layer_states):
@@ -81,6 +85,13 @@ class LanguageModel(nn.Module):
             new_states.append(s)
         pos = (state.pos if state is not None else 0) + tokens.shape[1]
         return self.logits(self.norm(x)), ModelState(tuple(new_states), pos)
+
+    def positions(self, pos0: int, T: int) -> torch.Tensor:
+        """The learned position embeddings of positions pos0 .. pos0 + T - 1, (T, D)."""
+        if pos0 + T > self.config.max_positions:
+            raise InputError(f"position {pos0 + T - 1} is out of range: this model's learned position table has "
+                             f"max_positions = {self.config.max_positions} rows")
+        return self.pos_embed.weight[pos0:pos0 + T]
 
     def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.embed(tokens)

@@ -48,13 +48,13 @@ class Mamba(nn.Module):
         m = cfg.mamba
         self.cfg = m
         self.d_inner, self.dt_rank, self.N = cfg.mamba_d_inner, cfg.mamba_dt_rank, m.d_state
-        self.in_proj = nn.Linear(cfg.d_model, 2 * self.d_inner, bias=False)
-        self.conv = nn.Conv1d(self.d_inner, self.d_inner, m.d_conv, groups=self.d_inner, bias=True)
+        self.in_proj = nn.Linear(cfg.d_model, 2 * self.d_inner, bias=m.proj_bias)
+        self.conv = nn.Conv1d(self.d_inner, self.d_inner, m.d_conv, groups=self.d_inner, bias=m.conv_bias)
         self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * self.N, bias=False)
         self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True)
         self.A_log = nn.Parameter(torch.empty(self.d_inner, self.N))
         self.D = nn.Parameter(torch.empty(self.d_inner))
-        self.out_proj = nn.Linear(self.d_inner, cfg.d_model, bias=False)
+        self.out_proj = nn.Linear(self.d_inner, cfg.d_model, bias=m.proj_bias)
         for p in (self.A_log, self.D):
             p._no_weight_decay = True  # recurrence parameters: never pulled toward zero by weight decay
         self.reset_parameters()
