@@ -27,10 +27,12 @@ Return convention: the scans ALWAYS return a tuple `(y, final_state_or_None)`, s
 Limits, honestly:
 - This is eager PyTorch: no fused kernel. Mamba-1's decay differs per (channel, state) pair, so the work is
   O(batch * d_inner * L * N) elementwise in every algorithm (the CUDA kernel keeps that in registers; here it goes
-  through memory). The chunked form wins by removing the per-step Python/autograd overhead, not by doing less work;
-  on CPU expect a few times, not orders of magnitude, over the loop (benchmarks/bench_scans.py measures it).
-- Memory for forward+backward: autograd keeps three (batch, d_inner, L, N) fp32 tensors (the decays and two state
-  sweeps), e.g. 3 x 1 GiB for batch 4, d_inner 512, N 16, L 8192.
+  through cache and memory). The chunked form wins by removing the per-step Python/autograd overhead and by a
+  hand-written backward that works in place, not by doing less arithmetic; on CPU expect several times, not orders
+  of magnitude, over the loop, less as batch * d_inner grows (benchmarks/bench_scans.py measures it).
+- Memory for forward+backward: one (batch, d_inner, L, N) fp32 tensor of states is kept for backward (1 GiB for
+  batch 4, d_inner 512, N 16, L 8192), plus the (batch, d_inner, L) inputs.
+- The chunked form's backward is first-order only (no double backward); the ref loop supports any order.
 - A must be negative (Mamba parametrizes A = -exp(A_log)). With A > 0 the recurrence itself grows without bound,
   and overflow is then a property of the input, not of the algorithm. Values are not checked (that would force a
   device sync).
@@ -40,6 +42,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from seqlab.errors import InputError
 
@@ -161,60 +164,136 @@ def _scan_loop(u, delta, A, B, C, x0):
 
 
 def _scan_chunked(u, delta, A, B, C, x0, chunk_size):
-    """Parallel over chunks. The sequence is cut into nc chunks of T steps, then:
+    """Parallel over chunks: `_ChunkedScan` on the discretized inputs (delta_l u_l is formed here, under autograd)."""
+    return _ChunkedScan.apply(delta, delta * u, A, B, C, x0, min(chunk_size, u.shape[-1]))
 
-    1. all chunks at once, T steps: each chunk's state from a zero start, h_t = dA_t * h_{t-1} + dBu_t;
-    2. nc steps over chunks: the true state entering each chunk, X_c = P_c * X_{c-1} + h_T(c), where the chunk decay
-       P_c = exp(A * sum of delta over the chunk) is the chunk's cumulative log-decay exponentiated (<= 0, safe);
-    3. all chunks at once, T steps: the same recurrence again from the true entering states, reading y_t = <x_t, C_t>.
 
-    Sequential depth 2T + nc instead of L; each step works on (N, batch, nc, d_inner) tensors.
-    Why a short loop inside a chunk and not the quadratic "attention" form of a chunk (cumsum of log-decays,
-    then exp of pairwise differences and einsums): here the decay differs per (channel, state) pair, so that form
-    materializes (batch, d_inner, T, T, N) and computes T times more exponentials than the recurrence; measured
-    4-9x slower on CPU for T = 4-8, and its memory grows with T. The state form needs no exponent of a cumulative
-    sum at all: every factor is a single-step decay exp(delta * A) <= 1, so nothing can overflow and no masked
-    entry exists (no inf * 0).
+def _chunks(t, T, pad):
+    """(b, K, L) -> (T, b, nc, K): step-in-chunk first, so that one step of every chunk is one contiguous slab.
+    Padded steps are zeros (for delta: decay exp(0) = 1 and no input, so they carry the state unchanged)."""
+    b, K, L = t.shape
+    if pad:
+        t = F.pad(t, (0, pad))
+    return t.view(b, K, -1, T).permute(3, 0, 2, 1).contiguous()
+
+
+def _unchunk(t, L):
+    """(T, b, nc, K) -> (b, K, L), the inverse of `_chunks` (padding dropped)."""
+    T, b, nc, K = t.shape
+    return t.permute(1, 3, 2, 0).reshape(b, K, nc * T)[..., :L]
+
+
+class _ChunkedScan(torch.autograd.Function):
+    """x_l = exp(delta_l A) * x_{l-1} + w_l B_l,  y_l = <x_l, C_l>, chunk-parallel, with a hand-written backward.
+
+    Forward, for a sequence cut into nc chunks of T steps. A "slab" is one step of every chunk at once,
+    (b, nc, N, d): channels last, so every elementwise op runs over contiguous d, and small enough to stay in cache.
+      1. T steps over slabs: each chunk's end state from a zero start;
+      2. nc steps over chunks: the true state entering each chunk, X_c = P_c * X_{c-1} + (end state of chunk c),
+         where the chunk decay P_c = exp(A * (sum of delta over the chunk)) is a cumulative log-decay, <= 0;
+      3. T steps over slabs again, from the true entering states: the states (kept for backward) and y = C @ x.
+    Sequential depth 2T + nc instead of L. Every exponent is delta * A or (sum of delta) * A, both <= 0 for A < 0
+    and delta >= 0: nothing overflows, and no exp(-cumsum) is ever formed.
+
+    Backward: the adjoint state lam_l = dLoss/dx_l obeys the same recurrence reversed,
+        lam_l = C_l gy_l + exp(delta_{l+1} A) * lam_{l+1}      (the last step also gets the final state's gradient),
+    run with the same three stages. Then, with G_l = lam_l * x_{l-1} * exp(delta_l A):
+        gC_l = sum_d gy_l x_l,   gB_l = sum_d lam_l w_l,   gw_l = sum_n lam_l B_l,
+        gdelta_l = sum_n G_l A,   gA = sum_(b, l) G_l delta_l,   gx0 = exp(delta_0 A) * lam_0.
+    Why by hand and not autograd: autograd records ~10 ops per step and stores a fresh (b, d, L, N) tensor for most
+    of them. Here forward keeps one list of state slabs ((b, d, L, N) in all), the decays exp(delta_t A) are
+    recomputed slab by slab when needed (as fast as storing and reading them back, measured, at half the memory),
+    and every other op writes in place or into a reused slab-sized buffer: on CPU, memory traffic and the page
+    faults of large fresh temporaries are where the time goes.
+    Why not the quadratic "attention" form inside a chunk: the decay differs per (channel, state) pair, so that
+    form materializes (b, d, T, T, N), T times the work of the recurrence.
     """
-    b, d, L = u.shape
-    N = A.shape[1]
-    T = min(chunk_size, L)
-    nc = -(-L // T)
-    w = delta * u  # (b, d, L): delta_l u_l
-    pad = nc * T - L
-    if pad:  # padded steps have delta = 0: decay exp(0) = 1 and no input, so they carry the state unchanged
-        delta, w, B, C = F.pad(delta, (0, pad)), F.pad(w, (0, pad)), F.pad(B, (0, pad)), F.pad(C, (0, pad))
-    # Layout: step-in-chunk first (each step is one contiguous slice), then the state index n (sums over n add
-    # whole slabs, which vectorizes far better than reducing a last dimension of 16), channels last.
-    dl = delta.view(b, d, nc, T).permute(3, 0, 2, 1).contiguous()  # (T, b, nc, d)
-    wl = w.view(b, d, nc, T).permute(3, 0, 2, 1).contiguous()  # (T, b, nc, d)
-    Bl = B.view(b, N, nc, T).permute(3, 1, 0, 2).contiguous().unsqueeze(-1)  # (T, N, b, nc, 1)
-    Cl = C.view(b, N, nc, T).permute(3, 1, 0, 2).contiguous().unsqueeze(-1)  # (T, N, b, nc, 1)
-    At = A.t().reshape(N, 1, 1, d)  # (N, 1, 1, d)
 
-    # 1. states of every chunk from a zero start (only the last one is used, but autograd needs the path)
-    dAs, h = [], None
-    for dl_t, wl_t, B_t in zip(dl.unbind(0), wl.unbind(0), Bl.unbind(0)):
-        dA_t = torch.exp(dl_t * At)  # (N, b, nc, d)
-        dAs.append(dA_t)
-        h = wl_t * B_t if h is None else dA_t * h + wl_t * B_t  # dBu is recomputed in 3: cheaper than storing it
+    @staticmethod
+    def forward(ctx, delta, w, A, B, C, x0, T):
+        b, d, L = delta.shape
+        N = A.shape[1]
+        nc = -(-L // T)
+        pad = nc * T - L
+        dl = _chunks(delta, T, pad).unsqueeze(3)  # (T, b, nc, 1, d)
+        wl = _chunks(w, T, pad).unsqueeze(3)  # (T, b, nc, 1, d)
+        Bl = _chunks(B, T, pad).unsqueeze(4)  # (T, b, nc, N, 1)
+        Cl = _chunks(C, T, pad).unsqueeze(3)  # (T, b, nc, 1, N)
+        At = A.t().contiguous()  # (N, d)
 
-    # 2. across chunks: X_c = P_c * X_{c-1} + h_T(c)
-    P = torch.exp(dl.sum(0) * At)  # (N, b, nc, d)
-    x = x0.permute(2, 0, 1) if x0 is not None else u.new_zeros(N, b, d)  # (N, b, d)
-    starts = []
-    for P_c, h_c in zip(P.unbind(2), h.unbind(2)):
-        starts.append(x)
-        x = P_c * x + h_c
+        # 1. end state of every chunk from a zero start
+        h, e = delta.new_zeros(b, nc, N, d), delta.new_empty(b, nc, N, d)  # e: one step's decays, in (0, 1]
+        for t in range(T):
+            h.mul_(torch.mul(dl[t], At, out=e).exp_()).addcmul_(wl[t], Bl[t])
 
-    # 3. every chunk again from its true entering state, now reading the output
-    h = torch.stack(starts, 2)  # (N, b, nc, d)
-    ys = []
-    for dA_t, wl_t, B_t, C_t in zip(dAs, wl.unbind(0), Bl.unbind(0), Cl.unbind(0)):
-        h = dA_t * h + wl_t * B_t
-        ys.append((h * C_t).sum(0))  # (b, nc, d)
-    y = torch.stack(ys, -1).permute(0, 2, 1, 3).reshape(b, d, nc * T)[..., :L]  # (b, d, L)
-    return y, x.permute(1, 2, 0)  # final state (b, d, N)
+        # 2. across chunks: X_c = P_c * X_{c-1} + h_c
+        P = torch.mul(dl.sum(0), At).exp_()  # (b, nc, N, d)
+        start = torch.empty_like(h)  # the state entering each chunk
+        x = x0.transpose(1, 2) if x0 is not None else delta.new_zeros(b, N, d)  # (b, N, d)
+        for c in range(nc):
+            start[:, c] = x
+            x = P[:, c] * x + h[:, c]
+
+        # 3. every chunk again from its true entering state: states[t + 1] is the state after step t
+        states, y = [start], delta.new_empty(T, b, nc, 1, d)
+        for t in range(T):
+            x_t = torch.mul(torch.mul(dl[t], At, out=e).exp_(), states[t]).addcmul_(wl[t], Bl[t])
+            torch.matmul(Cl[t], x_t, out=y[t])  # (b, nc, 1, d): sum over n of C x
+            states.append(x_t)
+
+        ctx.save_for_backward(dl, wl, Bl, Cl, At, P, *states)
+        ctx.L, ctx.T, ctx.has_x0 = L, T, x0 is not None
+        return _unchunk(y.squeeze(3), L), x.transpose(1, 2)  # (b, d, L), final state (b, d, N)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gy, gx):
+        L, T = ctx.L, ctx.T
+        dl, wl, Bl, Cl, At, P, *saved = ctx.saved_tensors
+        states = saved
+        e = torch.empty_like(P)
+
+        def decays_(t):  # exp(delta_t A) for step t of every chunk, into e
+            return torch.mul(dl[t], At, out=e).exp_()
+        b, nc, N, d = P.shape
+        gyl = _chunks(gy, T, nc * T - L).unsqueeze(3)  # (T, b, nc, 1, d); zero on padded steps
+        Ct, Bt = Cl.transpose(-1, -2), Bl.transpose(-1, -2)  # (T, b, nc, N, 1), (T, b, nc, 1, N)
+        tmp = torch.empty_like(P)
+
+        # 1. reversed, every chunk from a zero end: the adjoint at each chunk's first step
+        m = torch.zeros_like(P)
+        for t in range(T - 1, -1, -1):
+            if t < T - 1:
+                m.mul_(decays_(t + 1))
+            m.addcmul_(Ct[t], gyl[t])
+
+        # 2. across chunks, reversed: R_c (what flows into chunk c's last step from the right)
+        #    R_{c-1} = exp(delta_first(c) A) * m_c + P_c * R_c, starting from the final state's gradient
+        m.mul_(decays_(0))
+        lam = torch.empty_like(P)
+        R = gx.transpose(1, 2).to(P.dtype) if gx is not None else P.new_zeros(b, N, d)  # (b, N, d)
+        for c in range(nc - 1, -1, -1):
+            lam[:, c] = R
+            R = P[:, c] * R + m[:, c]
+        gx0 = R.transpose(1, 2) if ctx.has_x0 else None  # dLoss/dx0 = exp(delta_0 A) * lam_0
+
+        # 3. every chunk again, reversed, from its true R: lam_t, and the gradients of step t
+        gC, gB = P.new_empty(T, b, nc, N), P.new_empty(T, b, nc, N)
+        gw, gdelta = P.new_empty(T, b, nc, 1, d), P.new_empty(T, b, nc, d)
+        gA = torch.zeros_like(P)  # sum over steps of G delta, then over (b, nc)
+        lam.addcmul_(Ct[T - 1], gyl[T - 1])
+        for t in range(T - 1, -1, -1):
+            torch.sum(torch.mul(states[t + 1], gyl[t], out=tmp), -1, out=gC[t])  # sum over d of gy x
+            torch.sum(torch.mul(lam, wl[t], out=tmp), -1, out=gB[t])  # sum over d of lam w
+            torch.matmul(Bt[t], lam, out=gw[t])  # sum over n of lam B
+            G = torch.mul(lam, states[t], out=tmp).mul_(decays_(t))  # dLoss/d(delta_t A)
+            if t > 0:  # lam_{t-1}
+                lam.mul_(e).addcmul_(Ct[t - 1], gyl[t - 1])
+            gA.addcmul_(G, dl[t])
+            torch.sum(G.mul_(At), 2, out=gdelta[t])
+        gw = gw.squeeze(3)
+        gA = gA.sum((0, 1)).t()  # (d, N)
+        return _unchunk(gdelta, L), _unchunk(gw, L), gA, _unchunk(gB, L), _unchunk(gC, L), gx0, None
 
 
 # ---------------------------------------------------------------------------------------------------------------
