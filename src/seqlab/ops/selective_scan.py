@@ -165,7 +165,9 @@ def _scan_loop(u, delta, A, B, C, x0):
 
 def _scan_chunked(u, delta, A, B, C, x0, chunk_size):
     """Parallel over chunks: `_ChunkedScan` on the discretized inputs (delta_l u_l is formed here, under autograd)."""
-    return _ChunkedScan.apply(delta, delta * u, A, B, C, x0, min(chunk_size, u.shape[-1]))
+    inputs = (delta, delta * u, A, B, C, x0)
+    keep = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+    return _ChunkedScan.apply(*inputs, min(chunk_size, u.shape[-1]), keep)
 
 
 def _chunks(t, T, pad):
@@ -210,7 +212,7 @@ class _ChunkedScan(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, delta, w, A, B, C, x0, T):
+    def forward(ctx, delta, w, A, B, C, x0, T, keep):  # keep: store the states for backward (False: inference)
         b, d, L = delta.shape
         N = A.shape[1]
         nc = -(-L // T)
@@ -237,39 +239,40 @@ class _ChunkedScan(torch.autograd.Function):
         # 3. every chunk again from its true entering state: states[t + 1] is the state after step t
         states, y = [start], delta.new_empty(T, b, nc, 1, d)
         for t in range(T):
-            x_t = torch.mul(torch.mul(dl[t], At, out=e).exp_(), states[t]).addcmul_(wl[t], Bl[t])
-            torch.matmul(Cl[t], x_t, out=y[t])  # (b, nc, 1, d): sum over n of C x
-            states.append(x_t)
+            torch.mul(dl[t], At, out=e).exp_()
+            x_t = torch.mul(e, states[t]) if keep else start.mul_(e)  # without keep: one state slab, in place
+            torch.matmul(Cl[t], x_t.addcmul_(wl[t], Bl[t]), out=y[t])  # (b, nc, 1, d): sum over n of C x
+            if keep:
+                states.append(x_t)
 
-        ctx.save_for_backward(dl, wl, Bl, Cl, At, P, *states)
-        ctx.L, ctx.T, ctx.has_x0 = L, T, x0 is not None
+        if keep:
+            ctx.save_for_backward(dl, wl, Bl, Cl, At, P, *states)
+        ctx.L, ctx.has_x0 = L, x0 is not None
         return _unchunk(y.squeeze(3), L), x.transpose(1, 2)  # (b, d, L), final state (b, d, N)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, gy, gx):
-        L, T = ctx.L, ctx.T
-        dl, wl, Bl, Cl, At, P, *saved = ctx.saved_tensors
-        states = saved
-        e = torch.empty_like(P)
-
-        def decays_(t):  # exp(delta_t A) for step t of every chunk, into e
-            return torch.mul(dl[t], At, out=e).exp_()
+        dl, wl, Bl, Cl, At, P, *states = ctx.saved_tensors
+        L, T = ctx.L, dl.shape[0]
         b, nc, N, d = P.shape
         gyl = _chunks(gy, T, nc * T - L).unsqueeze(3)  # (T, b, nc, 1, d); zero on padded steps
         Ct, Bt = Cl.transpose(-1, -2), Bl.transpose(-1, -2)  # (T, b, nc, N, 1), (T, b, nc, 1, N)
-        tmp = torch.empty_like(P)
+        e, tmp = torch.empty_like(P), torch.empty_like(P)
+
+        def decay(t):  # exp(delta_t A) for step t of every chunk, into e
+            return torch.mul(dl[t], At, out=e).exp_()
 
         # 1. reversed, every chunk from a zero end: the adjoint at each chunk's first step
         m = torch.zeros_like(P)
         for t in range(T - 1, -1, -1):
             if t < T - 1:
-                m.mul_(decays_(t + 1))
+                m.mul_(decay(t + 1))
             m.addcmul_(Ct[t], gyl[t])
 
         # 2. across chunks, reversed: R_c (what flows into chunk c's last step from the right)
         #    R_{c-1} = exp(delta_first(c) A) * m_c + P_c * R_c, starting from the final state's gradient
-        m.mul_(decays_(0))
+        m.mul_(decay(0))
         lam = torch.empty_like(P)
         R = gx.transpose(1, 2).to(P.dtype) if gx is not None else P.new_zeros(b, N, d)  # (b, N, d)
         for c in range(nc - 1, -1, -1):
@@ -286,14 +289,14 @@ class _ChunkedScan(torch.autograd.Function):
             torch.sum(torch.mul(states[t + 1], gyl[t], out=tmp), -1, out=gC[t])  # sum over d of gy x
             torch.sum(torch.mul(lam, wl[t], out=tmp), -1, out=gB[t])  # sum over d of lam w
             torch.matmul(Bt[t], lam, out=gw[t])  # sum over n of lam B
-            G = torch.mul(lam, states[t], out=tmp).mul_(decays_(t))  # dLoss/d(delta_t A)
+            G = torch.mul(lam, states[t], out=tmp).mul_(decay(t))  # dLoss/d(delta_t A)
             if t > 0:  # lam_{t-1}
                 lam.mul_(e).addcmul_(Ct[t - 1], gyl[t - 1])
             gA.addcmul_(G, dl[t])
             torch.sum(G.mul_(At), 2, out=gdelta[t])
         gw = gw.squeeze(3)
         gA = gA.sum((0, 1)).t()  # (d, N)
-        return _unchunk(gdelta, L), _unchunk(gw, L), gA, _unchunk(gB, L), _unchunk(gC, L), gx0, None
+        return _unchunk(gdelta, L), _unchunk(gw, L), gA, _unchunk(gB, L), _unchunk(gC, L), gx0, None, None
 
 
 # ---------------------------------------------------------------------------------------------------------------
