@@ -22,6 +22,7 @@ from seqlab.distill import (
     transfer_weights,
 )
 from seqlab.errors import InputError
+from seqlab.models.conv import causal_conv1d
 
 
 @pytest.fixture(autouse=True)
@@ -106,6 +107,23 @@ def test_attention_maps_onto_mamba_as_linear_attention():
     torch.testing.assert_close(m.x_proj.weight[R : R + N] @ M, a.wk.weight[:N], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(m.x_proj.weight[R + N :] @ M, a.wq.weight[:N], atol=1e-5, rtol=1e-4)
     assert "blocks.0.mixer.A_log" in moved.fresh and "blocks.0.mixer.dt_proj.weight" in moved.fresh
+    # the short convolution passes x_t through unchanged
+    x = torch.randn(2, m.d_inner, 5)
+    y, _ = causal_conv1d(x, m.conv.weight, m.conv.bias, None)
+    torch.testing.assert_close(y, x)
+    # without biases on the conv and with biases on the projections, the map still holds
+    student = tiny("mamba", n_layers=1, mamba={"d_state": 4, "expand": 2, "conv_bias": False, "proj_bias": True})
+    moved = transfer_weights(teacher, student)
+    m = student.blocks[0].mixer
+    assert "blocks.0.mixer.conv.bias" not in student.state_dict()
+    assert torch.equal(m.in_proj.bias[:width], torch.zeros(width)) and torch.equal(m.out_proj.bias, torch.zeros(32))
+    assert torch.equal(m.in_proj.weight[:width], a.wv.weight)
+    # a teacher with biases (GPT-2 style) hands W_V's and W_O's biases on too
+    teacher = tiny("attention", n_layers=1, init_std=0.2, attention={"bias": True})
+    torch.nn.init.normal_(teacher.blocks[0].mixer.wv.bias)
+    transfer_weights(teacher, student)
+    a = teacher.blocks[0].mixer
+    assert torch.equal(m.in_proj.bias[:width], a.wv.bias) and torch.equal(m.out_proj.bias, a.wo.bias)
 
 
 def test_distillation_loss_decreases_on_a_tiny_pair():

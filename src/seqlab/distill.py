@@ -199,6 +199,8 @@ def _map_attention_to_gla(att: nn.Module, gla: nn.Module, sp: str, tp: str, out:
                          f"and {gla.H} heads do not match the attention's {width} and {att.n_heads} heads: "
                          "left at its new init")
         return {}
+    if att.wq.bias is not None:
+        out.notes.append(f"{sp}: the teacher's attention biases are not carried over (gla projections have none)")
     new = {}
     for s_name, t_name in (("q_proj", "wq"), ("k_proj", "wk"), ("v_proj", "wv"), ("out_proj", "wo")):
         new[f"{sp}.{s_name}.weight"] = (w[t_name], f"{tp}.{t_name}.weight"
@@ -224,14 +226,26 @@ def _map_attention_to_mamba(att: nn.Module, mamba: nn.Module, sp: str, tp: str, 
     x_proj = mamba.x_proj.weight.detach().clone()  # (R + 2N, d_inner): dt, B, C rows
     x_proj[R : R + N] = (w["wk"][:N].double() @ M_pinv).to(x_proj.dtype)
     x_proj[R + N :] = (w["wq"][:N].double() @ M_pinv).to(x_proj.dtype)
-    return {
+    new = {
         f"{sp}.in_proj.weight": (in_proj, f"rows [0, {width}) <- {tp}.wv.weight (x branch); gate rows fresh"),
         f"{sp}.out_proj.weight": (out_proj, f"columns [0, {width}) <- {tp}.wo.weight"),
         f"{sp}.conv.weight": (conv, "identity filter (x_t passes the short conv unchanged)"),
-        f"{sp}.conv.bias": (torch.zeros_like(mamba.conv.bias), "zeros (identity filter)"),
         f"{sp}.x_proj.weight": (x_proj, f"B rows <- {tp}.wk.weight[:{N}] M^+, C rows <- {tp}.wq.weight[:{N}] M^+ "
                                         f"(M: the x branch of in_proj); dt rows fresh"),
     }
+    if mamba.conv.bias is not None:  # mamba.conv_bias = false: no bias to clear
+        new[f"{sp}.conv.bias"] = (torch.zeros_like(mamba.conv.bias), "zeros (identity filter)")
+    t_bias = att.wq.bias is not None
+    if mamba.in_proj.bias is not None:  # mamba.proj_bias = true: the value and output biases, or zeros
+        in_bias = mamba.in_proj.bias.detach().clone()
+        in_bias[:width] = _expand_kv(att.wv.bias[:, None], att.kv_heads, att.n_heads)[:, 0] if t_bias else 0
+        out_bias = att.wo.bias.detach().clone() if t_bias else torch.zeros_like(mamba.out_proj.bias)
+        new[f"{sp}.in_proj.bias"] = (in_bias, f"entries [0, {width}) <- {tp}.wv.bias" if t_bias else
+                                     f"entries [0, {width}) zero (W_V has no bias); the rest fresh")
+        new[f"{sp}.out_proj.bias"] = (out_bias, f"<- {tp}.wo.bias" if t_bias else "zeros (W_O has no bias)")
+    elif t_bias:
+        out.notes.append(f"{sp}: the teacher's attention biases are not carried over (mamba.proj_bias is false)")
+    return new
 
 
 @torch.no_grad()
