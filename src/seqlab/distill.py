@@ -25,7 +25,9 @@ Weight transfer (`transfer_weights`), where shapes allow, student block i taking
         by every channel. So: the x branch of in_proj <- W_V (first rows), out_proj <- W_O (first columns), the
         short conv <- the identity filter, and the B and C rows of x_proj <- W_K[:N] M^+ and W_Q[:N] M^+ where M is
         the x branch of in_proj, so that before the SiLU, B_t = W_K[:N] u_t and C_t = W_Q[:N] u_t (needs
-        d_inner >= the attention width). The gate branch, dt, A and D keep Mamba's own init.
+        d_inner >= the attention width). The gate branch, dt, A and D keep Mamba's own init. With
+        mamba.proj_bias, the x rows of in_proj's bias and out_proj's bias take W_V's and W_O's biases (zeros when
+        the attention has none); a teacher's attention biases with no bias to go to are named in `notes`.
     anything else: the student's own new init. `Transfer` lists every tensor copied, mapped or left fresh.
 """
 
