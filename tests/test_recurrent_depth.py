@@ -12,10 +12,10 @@ from helpers import assert_states_close
 import seqlab
 from seqlab.config import ModelConfig
 from seqlab.models import RecurrentDepthModel
-from seqlab.models.recurrent_depth import LatentState
+from seqlab.models.recurrent_depth import LatentState, _run_blocks
 
 V = 37
-CORES = [m for m in ("conv", "attention", "gru", "mamba", "gla") if m in seqlab.available_mixers()]
+CORES = seqlab.available_mixers()  # any mixer of the registry can be the core's
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -69,6 +69,26 @@ def test_hybrid_blocks_and_cached_greedy_generation():
     prompt = tokens(2, 5)
     cached = seqlab.generate(model, prompt, max_new_tokens=6, use_cache=True)
     assert torch.equal(cached, seqlab.generate(model, prompt, max_new_tokens=6, use_cache=False))
+
+
+def test_blocks_use_sandwich_norm_by_default_which_bounds_each_step():
+    def core_growth(model):
+        """max over tokens of rms(core(a)) - rms(a) for one step, with the core's weights blown up 100x."""
+        with torch.no_grad():
+            for p in model.core.parameters():
+                if p.dim() >= 2:
+                    p.mul_(100)
+            e, _ = model.prelude[0](model.embed(tokens()))
+            a = model.adapter(torch.cat([torch.randn_like(e), e], dim=-1))
+            h, _ = _run_blocks(model.core, a, (None, None))
+        return (h.pow(2).mean(-1).sqrt() - a.pow(2).mean(-1).sqrt()).max().item()
+
+    model = rd("conv")
+    assert all(isinstance(b.post_norm1, type(b.norm1)) for b in (*model.prelude, *model.core, *model.coda))
+    # every block adds two unit-gain normalized terms: rms grows by at most 2 per block, whatever the weights
+    assert core_growth(model) <= 2 * 2 + 1e-4
+    plain = seqlab.build_model({**model.config.to_dict(), "sandwich_norm": False}, seed=0)
+    assert isinstance(plain.core[0].post_norm1, torch.nn.Identity) and core_growth(plain) > 10
 
 
 def test_r_steps_equal_the_loop_unrolled_by_hand():

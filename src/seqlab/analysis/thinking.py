@@ -10,6 +10,7 @@ the same held-out batches (a generator seeded with `seed`), so the points differ
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -75,20 +76,34 @@ def evaluate_steps(model: RecurrentDepthModel, task: Task, steps: int, exit: tup
 
 
 def scaling_curve(model: torch.nn.Module, task: Task, steps: list[int], exit: tuple[str, float] | None = None,
-                  batches: int = 4, batch_size: int = 64, seed: int = 1234) -> dict[str, Any]:
-    """{"task", "fixed": [one row per r], "adaptive": [one row per r, as the maximum] (with `exit` only)}."""
+                  batches: int = 4, batch_size: int = 64, seed: int = 1234,
+                  progress: bool = False) -> dict[str, Any]:
+    """{"task", "fixed": [one row per r], "adaptive": [one row per r, as the maximum] (with `exit` only)}.
+
+    progress: show a bar (on stderr) that advances by r per evaluated r, so it tracks the compute spent."""
     if not isinstance(model, RecurrentDepthModel):
         raise InputError(f"test-time scaling needs a recurrent-depth model (arch recurrent_depth); this one has arch "
                          f"{model.config.arch!r}")
     if model.config.vocab_size < task.vocab_size:
         raise InputError(f"task '{task.name}' needs vocab_size {task.vocab_size}; the model has vocab_size "
                          f"{model.config.vocab_size}")
+    from tqdm.auto import tqdm
+
+    modes = [None] if exit is None else [None, exit]
+    bar = tqdm(total=sum(steps) * len(modes), desc="think", unit="step", disable=not progress, file=sys.stderr,
+               dynamic_ncols=True)
+    rows: list[list[dict[str, float]]] = []
+    for mode in modes:
+        rows.append([])
+        for r in steps:
+            rows[-1].append(evaluate_steps(model, task, r, mode, batches, batch_size, seed))
+            bar.update(r)
+    bar.close()
     out: dict[str, Any] = {"task": task.name, "seq_len": task.seq_len,
-                           "train_mean_steps": model.config.depth.mean_steps,
-                           "fixed": [evaluate_steps(model, task, r, None, batches, batch_size, seed) for r in steps]}
+                           "train_mean_steps": model.config.depth.mean_steps, "fixed": rows[0]}
     if exit is not None:
         out["exit"] = {"criterion": exit[0], "threshold": exit[1]}
-        out["adaptive"] = [evaluate_steps(model, task, r, exit, batches, batch_size, seed) for r in steps]
+        out["adaptive"] = rows[1]
     return out
 
 

@@ -25,6 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="batch size (default 64)")
     p.add_argument("--seed", type=int, default=1234, help="seed of the batches and of any s_0 noise (default 1234)")
     p.add_argument("--plot", default=None, metavar="FILE.png", help="write a plot of accuracy against r")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(func=run)
 
@@ -41,7 +42,8 @@ def run(args: argparse.Namespace) -> int:
             raise InputError(f"--{name.replace('_', '-')} = {getattr(args, name)}: must be >= 1")
     task = make_task(args.task, **parse_sets(args.set))
     model = load(args.checkpoint)
-    result = scaling_curve(model, task, steps, exit, args.batches, args.batch_size, args.seed)
+    result = scaling_curve(model, task, steps, exit, args.batches, args.batch_size, args.seed,
+                           progress=not args.no_progress)
     if args.plot:
         result["plot"] = str(plot_scaling(result, args.plot))
     lines = [f"{'r':>5} {'depth':>7} {'loss':>8} {'accuracy':>9} {'seq_acc':>8}"]
