@@ -12,7 +12,8 @@ import sys
 from seqlab.errors import InputError
 
 # One module per subcommand, each with `register(subparsers)`; the order is the order of `seqlab --help`.
-COMMANDS = ("lab", "report", "train", "eval", "generate", "profile", "think", "latents", "distill", "import-hf")
+COMMANDS = ("lab", "report", "train", "eval", "generate", "profile", "think", "latents", "distill", "import-hf",
+            "export-onnx")
 
 
 def build_parser() -> argparse.ArgumentParser:

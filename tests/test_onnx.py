@@ -1,0 +1,84 @@
+"""ONNX export: the graphs equal the model in PyTorch (always) and in onnxruntime (when installed), for every
+mixer's step and for the prefill graph, with a batch other than the traced one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import seqlab
+from seqlab.cli import main
+from seqlab.errors import InputError
+from seqlab.interop.export import ExportGraph, export_onnx, verify_onnx
+
+MIXERS = ("attention", "sliding_attention", "lstm", "gru", "conv", "mamba", "gla")
+
+
+@pytest.fixture(scope="module")
+def hybrid():
+    """One layer of every mixer, so one export covers every step; a short window so the sliding mask matters."""
+    return seqlab.build_model(layers=MIXERS, d_model=16, vocab_size=23, attention={"n_heads": 2, "window": 3},
+                              gla={"n_heads": 2, "gate_low_rank": 4}, mamba={"d_state": 4}, seed=0).eval()
+
+
+def test_graph_in_pytorch_equals_model_prefill_then_steps(hybrid):
+    """Prefill 5 tokens, then decode 6 one at a time, through the graph's tensors: same logits as the model."""
+    graph = ExportGraph(hybrid, cache_size=16)
+    tokens = torch.randint(0, 23, (2, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, _ = hybrid(tokens)
+        out, *state = graph(tokens[:, :5], torch.tensor([0]), *graph.zero_state(2))
+        logits = [out]
+        for p in range(5, 11):
+            out, *state = graph(tokens[:, p:p + 1], torch.tensor([p]), *state)
+            logits.append(out)
+    assert (torch.cat(logits, dim=1) - expected).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("mode", ["step", "prefill"])
+def test_onnxruntime_equals_pytorch_every_mixer(hybrid, tmp_path, mode):
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install 'seqlab[onnx]'): ONNX "
+                                              "runtime checks skipped")
+    info = export_onnx(hybrid, tmp_path / "m.onnx", mode=mode, length=4, cache_size=16)
+    assert info["length"] == (1 if mode == "step" else 4)
+    assert info["state_shapes"]["state.0.k"] == ["batch", 2, 16, 8]  # attention: the fixed-size cache
+    assert info["state_shapes"]["state.2.h"] == [1, "batch", 16]  # lstm: torch's (1, B, Dh) layout
+    check = verify_onnx(hybrid, tmp_path / "m.onnx", info, batch=3)  # traced with batch 2
+    assert check["calls"] == 2
+    assert check["max_abs_diff_logits"] <= 1e-4 and check["max_abs_diff_state"] <= 1e-4
+
+
+def test_learned_positions_and_biases_export(tmp_path):
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed: ONNX runtime checks skipped")
+    model = seqlab.build_model(mixer="attention", d_model=16, n_layers=1, vocab_size=19, position="learned",
+                               max_positions=32, norm="layernorm", mlp="gelu_tanh", mlp_bias=True,
+                               attention={"n_heads": 2, "bias": True, "n_kv_heads": 1}, seed=1).eval()
+    info = export_onnx(model, tmp_path / "g.onnx", mode="prefill", length=3, cache_size=8)
+    check = verify_onnx(model, tmp_path / "g.onnx", info)
+    assert check["max_abs_diff_logits"] <= 1e-4
+
+
+def test_cli_exports_and_verifies(tmp_path, capsys):
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed: ONNX runtime checks skipped")
+    seqlab.save(seqlab.build_model(mixer="mamba", d_model=16, n_layers=1, vocab_size=11, seed=0), tmp_path / "c")
+    assert main(["export-onnx", str(tmp_path / "c"), "--out", str(tmp_path / "s.onnx"), "--json"]) == 0
+    out = capsys.readouterr().out
+    assert '"max_abs_diff_logits"' in out and (tmp_path / "s.onnx").stat().st_size > 0
+
+
+def test_bad_input(tmp_path, capsys, hybrid):
+    seqlab.save(hybrid, tmp_path / "c")
+    cases = [
+        (["--mode", "decode"], "mode 'decode' is not supported"),
+        (["--mode", "prefill", "--length", "40", "--cache-size", "16"], "larger than cache_size = 16"),
+        (["--cache-size", "0"], "cache_size = 0: must be a positive integer"),
+    ]
+    for extra, message in cases:
+        assert main(["export-onnx", str(tmp_path / "c"), "--out", str(tmp_path / "x.onnx"), *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("seqlab: error:") and message in err, err
+    assert main(["export-onnx", str(tmp_path / "nope"), "--out", str(tmp_path / "x.onnx")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    depth = seqlab.build_model(arch="recurrent_depth", d_model=16, vocab_size=11, seed=0)
+    with pytest.raises(InputError, match="recurrent-depth models"):
+        ExportGraph(depth, cache_size=8)
