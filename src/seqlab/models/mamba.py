@@ -74,19 +74,31 @@ class Mamba(nn.Module):
 
     def forward(self, x: torch.Tensor, state: MambaState | None = None) -> tuple[torch.Tensor, MambaState]:
         B, T, _ = x.shape
+        if T == 1 and state is not None:  # decoding: the O(1) recurrent update
+            return self.step(x, state)
         xs, z = self.in_proj(x).transpose(1, 2).chunk(2, dim=1)  # (B, d_inner, T) each
         xs, conv_window = causal_conv1d(xs, self.conv.weight, self.conv.bias, None if state is None else state.conv)
         xs = F.silu(xs)
         dt, Bm, Cm = self.x_proj(xs.transpose(1, 2)).split([self.dt_rank, self.N, self.N], dim=-1)  # (B, T, .)
         delta = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # (B, d_inner, T); bias added in the scan
         A = -torch.exp(self.A_log.float())  # (d_inner, N)
-        h0 = None if state is None else state.ssm
-        if T == 1 and h0 is not None:  # decoding: the O(1) recurrent update
-            y, h = selective_scan_step(xs[..., 0], delta[..., 0], A, Bm[:, 0], Cm[:, 0], h0, D=self.D.float(),
-                                       z=z[..., 0], delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
-            y = y[..., None]  # (B, d_inner, 1)
-        else:
-            y, h = selective_scan(xs, delta, A, Bm.transpose(1, 2), Cm.transpose(1, 2), D=self.D.float(), z=z,
-                                  delta_bias=self.dt_proj.bias.float(), delta_softplus=True, initial_state=h0,
-                                  return_final_state=True, impl=self.cfg.impl, chunk_size=self.cfg.chunk_size)
+        y, h = selective_scan(xs, delta, A, Bm.transpose(1, 2), Cm.transpose(1, 2), D=self.D.float(), z=z,
+                              delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
+                              initial_state=None if state is None else state.ssm, return_final_state=True,
+                              impl=self.cfg.impl, chunk_size=self.cfg.chunk_size)
         return self.out_proj(y.transpose(1, 2)), MambaState(conv_window, h)
+
+    def step(self, x: torch.Tensor, state: MambaState) -> tuple[torch.Tensor, MambaState]:
+        """One token, x (B, 1, D): the convolution as a dot product with its window and one `selective_scan_step`;
+        nothing in here depends on how many tokens came before."""
+        xs, z = self.in_proj(x[:, 0]).chunk(2, dim=-1)  # (B, d_inner) each
+        window = torch.cat([state.conv.to(xs.dtype), xs[..., None]], dim=-1)  # (B, d_inner, d_conv)
+        xs = (window * self.conv.weight[:, 0]).sum(-1)  # (B, d_inner)
+        if self.conv.bias is not None:
+            xs = xs + self.conv.bias
+        xs = F.silu(xs)
+        dt, Bm, Cm = self.x_proj(xs).split([self.dt_rank, self.N, self.N], dim=-1)  # (B, .)
+        y, h = selective_scan_step(xs, F.linear(dt, self.dt_proj.weight), -torch.exp(self.A_log.float()), Bm, Cm,
+                                   state.ssm, D=self.D.float(), z=z, delta_bias=self.dt_proj.bias.float(),
+                                   delta_softplus=True)
+        return self.out_proj(y)[:, None], MambaState(window[..., 1:], h)

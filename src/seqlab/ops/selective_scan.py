@@ -137,8 +137,8 @@ def _discretize_delta(delta, delta_bias, delta_softplus):
 
 def _step(x, u, delta, A, B, C):
     """x (b, d, N), u and delta (b, d), A (d, N), B and C (b, N) -> (new x, y (b, d))."""
-    x = torch.exp(delta[..., None] * A) * x + (delta * u)[..., None] * B[:, None, :]
-    return x, (x * C[:, None, :]).sum(-1)
+    x = torch.addcmul((delta * u)[..., None] * B[:, None, :], torch.exp(delta[..., None] * A), x)
+    return x, (x @ C[:, :, None]).squeeze(-1)  # y = <x, C>: a batched matrix-vector product
 
 
 def _skip_and_gate(y, u, D, z):
