@@ -15,21 +15,35 @@ from seqlab.cli import main
 from seqlab.lab import LabConfig, load_preset
 from seqlab.lab.sections import SECTIONS
 
+TINY_TRAIN = {"steps": 2, "batch_size": 4, "warmup_steps": 1, "log_every": 1, "eval_batches": 1}
 TINY_LAB = {
     "name": "tiny",
     "seed": 0,
-    "sections": ["quality", "training"],
+    "threads": 1,
+    "sections": ["quality", "training", "inference", "thinking", "latents", "distill"],
     "quality": {
         "tasks": [{"name": "mqar", "vocab_size": 16, "seq_len": 16, "num_pairs": 2},
                   {"name": "induction", "vocab_size": 16, "seq_len": 12, "eval": {"seq_len": 24}}],
-        "mixers": ["attention", "gru", "lstm+attention"],
+        "mixers": ["attention", "gru", "lstm+attention", "recurrent_depth:gru"],
         "model": {"n_layers": 2, "attention": {"n_heads": 2}},
+        "depth": {"prelude": 1, "core": 1, "coda": 1, "mean_steps": 2, "backprop_steps": 1},
         "target_params": 4000,
         "train": {"steps": 3, "batch_size": 4, "warmup_steps": 1, "log_every": 1},
         "eval_batches": 1,
     },
     "training": {"mixers": ["attention", "gru"], "seq_lens": [8, 16], "batch_size": 2, "steps": 1,
-                 "model": {"n_layers": 1, "d_model": 16}},
+                 "model": {"n_layers": 1, "d_model": 16}, "fresh_process": False},
+    "inference": {"mixers": ["attention", "gru"], "contexts": [8, 32], "params": 3000, "n_layers": 1,
+                  "chunk": 16, "decode_steps": 2, "warmup": 1},
+    "thinking": {"task": {"name": "prefix_parity", "seq_len": 6},
+                 "model": {"arch": "recurrent_depth", "mixer": "gru", "d_model": 8,
+                           "depth": {"prelude": 1, "core": 1, "coda": 1, "mean_steps": 2, "backprop_steps": 1}},
+                 "train": TINY_TRAIN, "steps": [1, 3], "thresholds": [0.1, 0.001], "eval_batches": 1,
+                 "eval_batch_size": 4},
+    "latents": {"steps": 4, "rows": 2},
+    "distill": {"task": {"name": "prefix_parity", "seq_len": 8},
+                "teacher": {"mixer": "attention", "d_model": 8, "n_layers": 1, "attention": {"n_heads": 2}},
+                "teacher_train": TINY_TRAIN, "students": ["gla"], "train": TINY_TRAIN, "context": 16},
 }
 
 
@@ -51,22 +65,57 @@ def test_smoke_run_writes_every_report_file_and_section(lab_run):
     for name in ("results.json", "report.md", "report.html", "lab_config.json"):
         assert (lab_run / name).is_file(), name
     results = json.loads((lab_run / "results.json").read_text())
-    assert list(results["sections"]) == ["quality", "training"]
+    assert list(results["sections"]) == list(SECTIONS)
+    for name, section in results["sections"].items():
+        for c in section["cells"]:
+            assert "error" not in c, (name, c["cell"], c.get("traceback"))
     quality = results["sections"]["quality"]["cells"]
-    assert [c["cell"] for c in quality] == [f"{t}/{m}" for t in ("mqar", "induction")
-                                            for m in ("attention", "gru", "lstm+attention")]
+    mixers = ("attention", "gru", "lstm+attention", "recurrent_depth:gru")
+    assert [c["cell"] for c in quality] == [f"{t}/{m}" for t in ("mqar", "induction") for m in mixers]
     for c in quality:
-        assert "error" not in c, c.get("traceback")
         assert abs(c["params"] - 4000) / 4000 < 0.5  # matched parameter counts
-        assert (lab_run / "cells" / "quality" / c["cell"] / "checkpoint" / "model.safetensors").is_file()
+        model = json.loads((lab_run / "cells" / "quality" / c["cell"] / "checkpoint" / "config.json").read_text())
+        assert model["arch"] == ("recurrent_depth" if c["mixer"].startswith("recurrent_depth") else "lm")
+        assert (lab_run / "cells" / "quality" / c["cell"] / "cell.json").is_file()
     induction = [c for c in quality if c["task"] == "induction"]
     assert all(c["train_seq_len"] == 12 and c["test_seq_len"] == 24 for c in induction)  # length extrapolation
     training = results["sections"]["training"]["cells"]
     assert {(c["mixer"], c["seq_len"]) for c in training} == {(m, T) for m in ("attention", "gru") for T in (8, 16)}
     assert all(c["tokens_per_s"] > 0 and c["peak_rss_bytes"] > 0 for c in training)
+
+    inference = results["sections"]["inference"]
+    state = {(c["mixer"], p["context"]): p["state_bytes"] for c in inference["cells"] for p in c["points"]}
+    assert state[("attention", 32)] == 4 * state[("attention", 8)]  # the KV cache grows with the context
+    assert state[("gru", 32)] == state[("gru", 8)]  # the recurrent state does not
+    assert [x["mixer"] for x in inference["summary"]["crossover"]] == ["gru"]
+    assert inference["summary"]["vs_attention_at_largest"]["gru"]["state_ratio"] == (
+        state[("attention", 32)] / state[("gru", 32)])
+
+    thinking = {c["cell"]: c for c in results["sections"]["thinking"]["cells"]}
+    assert [r["steps"] for r in thinking["scaling"]["fixed"]] == [1, 3]
+    assert all(r["mean_steps_used"] <= 3 for r in thinking["scaling"]["adaptive"])
+    assert [s["threshold"] for s in thinking["scaling"]["exit_sweep"]] == [0.1, 0.001]
+    assert (lab_run / "cells" / "thinking" / "train" / "checkpoint" / "model.safetensors").is_file()
+
+    (latent,) = results["sections"]["latents"]["cells"]
+    assert latent["model_source"] == "thinking/train"  # reuses the thinking section's model
+    assert latent["summary"]["tokens"] == 2 * 6 and abs(sum(latent["summary"]["shares"].values()) - 1) < 1e-9
+    assert latent["z_shape"] == [5, len(latent["chosen"]), 6] and len(latent["z"]) == 5 * len(latent["chosen"]) * 6
+
+    distill = {c["cell"]: c for c in results["sections"]["distill"]["cells"]}
+    assert list(distill) == ["teacher", "student-gla"]
+    student = distill["student-gla"]
+    assert student["teacher"]["retained"] == 1.0 and "scratch" in student and student["distilled"]["transfer"]
+    assert student["gain"]["state_bytes_ratio"] == (student["teacher"]["decode"]["state_bytes"]
+                                                     / student["distilled"]["decode"]["state_bytes"])
+    for folder in ("student", "scratch"):
+        assert (lab_run / "cells" / "distill" / "student-gla" / folder / "model.safetensors").is_file()
+
     md = (lab_run / "report.md").read_text()
-    for section in ("## Quality", "## Training cost"):
-        assert section in md
+    for title in ("Quality", "Training cost", "Inference", "Test-time compute", "Latent trajectories",
+                  "Distillation"):
+        assert f"## {title}" in md
+    assert md.count("![") == (lab_run / "report.html").read_text().count("<img") >= 8
 
 
 def numbers(text: str) -> list[str]:
@@ -94,9 +143,10 @@ def test_every_number_in_the_html_tables_comes_from_results_json(lab_run):
     collect(results)
     html = (lab_run / "report.html").read_text()
     cells = re.findall(r"<td>(.*?)</td>", html)
-    assert cells
-    derived = values + [v * 1000 for v in values] + [v / 1024 ** k for v in values for k in (1, 2, 3)]
-    for cell in cells:
+    texts = re.findall(r"<(?:p|figcaption)[^>]*>(.*?)</(?:p|figcaption)>", html)
+    assert cells and len(texts) > 10
+    derived = values + [v * k for v in values for k in (100, 1000)] + [v / 1024 ** k for v in values for k in (1, 2, 3)]
+    for cell in cells + texts:
         for n in numbers(cell):
             x = float(n.replace(",", ""))
             decimals = len(n.split(".")[1]) if "." in n else 0
@@ -130,7 +180,7 @@ def test_resume_skips_finished_cells_and_retries_failed_ones(lab_run, tmp_path, 
     assert main(["lab", "--out", str(run), "--resume", "--only", "quality", "--no-progress"]) == 0
     assert calls == ["mqar/gru"]
     results = json.loads((run / "results.json").read_text())
-    assert len(results["sections"]["quality"]["cells"]) == 6
+    assert len(results["sections"]["quality"]["cells"]) == 8
 
 
 def test_a_failing_cell_is_recorded_and_the_rest_goes_on(tmp_path, capsys, monkeypatch):
@@ -173,21 +223,23 @@ def test_bad_lab_input(tmp_path, capsys):
     assert "has no results.json" in capsys.readouterr().err
 
 
-def test_presets_load():
-    assert isinstance(load_preset("quick"), LabConfig)
+def test_presets_load_and_cover_every_section():
+    for name in ("quick", "standard", "full"):
+        cfg = load_preset(name)
+        assert isinstance(cfg, LabConfig) and cfg.name == name and list(cfg.sections) == list(SECTIONS)
+        assert {"mamba", "gla", "recurrent_depth"} <= set(cfg.quality.mixers)
+        assert any("+" in m for m in cfg.quality.mixers)  # a hybrid
+        assert {"mqar", "induction", "copy", "corpus"} <= {t["name"] for t in cfg.quality.tasks}
+        assert any("seq_len" in t.get("eval", {}) for t in cfg.quality.tasks if t["name"] == "induction")
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="headless Chromium is not installed "
                     "(apt-get install chromium) — the HTML rendering check needs it")
 def test_html_report_renders_in_headless_chromium(lab_run, tmp_path):
-    shot = tmp_path / "shot.png"
-    subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                    "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}",
-                    "--window-size=1200,3000", (lab_run / "report.html").as_uri()],
-                   check=True, capture_output=True, timeout=120)
-    assert shot.stat().st_size > 10_000
-    dom = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                          "--disable-background-networking", f"--user-data-dir={tmp_path / 'profile2'}",
-                          "--dump-dom", (lab_run / "report.html").as_uri()],
-                         check=True, capture_output=True, text=True, timeout=120).stdout
-    assert dom.count("<img") == (lab_run / "report.html").read_text().count("<img")
+    flags = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--no-first-run", "--virtual-time-budget=5000", f"--user-data-dir={tmp_path / 'profile'}"]
+    page = (lab_run / "report.html").as_uri()
+    dom = subprocess.run(flags + ["--dump-dom", page], check=True, capture_output=True, text=True, timeout=120).stdout
+    n = (lab_run / "report.html").read_text().count("<img")
+    assert n >= 8 and dom.count("<img") == n
+    assert f'data-images="{n}/{n}"' in dom  # every embedded image decoded (the page's own load-time check)

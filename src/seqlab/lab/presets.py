@@ -2,11 +2,18 @@
 
 A preset is a JSON file users can copy and edit (`seqlab lab --config FILE`):
 
-    {"name": "quick", "seed": 0, "sections": ["quality", "training"],
+    {"name": "quick", "seed": 0, "threads": null,
+     "sections": ["quality", "training", "inference", "thinking", "latents", "distill"],
      "quality": {"tasks": [{"name": "mqar", ...}], "mixers": ["attention", "gru", "lstm+attention"], ...},
-     "training": {"mixers": [...], "seq_lens": [128, 512, 2048], ...}}
+     "training": {"mixers": [...], "seq_lens": [128, 512, 2048], ...},
+     "inference": {...}, "thinking": {...}, "latents": {...}, "distill": {...}}
 
-A mixer entry "a+b" is a hybrid whose layers cycle through a, b, a, b, ...
+A mixer entry "a+b" is a hybrid whose layers cycle through a, b, a, b, ...; "recurrent_depth" (or
+"recurrent_depth:gru", naming the mixer of its blocks) is the recurrent-depth model. Each section's fields are
+documented on its `Config` in `seqlab.lab.sections.<section>`.
+
+Presets: quick (the default: every section in a few minutes on a 2-core CPU), standard (about an hour on a CPU),
+full (for a GPU: larger models, longer contexts, more steps).
 """
 
 from __future__ import annotations
@@ -15,23 +22,29 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from seqlab.config import _check_types, _choice, _Section
+from seqlab.config import _check_types, _choice, _positive, _Section
 from seqlab.errors import InputError
-from seqlab.lab.sections import SECTIONS, quality, training
+from seqlab.lab.sections import SECTIONS, distill, inference, latents, quality, thinking, training
 
-PRESETS = ("quick",)
+PRESETS = ("quick", "standard", "full")
 
 
 @dataclass(frozen=True)
 class LabConfig(_Section):
     name: str = "custom"
     seed: int = 0
+    threads: int | None = None  # torch threads for the whole run; None: torch's default
     sections: tuple[str, ...] = tuple(SECTIONS)  # the sections to run, in report order
     quality: quality.Config = field(default_factory=quality.Config)
     training: training.Config = field(default_factory=training.Config)
+    inference: inference.Config = field(default_factory=inference.Config)
+    thinking: thinking.Config = field(default_factory=thinking.Config)
+    latents: latents.Config = field(default_factory=latents.Config)
+    distill: distill.Config = field(default_factory=distill.Config)
 
     def __post_init__(self) -> None:
         _check_types(self, "")
+        _positive(self, "", "threads")
         for i, name in enumerate(self.sections):
             _choice("", f"sections[{i}]", name, tuple(SECTIONS))
 

@@ -103,6 +103,10 @@ document.querySelectorAll('th').forEach(th => th.addEventListener('click', () =>
   [...body.rows].sort((a, b) => { const x = key(a.cells[i]), y = key(b.cells[i]);
     return (x < y ? -1 : x > y ? 1 : 0) * (asc ? 1 : -1); }).forEach(r => body.appendChild(r));
 }));
+window.addEventListener('load', () => {  // a self-check a browser (or a test) can read: images that decoded
+  const imgs = [...document.images], ok = imgs.filter(i => i.complete && i.naturalWidth > 0).length;
+  document.body.dataset.images = ok + '/' + imgs.length;
+});
 """
 
 

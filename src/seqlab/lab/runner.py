@@ -59,6 +59,8 @@ def run_lab(cfg: LabConfig, out: str | Path, *, resume: bool = False, only: list
     out = Path(out)
     names = pick_sections(cfg, only, skip)
     cfg = _prepare(cfg, out, resume)
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
     plans = {name: SECTIONS[name].plan(cfg.section(name), cfg) for name in names}
     start = time.perf_counter()
     previous = json.loads((out / "results.json").read_text()) if resume and (out / "results.json").is_file() else {}
@@ -66,7 +68,7 @@ def run_lab(cfg: LabConfig, out: str | Path, *, resume: bool = False, only: list
         "meta": {"preset": cfg.name, "seed": cfg.seed, "machine": machine(),
                  "started": previous.get("meta", {}).get("started", dt.datetime.now().isoformat(timespec="seconds")),
                  "seconds": previous.get("meta", {}).get("seconds", 0.0)},
-        "sections": {},
+        "sections": dict(previous.get("sections", {})),  # a resumed --only run keeps the other sections
     }
     elapsed_before = results["meta"]["seconds"]
     overall = tqdm(total=sum(len(p) for p in plans.values()), desc="lab", disable=not progress, position=0,
@@ -75,7 +77,10 @@ def run_lab(cfg: LabConfig, out: str | Path, *, resume: bool = False, only: list
         section, section_cfg = SECTIONS[name], cfg.section(name)
         entry = {"config": section_cfg.to_dict(), "cells": []}
         results["sections"][name] = entry
-        section_bar = tqdm(cells, desc=name, disable=not progress, position=1, leave=False, dynamic_ncols=True)
+        results["sections"] = {k: results["sections"][k] for k in SECTIONS if k in results["sections"]}
+        section_bar = tqdm(cells, desc=f"  {name}", disable=not progress, position=1, leave=False,
+                           dynamic_ncols=True)
+        section_start = time.perf_counter()
         for cell in section_bar:
             overall.set_postfix_str(f"{name}: {cell.id}")
             cell_dir = out / "cells" / name / cell.id
@@ -101,6 +106,14 @@ def run_lab(cfg: LabConfig, out: str | Path, *, resume: bool = False, only: list
             _write_json(out / "results.json", results)
             overall.update(1)
         section_bar.close()
+        entry["seconds"] = time.perf_counter() - section_start
+        if hasattr(section, "summarize"):  # numbers derived from several cells, stored so the report only formats
+            try:
+                entry["summary"] = section.summarize(entry["cells"], section_cfg)
+            except Exception as e:
+                entry["summary_error"] = f"{type(e).__name__}: {e}"
+                tqdm.write(f"seqlab lab: summary of section {name} failed: {entry['summary_error']}")
+        _write_json(out / "results.json", results)
     overall.close()
     results["meta"]["seconds"] = elapsed_before + time.perf_counter() - start
     _write_json(out / "results.json", results)

@@ -3,6 +3,11 @@
 A task entry is a task name with its parameters, an optional `label` (its name in the report) and an optional
 `eval` dict of parameters that differ at test time, e.g. a longer `seq_len` for length extrapolation or the test
 split of the corpus: {"name": "induction", "seq_len": 64, "eval": {"seq_len": 256}}.
+
+A mixer entry is a mixer name, a hybrid "a+b" (layers cycle a, b, a, ...), or "recurrent_depth" /
+"recurrent_depth:MIXER": the recurrent-depth model (prelude, core iterated r times, coda; `depth` holds its
+settings) whose blocks use MIXER (default attention). Its parameter count counts each real block once, so at a
+matched count it spends r times the core's compute per token.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from seqlab.config import MIXERS, ModelConfig, TrainConfig, _check_types, _choic
 from seqlab.data import make_task
 from seqlab.errors import InputError
 from seqlab.lab import report
-from seqlab.models import LanguageModel, build_model
+from seqlab.models import build_model
 
 TITLE = "Quality"
 
@@ -29,6 +34,7 @@ class Config(_Section):
     tasks: tuple[dict, ...] = ({"name": "mqar", "vocab_size": 64, "seq_len": 64, "num_pairs": 4},)
     mixers: tuple[str, ...] = ("attention", "sliding_attention", "lstm", "gru", "conv")
     model: dict = field(default_factory=dict)  # base ModelConfig fields; d_model is matched to target_params
+    depth: dict = field(default_factory=dict)  # RecurrentDepthConfig fields for "recurrent_depth" entries
     target_params: int | None = None  # None: every mixer uses model.d_model as given
     train: TrainConfig = field(default_factory=TrainConfig)
     eval_batches: int = 16
@@ -39,8 +45,7 @@ class Config(_Section):
         if not self.mixers:
             raise InputError("config field 'quality.mixers' is empty; list at least one mixer")
         for i, entry in enumerate(self.mixers):
-            for part in entry.split("+"):
-                _choice("quality.", f"mixers[{i}]", part, MIXERS)
+            check_entry("quality.", i, entry)
         labels = [task_label(t) for t in self.tasks]
         if len(set(labels)) != len(labels):
             raise InputError(f"config field 'quality.tasks' has two tasks named alike ({labels}); give each a "
@@ -59,6 +64,20 @@ def split_task(task: dict) -> tuple[dict, dict]:
     return train, {**train, **task.get("eval", {})}
 
 
+RD = "recurrent_depth"
+
+
+def check_entry(prefix: str, i: int, entry: str) -> None:
+    """InputError unless `entry` is a mixer, a hybrid "a+b" or "recurrent_depth[:MIXER]"."""
+    if entry == RD or entry.startswith(RD + ":"):
+        _choice(prefix, f"mixers[{i}]", entry.partition(":")[2] or "attention", MIXERS)
+        return
+    for part in entry.split("+"):
+        if part not in MIXERS:
+            raise InputError(f"config field '{prefix}mixers[{i}]' = {entry!r}: expected a mixer ("
+                             f"{', '.join(MIXERS)}), a hybrid such as 'lstm+attention', or 'recurrent_depth[:MIXER]'")
+
+
 def hybrid_layers(entry: str, n_layers: int) -> tuple[str, ...]:
     """"lstm+attention" with 4 layers -> (lstm, attention, lstm, attention)."""
     parts = entry.split("+")
@@ -67,26 +86,40 @@ def hybrid_layers(entry: str, n_layers: int) -> tuple[str, ...]:
 
 def count_parameters(cfg: ModelConfig) -> int:
     with torch.device("meta"):  # no memory, no init cost
-        return LanguageModel(cfg).num_parameters()
+        return build_model(cfg).num_parameters()
 
 
-def matched_config(base: dict, entry: str, target: int | None) -> ModelConfig:
-    """The config for mixer entry `entry` ("gru", or a hybrid "lstm+attention") whose parameter count is closest
-    to `target`, varying d_model only (in steps that keep attention heads even)."""
+def entry_fields(base: dict, entry: str, depth: dict | None = None) -> dict:
+    """ModelConfig fields (d_model aside) of mixer entry `entry` on top of `base`."""
+    if entry == RD or entry.startswith(RD + ":"):
+        fields = {k: v for k, v in base.items() if k not in ("n_layers", "layers")}
+        return {**fields, "arch": RD, "mixer": entry.partition(":")[2] or "attention", "depth": dict(depth or {})}
     n_layers = base.get("n_layers", ModelConfig.n_layers)
-    fields = {**base, "layers": hybrid_layers(entry, n_layers), "n_layers": n_layers}
+    return {**base, "layers": hybrid_layers(entry, n_layers), "n_layers": n_layers}
+
+
+def matched_config(base: dict, entry: str, target: int | None, depth: dict | None = None) -> ModelConfig:
+    """The config for mixer entry `entry` ("gru", a hybrid "lstm+attention", "recurrent_depth:gru") whose
+    parameter count is closest to `target`, varying d_model only (in steps that keep attention heads even,
+    skipping widths a mixer does not allow, such as GLA widths its heads do not divide)."""
+    fields = entry_fields(base, entry, depth)
     if target is None:
         return ModelConfig.from_dict(fields)
     heads = base.get("attention", {}).get("n_heads", 4)
     step = 2 * heads
     best = None
     for d in range(step, 4097, step):
-        cfg = ModelConfig.from_dict({**fields, "d_model": d})
+        try:
+            cfg = ModelConfig.from_dict({**fields, "d_model": d})
+        except InputError:
+            continue
         n = count_parameters(cfg)
         if best is None or abs(n - target) < abs(best[0] - target):
             best = (n, cfg)
         if n > target:
             break
+    if best is None:
+        raise InputError(f"no d_model up to 4096 builds a valid {entry} model with these settings")
     return best[1]
 
 
@@ -103,7 +136,7 @@ def run(cell: Any, cfg: Config, lab: Any, cell_dir: Path, progress: bool) -> dic
     train_params, eval_params = split_task(task_entry)
     task = make_task(task_entry["name"], **train_params)
     eval_task = make_task(task_entry["name"], **eval_params)
-    model_cfg = matched_config({"vocab_size": task.vocab_size, **cfg.model}, mixer, cfg.target_params)
+    model_cfg = matched_config({"vocab_size": task.vocab_size, **cfg.model}, mixer, cfg.target_params, cfg.depth)
     model = build_model(model_cfg, seed=lab.seed)
     train_cfg = cfg.train.replace(eval_batches=cfg.eval_batches, seed=lab.seed)
     result = fit(model, task, train_cfg, progress=progress, desc=cell.id)

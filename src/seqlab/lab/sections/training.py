@@ -1,9 +1,12 @@
 """Training cost: tokens/s and peak memory of one training step per mixer, at growing sequence lengths.
 
 Attention trains in parallel over the sequence (its cost per token grows with T through the T x T scores);
-LSTM and GRU run a sequential loop over time; the scans run chunk-parallel. Each cell runs in a fresh
-subprocess, so its peak resident memory is its own: the figure reported is the growth of the peak during the
-timed steps over the peak after building the model and one warm-up step.
+LSTM and GRU run a sequential loop over time; the scans run chunk-parallel. Each cell runs in a process of its
+own, so its peak resident memory is its own: the figure reported is the growth of the peak during the timed steps
+over the peak after building the model and one warm-up step. `fresh_process: true` starts a new interpreter per
+cell (the cleanest, but importing torch costs seconds per cell on a loaded machine); `false` measures in the
+lab's process, resetting the peak before the timed steps (Linux: /proc/self/clear_refs; elsewhere the peak cannot
+be reset, and the growth reads 0 unless the cell exceeds every earlier peak of the process).
 """
 
 from __future__ import annotations
@@ -20,9 +23,10 @@ from typing import Any
 
 import matplotlib.pyplot as plt
 
-from seqlab.config import MIXERS, _check_types, _choice, _positive, _Section
+from seqlab.config import _check_types, _positive, _Section
 from seqlab.errors import InputError
 from seqlab.lab import report
+from seqlab.lab.sections.quality import check_entry
 
 TITLE = "Training cost"
 
@@ -35,6 +39,8 @@ class Config(_Section):
     steps: int = 5  # timed steps per cell, after one warm-up step
     model: dict = field(default_factory=dict)
     target_params: int | None = None
+    depth: dict = field(default_factory=dict)  # RecurrentDepthConfig fields for "recurrent_depth" entries
+    fresh_process: bool = True  # false: measure in the lab's process (peak reset per cell on Linux)
 
     def __post_init__(self) -> None:
         _check_types(self, "training.")
@@ -42,8 +48,7 @@ class Config(_Section):
         if not self.mixers or not self.seq_lens:
             raise InputError("config fields 'training.mixers' and 'training.seq_lens' must not be empty")
         for i, entry in enumerate(self.mixers):
-            for part in entry.split("+"):
-                _choice("training.", f"mixers[{i}]", part, MIXERS)
+            check_entry("training.", i, entry)
         for T in self.seq_lens:
             if T < 1:
                 raise InputError(f"config field 'training.seq_lens' holds {T}: every length must be >= 1")
@@ -57,7 +62,10 @@ def plan(cfg: Config, lab: Any) -> list:
 
 def run(cell: Any, cfg: Config, lab: Any, cell_dir: Path, progress: bool) -> dict[str, Any]:
     job = {"mixer": cell.spec["mixer"], "seq_len": cell.spec["seq_len"], "batch_size": cfg.batch_size,
-           "steps": cfg.steps, "model": cfg.model, "target_params": cfg.target_params, "seed": lab.seed}
+           "steps": cfg.steps, "model": cfg.model, "target_params": cfg.target_params, "seed": lab.seed,
+           "depth": cfg.depth, "threads": lab.threads}
+    if not cfg.fresh_process:
+        return worker(job)
     proc = subprocess.run([sys.executable, "-m", "seqlab.lab.sections.training", json.dumps(job)],
                           capture_output=True, text=True)
     if proc.returncode != 0:
@@ -66,7 +74,30 @@ def run(cell: Any, cfg: Config, lab: Any, cell_dir: Path, progress: bool) -> dic
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _status_bytes(key: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak() -> int | None:
+    """Reset the process's peak RSS to its current RSS (Linux: VmHWM via clear_refs); returns that RSS or None."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return None
+    return _status_bytes("VmRSS")
+
+
 def _peak_rss_bytes() -> int:
+    hwm = _status_bytes("VmHWM")
+    if hwm is not None:
+        return hwm
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB, macOS bytes
 
@@ -80,7 +111,9 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
     from seqlab.models import build_model
     from seqlab.train.trainer import make_optimizer
 
-    cfg = matched_config({"vocab_size": 256, **job["model"]}, job["mixer"], job["target_params"])
+    if job.get("threads"):
+        torch.set_num_threads(job["threads"])
+    cfg = matched_config({"vocab_size": 256, **job["model"]}, job["mixer"], job["target_params"], job.get("depth"))
     model = build_model(cfg, seed=job["seed"]).train()
     opt = make_optimizer(model, TrainConfig())
     gen = torch.Generator().manual_seed(job["seed"])
@@ -94,7 +127,7 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
         opt.step()
 
     step()  # warm-up: allocator, optimizer state
-    before = _peak_rss_bytes()
+    before = _reset_peak() or _peak_rss_bytes()
     times = []
     for _ in range(job["steps"]):
         t0 = time.perf_counter()

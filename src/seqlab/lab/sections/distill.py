@@ -1,0 +1,197 @@
+"""Distillation: how much of a Transformer teacher a recurrent student keeps, against the same student trained from
+scratch with the same budget, and what the student gains at inference.
+
+Cells: `teacher` trains the teacher (an attention model by default) on the task and saves it to its folder; one
+`student-<mixer>` cell per student runs `seqlab.distill.distill_and_compare` against that checkpoint: a student of
+the same width and depth takes the teacher's weights where shapes allow (attention maps onto GLA and Mamba
+mixers), is distilled on the teacher's next-token distributions, and its twin trains from scratch on the data with
+the same steps, batches and optimizer. Reported on the held-out data: each model's quality, the share of the
+teacher's quality kept, and the state bytes and median decode latency after `context` tokens, with the student's
+gain over the teacher (state bytes ratio, decode speed-up).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import matplotlib.pyplot as plt
+
+from seqlab.config import TrainConfig, _check_types, _positive, _Section
+from seqlab.errors import InputError
+from seqlab.lab import report
+from seqlab.lab.sections.quality import check_entry, split_task, task_label
+
+TITLE = "Distillation"
+
+
+@dataclass(frozen=True)
+class Config(_Section):
+    task: dict = field(default_factory=lambda: {"name": "corpus", "seq_len": 64, "eval": {"split": "validation"}})
+    teacher: dict = field(default_factory=lambda: {"mixer": "attention", "d_model": 64, "n_layers": 2,
+                                                   "attention": {"n_heads": 4}})
+    teacher_train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=300, batch_size=16))
+    students: tuple[str, ...] = ("gla", "mamba")  # student mixers, at the teacher's width and depth
+    student_model: dict = field(default_factory=dict)  # extra ModelConfig fields for the students
+    distill: dict = field(default_factory=lambda: {"temperature": 2.0, "ce_weight": 0.5})  # DistillConfig fields
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=150, batch_size=16))  # both students
+    context: int = 1024  # tokens before measuring state bytes and decode latency (0: skip)
+
+    def __post_init__(self) -> None:
+        _check_types(self, "distill.")
+        task_label(self.task)
+        if not self.students:
+            raise InputError("config field 'distill.students' is empty; list at least one student mixer")
+        for i, entry in enumerate(self.students):
+            if entry.startswith("recurrent_depth"):
+                raise InputError(f"config field 'distill.students[{i}]' = {entry!r}: a student is a language model "
+                                 "(a mixer or a hybrid such as 'gla+attention')")
+            check_entry("distill.", i, entry)
+        if self.context < 0:
+            raise InputError(f"config field 'distill.context' = {self.context}: must be >= 0")
+        self.distill_config()  # a bad loss setting is an error now, not after training the teacher
+
+    def distill_config(self, seed: int = 0):
+        from seqlab.distill import DistillConfig
+
+        return DistillConfig.from_dict({**self.distill, "train": self.train.replace(seed=seed).to_dict()})
+
+
+def plan(cfg: Config, lab: Any) -> list:
+    from seqlab.lab.sections import Cell
+
+    return [Cell("teacher", {"task": cfg.task, "model": cfg.teacher})] + [
+        Cell(f"student-{m}", {"task": cfg.task, "student": m}) for m in cfg.students]
+
+
+def _tasks(cfg: Config):
+    from seqlab.data import make_task
+
+    train_params, eval_params = split_task(cfg.task)
+    return make_task(cfg.task["name"], **train_params), make_task(cfg.task["name"], **eval_params)
+
+
+def student_config(cfg: Config, teacher_cfg: Any, mixer: str) -> dict:
+    """The student: the teacher's config with its mixers replaced, widths kept so the weight maps apply (GLA with
+    key and value widths equal to the attention width and the same heads)."""
+    from seqlab.lab.sections.quality import hybrid_layers
+
+    t = teacher_cfg.to_dict()
+    fields = {k: t[k] for k in ("vocab_size", "d_model", "n_layers", "mlp", "norm", "tie_embeddings", "attention")}
+    fields["layers"] = list(hybrid_layers(mixer, teacher_cfg.n_layers))
+    fields["gla"] = {"n_heads": teacher_cfg.attention.n_heads, "expand_k": 1.0, "expand_v": 1.0}
+    return {**fields, **cfg.student_model}
+
+
+def run(cell: Any, cfg: Config, lab: Any, cell_dir: Path, progress: bool) -> dict[str, Any]:
+    from seqlab.checkpoint import load, save
+    from seqlab.distill import distill_and_compare
+    from seqlab.lab.sections import run_dir
+    from seqlab.models import build_model
+    from seqlab.train import evaluate, fit
+
+    task, eval_task = _tasks(cfg)
+    if cell.id == "teacher":
+        model = build_model({"vocab_size": task.vocab_size, **cfg.teacher}, seed=lab.seed)
+        tc = cfg.teacher_train.replace(seed=lab.seed)
+        result = fit(model, task, tc, progress=progress, desc="distill/teacher")
+        test = evaluate(model, eval_task, tc.eval_batches, tc.batch_size, seed=lab.seed + 1)
+        save(model, cell_dir / "checkpoint", json_files={"train_config.json": tc.to_dict()})
+        return {"params": model.num_parameters(), "d_model": model.config.d_model, "train_eval": result["eval"],
+                "test": test, "train_seconds": result["seconds"],
+                "loss_curve": [[r["step"], r["loss"]] for r in result["history"]]}
+    ckpt = run_dir(cell_dir) / "cells" / "distill" / "teacher" / "checkpoint"
+    if not (ckpt / "model.safetensors").is_file():
+        raise RuntimeError(f"no teacher at '{ckpt}': the distill/teacher cell did not finish")
+    teacher = load(ckpt)
+    mixer = cell.spec["student"]
+    comp = distill_and_compare(teacher, student_config(cfg, teacher.config, mixer), task, cfg.distill_config(lab.seed),
+                               eval_task=eval_task, context=cfg.context, progress=progress)
+    save(comp.student, cell_dir / "student")
+    if comp.scratch is not None:
+        save(comp.scratch, cell_dir / "scratch")
+    rep = comp.report
+    transfer = rep["distilled"].pop("transfer")
+    rep["distilled"]["transfer"] = None if transfer is None else {
+        "fraction": transfer["fraction"], "copied": len(transfer["copied"]), "mapped": len(transfer["mapped"]),
+        "fresh": len(transfer["fresh"]), "notes": transfer["notes"]}
+    gain = None
+    if cfg.context:
+        t, s = rep["teacher"]["decode"], rep["distilled"]["decode"]
+        gain = {"state_bytes_ratio": t["state_bytes"] / max(s["state_bytes"], 1),
+                "decode_speedup": t["decode_ms"] / s["decode_ms"]}
+    return {"student": mixer, **rep, "gain": gain}
+
+
+def render(results: dict[str, Any], out: Path) -> report.Section:
+    sec = report.Section(TITLE)
+    cfg = results["config"]
+    cells = results["cells"]
+    teacher = next((c for c in cells if c["cell"] == "teacher" and "error" not in c), None)
+    students = [c for c in cells if c["cell"] != "teacher" and "error" not in c]
+    if teacher:
+        sec.p(f"Teacher: {cfg['teacher'].get('mixer', 'attention')}, d_model {teacher['d_model']}, "
+              f"{teacher['params']:,} parameters, trained {cfg['teacher_train']['steps']} steps on "
+              f"{task_label(cfg['task'])}. Each student has the teacher's width and depth with its mixers replaced, "
+              f"takes the teacher's weights where shapes allow, and is distilled for {cfg['train']['steps']} steps "
+              f"(temperature {cfg['distill'].get('temperature', 2.0):g}); its from-scratch twin trains the same "
+              f"steps on the data. Decode cost after {cfg['context']:,} tokens, batch 1.")
+    if students:
+        metric = students[0]["metric"]
+        label = "bits per byte" if metric == "bits_per_byte" else "accuracy"
+        headers = ["student", "model", "params", label, "kept of teacher", "state bytes", "decode (ms)"]
+        rows = []
+        for c in students:
+            for role in ("teacher", "distilled", "scratch"):
+                if role not in c:
+                    continue
+                r = c[role]
+                dec = r.get("decode") or {}
+                rows.append([c["student"], role if role != "teacher" else "teacher (" + "+".join(r["mixers"]) + ")",
+                             f"{r['params']:,}", f"{r['eval'][metric]:.3f}", f"{r['retained']:.3f}",
+                             f"{dec['state_bytes']:,}" if dec else "-", f"{dec['decode_ms']:.3f}" if dec else "-"])
+        sec.table(headers, rows)
+        if students[0].get("gain"):
+            sec.table(["student", "teacher state / student state", "decode speed-up over the teacher",
+                       "share of weights from the teacher"],
+                      [[c["student"], f"{c['gain']['state_bytes_ratio']:.1f}", f"{c['gain']['decode_speedup']:.2f}",
+                        f"{c['distilled']['transfer']['fraction']:.3f}" if c["distilled"].get("transfer") else "-"]
+                       for c in students if c.get("gain")])
+        path = "plots/distill.png"
+        _plot(students, metric, label, out / path)
+        best = max(students, key=lambda c: c["distilled"]["retained"])
+        vs = ("better than" if best["headline"]["distilled_better_than_scratch"] else "not better than")
+        sec.figure(path, f"Teacher, distilled student and from-scratch student ({label}, left) and their distillation "
+                         f"and training losses (right); the {best['student']} student keeps "
+                         f"{best['distilled']['retained']:.3f} of the teacher's quality against "
+                         f"{best['scratch']['retained']:.3f} from scratch, {vs} its twin"
+                         + (f", and decodes {best['gain']['decode_speedup']:.2f}x as fast as the teacher." if
+                            best.get("gain") else "."))
+    failed = [c for c in cells if "error" in c]
+    if failed:
+        sec.table(["cell", "error"], [[c["cell"], f"failed: {c['error']}"] for c in failed])
+    return sec
+
+
+def _plot(students: list[dict], metric: str, label: str, path: Path) -> None:
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.6))
+    names, values, colors = [], [], []
+    for c in students:
+        for role, color in (("teacher", "tab:gray"), ("distilled", "tab:blue"), ("scratch", "tab:orange")):
+            if role in c:
+                names.append(f"{c['student']}: {role}")
+                values.append(c[role]["eval"][metric])
+                colors.append(color)
+        for role, style in (("distilled", "-"), ("scratch", "--")):
+            hist = c.get(role, {}).get("history") or []
+            if hist:
+                ax2.plot([h["step"] for h in hist], [h["loss"] for h in hist], style, label=f"{c['student']} {role}")
+    ax1.barh(names, values, color=colors)
+    ax1.set_xlabel(label)
+    ax1.invert_yaxis()
+    ax2.set(xlabel="step", ylabel="loss (distilled: KL + CE; scratch: CE)")
+    ax2.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,189 @@
+"""Inference: what decoding costs as the context grows, the fixed recurrent state against the growing KV cache.
+
+Each cell profiles one mixer with `seqlab.infer.profile` (the engine behind `seqlab profile`): at every context it
+prefills that many random tokens in chunks, then decodes greedily one token at a time, and records the state's
+bytes (measured and by formula), the peak process memory above the warmed-up baseline, and the median decode
+latency. Every mixer is matched to the same parameter count (embedding excluded). The section's summary holds the
+crossover points: the context beyond which each mixer decodes faster than attention.
+
+`isolate: true` measures each (mixer, context) in a fresh process (clean peak memory, a second or two of start-up
+per point); `false` measures in the lab's process, where the peak is reset before each phase (Linux) and
+reported as growth over the baseline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import matplotlib.pyplot as plt
+
+from seqlab.config import _check_types, _positive, _Section
+from seqlab.errors import InputError
+from seqlab.lab import report
+from seqlab.lab.sections.quality import check_entry
+
+TITLE = "Inference"
+
+
+@dataclass(frozen=True)
+class Config(_Section):
+    mixers: tuple[str, ...] = ("attention", "sliding_attention", "lstm", "gru", "conv", "mamba", "gla")
+    contexts: tuple[int, ...] = (256, 1024, 4096)
+    params: int = 100_000  # target parameter count, embedding excluded
+    n_layers: int = 2
+    model: dict = field(default_factory=dict)  # other ModelConfig fields, e.g. {"attention": {"window": 64}}
+    batch: int = 1
+    chunk: int = 512  # prefill tokens per call
+    decode_steps: int = 32  # timed decode steps per point (after `warmup`)
+    warmup: int = 4
+    repeats: int = 1  # prefill timings per point (the median is reported)
+    isolate: bool = False
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        _check_types(self, "inference.")
+        _positive(self, "inference.", "params", "n_layers", "batch", "chunk", "decode_steps", "repeats")
+        if not self.mixers or not self.contexts:
+            raise InputError("config fields 'inference.mixers' and 'inference.contexts' must not be empty")
+        for i, entry in enumerate(self.mixers):
+            if entry.startswith("recurrent_depth"):
+                raise InputError(f"config field 'inference.mixers[{i}]' = {entry!r}: the profiler measures "
+                                 "language models (mixers and hybrids); recurrent depth is measured in 'thinking'")
+            check_entry("inference.", i, entry)
+        if any(c < 1 for c in self.contexts):
+            raise InputError(f"config field 'inference.contexts' = {list(self.contexts)}: every context must be >= 1")
+
+
+def plan(cfg: Config, lab: Any) -> list:
+    from seqlab.lab.sections import Cell
+
+    return [Cell(m, {"mixer": m}) for m in cfg.mixers]
+
+
+def profile_config(cfg: Config, mixer: str, lab: Any):
+    from seqlab.infer.profile import ProfileConfig
+
+    return ProfileConfig(mixers=(mixer,), contexts=tuple(sorted(cfg.contexts)), n_layers=cfg.n_layers,
+                         vocab_size=256, params=cfg.params, model=dict(cfg.model), batch=cfg.batch, chunk=cfg.chunk,
+                         decode_steps=cfg.decode_steps, warmup=cfg.warmup, repeats=cfg.repeats,
+                         threads=lab.threads, device=cfg.device, isolate=cfg.isolate, seed=lab.seed)
+
+
+def run(cell: Any, cfg: Config, lab: Any, cell_dir: Path, progress: bool) -> dict[str, Any]:
+    import json
+
+    from seqlab.infer.profile import run_profile
+
+    prof = run_profile(profile_config(cfg, cell.spec["mixer"], lab))
+    model = prof["models"][0]
+    (cell_dir / "model_config.json").write_text(json.dumps(model["config"], indent=2) + "\n")
+    points = []
+    for c in prof["cells"]:
+        if "error" not in c:
+            c = {**c, "peak_growth_bytes": max(c["peak_memory_bytes"] - c["baseline_memory_bytes"], 0)}
+        points.append(c)
+    if all("error" in c for c in points):
+        raise RuntimeError(f"every context failed; first error: {points[0]['error']}")
+    return {"mixer": cell.spec["mixer"], "params": model["params"], "d_model": model["d_model"],
+            "state_formula": model["state_formula"], "memory_method": prof["meta"]["memory_method"],
+            "points": points}
+
+
+def summarize(cells: list[dict], cfg: Config) -> dict[str, Any]:
+    """Crossovers against attention, and the ratios at the largest context that the report quotes."""
+    from seqlab.infer.profile import crossovers
+
+    points = [p for c in cells if "error" not in c for p in c["points"] if "error" not in p]
+    out: dict[str, Any] = {"crossover": crossovers(points)}
+    if points:
+        largest = max(p["context"] for p in points)
+        at = {p["mixer"]: p for p in points if p["context"] == largest}
+        out["largest_context"] = largest
+        out["at_largest"] = {m: {"state_bytes": p["state_bytes"], "decode_latency_s": p["decode_latency_s"]}
+                             for m, p in at.items()}
+        if "attention" in at:
+            base = at["attention"]
+            out["vs_attention_at_largest"] = {
+                m: {"state_ratio": base["state_bytes"] / max(p["state_bytes"], 1),
+                    "decode_speedup": base["decode_latency_s"] / p["decode_latency_s"]}
+                for m, p in at.items() if m != "attention"}
+    return out
+
+
+def render(results: dict[str, Any], out: Path) -> report.Section:
+    sec = report.Section(TITLE)
+    cfg = results["config"]
+    ok = [c for c in results["cells"] if "error" not in c]
+    method = ok[0]["memory_method"] if ok else "?"
+    sec.p(f"Each mixer at about {cfg['params']:,} parameters (embedding excluded), {cfg['n_layers']} layers, batch "
+          f"{cfg['batch']}: prefill the context in chunks of {cfg['chunk']}, then decode greedily; latency is the "
+          f"median of {cfg['decode_steps']} steps after {cfg['warmup']} warm-up steps. State bytes: what the state "
+          f"holds after the context (the KV cache for attention). Peak memory growth: the process's peak above its "
+          f"warmed-up baseline ({method}).")
+    headers = ["mixer", "params", "context", "state bytes", "formula bytes", "peak growth", "prefill tokens/s",
+               "decode (ms)"]
+    rows = []
+    for c in ok:
+        for p in c["points"]:
+            if "error" in p:
+                rows.append([c["mixer"], f"{c['params']:,}", str(p["context"]), f"failed: {p['error']}", "", "", "",
+                             ""])
+                continue
+            formula = "-" if p["state_bytes_formula"] is None else f"{p['state_bytes_formula']:,}"
+            rows.append([c["mixer"], f"{c['params']:,}", str(p["context"]), f"{p['state_bytes']:,}", formula,
+                         report.fmt_bytes(p["peak_growth_bytes"]), f"{p['prefill_tokens_per_s']:,.0f}",
+                         f"{1000 * p['decode_latency_s']:.3f}"])
+    sec.table(headers, rows + report.error_rows(results["cells"], len(headers)))
+    summary = results.get("summary") or {}
+    if summary.get("crossover"):
+        sec.p("Crossover: the context beyond which a mixer decodes faster than attention, interpolated on the "
+              "log-log latency curves between the two measured contexts that bracket it.")
+        xrows = []
+        for x in summary["crossover"]:
+            where = {"crosses": f"~{x['context']:,.0f} tokens" if x["context"] is not None else "",
+                     "faster_at_every_context": "faster at every context measured",
+                     "slower_at_largest_context": "slower at the largest context"}[x["status"]]
+            ratio = summary.get("vs_attention_at_largest", {}).get(x["mixer"], {})
+            xrows.append([x["mixer"], where, f"{x['speedup_at_largest_context']:.2f}",
+                          f"{ratio['state_ratio']:.1f}" if ratio else "-"])
+        sec.table(["mixer", "decodes faster than attention", "speed-up at the largest context",
+                   "attention state / this state at the largest context"], xrows)
+    points = [p for c in ok for p in c["points"] if "error" not in p]
+    if points:
+        path = "plots/inference.png"
+        _plot(points, out / path)
+        largest = summary.get("largest_context", max(p["context"] for p in points))
+        at = summary.get("at_largest", {})
+        if at:
+            fast = min(at, key=lambda m: at[m]["decode_latency_s"])
+            slow = max(at, key=lambda m: at[m]["decode_latency_s"])
+            big = max(at, key=lambda m: at[m]["state_bytes"])
+            small = min(at, key=lambda m: at[m]["state_bytes"])
+            caption = (f"State bytes, peak memory growth and decode latency against context (log-log); at "
+                       f"{largest:,} tokens {big} holds the largest state ({report.fmt_bytes(at[big]['state_bytes'])}) "
+                       f"and {small} the smallest ({report.fmt_bytes(at[small]['state_bytes'])}), and {fast} "
+                       f"decodes fastest ({1000 * at[fast]['decode_latency_s']:.3f} ms per token) while {slow} is "
+                       f"slowest ({1000 * at[slow]['decode_latency_s']:.3f} ms).")
+        else:
+            caption = "State bytes, peak memory growth and decode latency against context (log-log)."
+        sec.figure(path, caption)
+    return sec
+
+
+def _plot(points: list[dict], path: Path) -> None:
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    keys = (("state_bytes", "state (bytes)"), ("peak_growth_bytes", "peak memory growth (bytes)"),
+            ("decode_latency_s", "decode latency (s / token)"))
+    for mixer in dict.fromkeys(p["mixer"] for p in points):
+        mine = sorted((p for p in points if p["mixer"] == mixer), key=lambda p: p["context"])
+        for ax, (key, _) in zip(axes, keys):
+            ax.plot([p["context"] for p in mine], [max(p[key], 1e-9) for p in mine], marker="o", label=mixer)
+    for ax, (_, label) in zip(axes, keys):
+        ax.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel=label)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
