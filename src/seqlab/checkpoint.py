@@ -163,6 +163,11 @@ def load(path: str | Path, *, map_location: str | torch.device = "cpu"):
     cfg = load_config(path)
     weights = read_tensors(path)
     model = build_model(cfg)
+    quantized = "quantization.json" in _manifest(path)["sha256"]  # written by seqlab quantize
+    if quantized:
+        from seqlab.interop.quantize import apply_layout
+
+        model = apply_layout(model, read_json(path, "quantization.json"), f"checkpoint '{path}'")
     expected = model.state_dict()
     missing = sorted(set(expected) - set(weights))
     if missing:
@@ -176,5 +181,9 @@ def load(path: str | Path, *, map_location: str | torch.device = "cpu"):
         if t.shape != expected[name].shape:
             raise InputError(f"checkpoint '{path}': tensor '{name}' has shape {tuple(t.shape)} but config.json "
                              f"implies {tuple(expected[name].shape)}")
+    if quantized:
+        from seqlab.interop.quantize import check_dtypes
+
+        check_dtypes(model, weights, f"checkpoint '{path}'")
     model.load_state_dict(weights)
     return model.to(map_location)
