@@ -87,9 +87,12 @@ def test_quantized_model_exports_to_onnx(model, tmp_path):
     pytest.importorskip("onnxruntime", reason="onnxruntime is not installed: ONNX runtime checks skipped")
     from seqlab.interop.export import export_onnx, verify_onnx
 
-    q = quantize(seqlab.build_model(mixer="mamba", d_model=32, n_layers=1, vocab_size=16, seed=0).eval())
+    fp32 = seqlab.build_model(mixer="mamba", d_model=64, n_layers=1, vocab_size=16, seed=0).eval()
+    q = quantize(copy.deepcopy(fp32))
     info = export_onnx(q, tmp_path / "q.onnx", mode="step")
     assert verify_onnx(q, tmp_path / "q.onnx", info)["max_abs_diff_logits"] <= 1e-4
+    export_onnx(fp32, tmp_path / "f.onnx", mode="step")
+    assert (tmp_path / "q.onnx").stat().st_size < 0.5 * (tmp_path / "f.onnx").stat().st_size  # int8 kept in ONNX
 
 
 def test_bad_input(model, tmp_path, capsys):

@@ -17,7 +17,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "  inputs   tokens (B, T) int64, pos (1,) int64, state.{layer}.{field} ...\n"
                     "  outputs  logits (B, T, V), new_state.{layer}.{field} ...\n"
                     "--mode step has T = 1 (one decode step, state in, state out); --mode prefill has T = --length. "
-                    "The batch is dynamic. Attention layers carry a fixed-size cache of --cache-size positions. "
+                    "The batch is dynamic. Attention layers carry a fixed-size cache k, v (B, Hkv, S, hd) whose size S "
+                    "is also a dynamic axis. "
                     "A fresh sequence starts at pos 0 with an all-zero state. When onnxruntime is installed, the "
                     "graph is run on random tokens and compared with PyTorch (exit status 1 if they differ by more "
                     f"than {TOLERANCE:g}).",
@@ -27,8 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mode", default="step", help="step (T = 1, default) or prefill (T = --length)")
     p.add_argument("--length", type=int, default=64, help="tokens per call of the prefill graph (default 64)")
     p.add_argument("--cache-size", type=int, default=1024,
-                   help="positions in each attention layer's fixed cache: the longest context it decodes "
-                        "(default 1024)")
+                   help="attention cache slots to trace and check with (default 1024); the cache axis of the "
+                        "graph is dynamic: allocate it at the longest context you will decode")
     p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime comparison")
     p.add_argument("--json", action="store_true", help="print the graph's description (and the check) as JSON")
     p.set_defaults(func=run)

@@ -10,10 +10,11 @@ Both graphs have the same signature, so a runtime alternates between them freely
 then n % length step calls). The batch B is dynamic in both. A fresh sequence starts from pos = 0 and an all-zero
 state, which every mixer treats exactly as "no state".
 
-Attention gets a fixed-size cache: k, v (B, Hkv, S, hd) with S = `cache_size`; the T new keys are written at
+Attention gets a fixed-size cache: k, v (B, Hkv, S, hd), S slots; the T new keys are written at
 positions pos .. pos + T - 1 (a scatter) and a query at position p sees the slots <= p (and, for
-sliding_attention, >= p - W). The runtime must keep pos + T <= S. Sliding attention uses the same linear cache
-(so S bounds its context too). Every other mixer's step is its own forward from `seqlab.models` (conv window,
+sliding_attention, >= p - W). S is a dynamic axis like the batch: the runtime allocates the cache at the
+longest context it will decode (`cache_size` is only the size traced with) and must keep pos + T <= S. Sliding
+attention uses the same linear cache (so its memory grows with S; a ring buffer of W slots is not exported). Every other mixer's step is its own forward from `seqlab.models` (conv window,
 LSTM/GRU cells, Mamba's and GLA's O(1) updates), so nothing is re-implemented for them. In the prefill graph,
 Mamba's and GLA's scans run their sequential reference form (`impl="ref"`, unrolled over the graph's T steps):
 the chunked forms use ops the exporter cannot translate.
@@ -36,6 +37,7 @@ import torch
 from torch import nn
 
 from seqlab.errors import InputError
+from seqlab.interop.quantize import Int8Linear
 from seqlab.models.state import ModelState
 
 MODES = ("step", "prefill")
@@ -177,8 +179,8 @@ def export_onnx(model: nn.Module, out: str | Path, *, mode: str = "step", length
                 cache_size: int = 1024, batch: int = 2) -> dict[str, Any]:
     """Write the `mode` graph of `model` (see the module doc) to `out`; returns a description (names, shapes).
 
-    length: T of the prefill graph; cache_size: S, attention's fixed cache (also the longest context attention
-    layers can decode); batch: the example batch used to trace (the exported batch is dynamic).
+    length: T of the prefill graph; cache_size: S, attention's cache slots, and batch: the sizes traced with
+    (both axes are dynamic in the exported graph).
     """
     if mode not in MODES:
         raise InputError(f"mode {mode!r} is not supported; expected one of {', '.join(MODES)}")
@@ -199,8 +201,11 @@ def export_onnx(model: nn.Module, out: str | Path, *, mode: str = "step", length
     k = 0
     for name, fields in zip(model.config.layer_mixers, graph.layout):
         for _ in fields:
-            axes[in_names[2 + k]] = axes[out_names[1 + k]] = {_batch_axis(name): "batch"}
+            dims = {_batch_axis(name): "batch", **({2: "cache"} if name in _ATTENTION else {})}
+            axes[in_names[2 + k]] = axes[out_names[1 + k]] = dims
             k += 1
+    # int8 weights (seqlab quantize) stay int8 in the file: constant folding would store Cast(weight) as fp32
+    quantized = any(isinstance(m, Int8Linear) for m in model.modules())
     out = Path(out)
     if out.parent and not out.parent.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -208,11 +213,12 @@ def export_onnx(model: nn.Module, out: str | Path, *, mode: str = "step", length
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
         try:
             torch.onnx.export(graph, (tokens, pos, *state), str(out), input_names=in_names, output_names=out_names,
-                              dynamic_axes=axes, opset_version=OPSET, dynamo=False)
+                              dynamic_axes=axes, opset_version=OPSET, dynamo=False,
+                              do_constant_folding=not quantized)
         except TypeError as e:  # a torch without the TorchScript exporter
             raise InputError(f"this torch ({torch.__version__}) cannot export with the TorchScript exporter: {e}") \
                 from None
-    shapes = {n: ["batch" if d in axes[n] else size for d, size in enumerate(t.shape)]
+    shapes = {n: [axes[n].get(d, size) for d, size in enumerate(t.shape)]
               for n, t in zip(in_names[2:], state)}
     info = {"mode": mode, "length": T, "cache_size": cache_size, "inputs": in_names, "outputs": out_names,
             "state_shapes": shapes, "config": model.config.to_dict()}
@@ -261,19 +267,22 @@ def run_session(session, tokens: torch.Tensor, pos: int, state: list) -> tuple[A
     return logits, new_state
 
 
-def verify_onnx(model: nn.Module, path: str | Path, info: dict, *, batch: int = 3, seed: int = 0) -> dict:
+def verify_onnx(model: nn.Module, path: str | Path, info: dict, *, batch: int = 3, cache_size: int | None = None,
+                seed: int = 0) -> dict:
     """Run the exported graph in onnxruntime and the model in PyTorch on the same random tokens, from a fresh
     state and then from the state they reached (batch differs from the traced one, to check it is dynamic).
-    Returns the largest absolute differences of the logits and of the states."""
+    cache_size: attention's cache slots for the check (default: the traced size). Returns the largest absolute
+    differences of the logits and of the states."""
     session = onnx_session(path)
-    graph = ExportGraph(model.eval(), info["cache_size"])
+    cache_size = cache_size or info["cache_size"]
+    graph = ExportGraph(model.eval(), cache_size)
     T, V = info["length"], model.config.vocab_size
     g = torch.Generator().manual_seed(seed)
     ort_state: list = graph.zero_state(batch)
     torch_state: ModelState | None = None
     pos, logit_diff, state_diff = 0, 0.0, 0.0
     has_cache = any(m in _ATTENTION for m in model.config.layer_mixers)
-    calls = 2 if not has_cache or 2 * T <= info["cache_size"] else 1  # the second call continues from a state
+    calls = 2 if not has_cache or 2 * T <= cache_size else 1  # the second call continues from a state
     for _ in range(calls):
         tokens = torch.randint(0, V, (batch, T), generator=g)
         logits, ort_state = run_session(session, tokens, pos, ort_state)
