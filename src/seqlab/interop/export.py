@@ -14,10 +14,12 @@ Attention gets a fixed-size cache: k, v (B, Hkv, S, hd), S slots; the T new keys
 positions pos .. pos + T - 1 (a scatter) and a query at position p sees the slots <= p (and, for
 sliding_attention, >= p - W). S is a dynamic axis like the batch: the runtime allocates the cache at the
 longest context it will decode (`cache_size` is only the size traced with) and must keep pos + T <= S. Sliding
-attention uses the same linear cache (so its memory grows with S; a ring buffer of W slots is not exported). Every other mixer's step is its own forward from `seqlab.models` (conv window,
-LSTM/GRU cells, Mamba's and GLA's O(1) updates), so nothing is re-implemented for them. In the prefill graph,
-Mamba's and GLA's scans run their sequential reference form (`impl="ref"`, unrolled over the graph's T steps):
-the chunked forms use ops the exporter cannot translate.
+attention uses the same linear cache (so its memory grows with S; a ring buffer of W slots is not exported).
+
+Every other mixer's step is its own forward from `seqlab.models` (conv window, LSTM/GRU cells, Mamba's and GLA's
+O(1) updates), so nothing is re-implemented for them. In the prefill graph, Mamba's and GLA's scans run their
+sequential reference form (`impl="ref"`, unrolled over the graph's T steps): the chunked forms use ops the
+exporter cannot translate.
 
 The graphs are written with torch's TorchScript-based ONNX exporter (opset 17), which needs no extra package and
 exports a tiny model in about a second; `onnx` and `onnxruntime` (the `onnx` extra) are needed only to verify.
