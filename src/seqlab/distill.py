@@ -392,7 +392,7 @@ def distill(teacher: nn.Module, student: nn.Module, task: Task, cfg: DistillConf
 # inference cost
 
 
-def decode_cost(model: nn.Module, context: int, decode_steps: int = 32, short: int = 256, seed: int = 0) -> dict:
+def decode_cost(model: nn.Module, context: int, decode_steps: int = 64, short: int = 256, seed: int = 0) -> dict:
     """The student's inference advantage, from the profiler (`seqlab.infer.profile.measure_cell`, in this
     process, at batch 1): state bytes after `context` tokens and the median latency of one decode step there,
     plus the state bytes after min(`short`, context / 2) tokens: `constant_state` says whether they are equal.
