@@ -46,7 +46,7 @@ TASKS = {  # name -> (train task, held-out task, model overrides, train override
     "prefix_parity": ({"name": "prefix_parity", "seq_len": 32}, {"name": "prefix_parity", "seq_len": 32},
                       {"vocab_size": 2}, {"lr": 3e-3}),
     "corpus": ({"name": "corpus", "seq_len": 64}, {"name": "corpus", "seq_len": 64, "split": "test"},
-               {"vocab_size": 256}, {"lr": 3e-3}),
+               {"vocab_size": 256}, {"lr": 3e-3, "batch_size": 16}),
 }
 
 
@@ -59,8 +59,8 @@ def trajectories(name: str, args: argparse.Namespace, out_dir: Path) -> dict:
     cfg = ModelConfig.from_dict({"arch": "recurrent_depth", "mixer": args.core, "d_model": 32, "mlp": "gelu",
                                  "sandwich_norm": True, "depth": DEPTH, **model_o})
     model = build_model(cfg, seed=args.seed)
-    tc = TrainConfig(steps=args.depth_steps, batch_size=32, warmup_steps=max(1, args.depth_steps // 20),
-                     seed=args.seed, eval_batches=4, log_every=max(1, args.depth_steps // 10), **train_o)
+    tc = TrainConfig(**{"steps": args.depth_steps, "batch_size": 32, "warmup_steps": max(1, args.depth_steps // 20),
+                        "seed": args.seed, "eval_batches": 8, "log_every": max(1, args.depth_steps // 10), **train_o})
     t0 = time.perf_counter()
     fit_result = fit(model, task_of(train_p), tc, progress=False, eval_task=task_of(test_p))
     train_seconds = time.perf_counter() - t0
@@ -109,11 +109,11 @@ def gradflow(args: argparse.Namespace, out_dir: Path) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--core", default="conv", help="the recurrent-depth model's mixer (default conv)")
-    p.add_argument("--depth-steps", type=int, default=300, help="training steps of each recurrent-depth model")
+    p.add_argument("--depth-steps", type=int, default=200, help="training steps of each recurrent-depth model")
     p.add_argument("--analysis-steps", type=int, default=32, help="core steps captured per token")
     p.add_argument("--rows", type=int, default=8, help="held-out rows analysed per task")
     p.add_argument("--mixers", default="attention,lstm,gru,conv,mamba,gla")
-    p.add_argument("--gradflow-steps", type=int, default=150)
+    p.add_argument("--gradflow-steps", type=int, default=100)
     p.add_argument("--gradflow-len", type=int, default=64)
     p.add_argument("--gradflow-batches", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
@@ -137,7 +137,7 @@ def main() -> int:
     args.out.write_text(json.dumps(result, indent=2) + "\n")
 
     print()
-    print("| task | eval | fixed_point | orbit | slider | other | steps to converge (median) | Spearman(converge, loss) |")
+    print("| task | eval | fixed_point | orbit | slider | other | converge steps (median) | Spearman(converge, loss) |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for name, t in result["trajectories"].items():
         s, ev = t["summary"], t["eval"]

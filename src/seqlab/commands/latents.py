@@ -139,10 +139,9 @@ def run(args: argparse.Namespace) -> int:
 
 def gradflow_section(models: dict, args: argparse.Namespace, plots_dir: Path) -> dict:
     import torch
+    from tqdm.auto import tqdm
 
     from seqlab.analysis.gradflow import gradient_flow, plot_gradient_flow
-
-    from tqdm.auto import tqdm
 
     curves = {}
     for path, m in tqdm(models.items(), desc="gradient flow", disable=args.json, leave=False):
