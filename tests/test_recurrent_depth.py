@@ -91,6 +91,22 @@ def test_blocks_use_sandwich_norm_by_default_which_bounds_each_step():
     assert isinstance(plain.core[0].post_norm1, torch.nn.Identity) and core_growth(plain) > 10
 
 
+def test_init_adapter_sums_state_and_input_and_blocks_start_near_identity():
+    model, x = rd("conv", residual_gain=0.25), tokens()
+    e, _ = model.prelude[0](model.embed(x))
+    s = torch.randn_like(e)
+    torch.testing.assert_close(model.adapter(torch.cat([s, e], dim=-1)), (s + e) / math.sqrt(2), atol=1e-6, rtol=0)
+    gains = [n.weight for b in (*model.prelude, *model.core, *model.coda) for n in (b.post_norm1, b.post_norm2)]
+    assert all(torch.equal(g, torch.full_like(g, 0.25)) for g in gains)
+    # after many steps at init the latent of a token still depends on that token's input
+    with torch.no_grad():
+        out = model.think(x, steps=16, trajectory=True)
+        other = model.think(torch.where(x == 0, 1, 0), steps=16, trajectory=True)
+    assert (out.trajectory[-1] - other.trajectory[-1]).norm(dim=-1).min() > 1.0
+    with pytest.raises(seqlab.InputError, match="depth.residual_gain' = -1"):
+        rd(residual_gain=-1)
+
+
 def test_r_steps_equal_the_loop_unrolled_by_hand():
     model, x = rd("attention"), tokens()
     model.train()  # gradients too: with r == k nothing is truncated

@@ -253,13 +253,14 @@ class RecurrentDepthConfig(_Section):
     exit_threshold: float = 5e-4
     kv_slots: int | None = None  # None: one core state per iteration; N: iteration i reuses slot i mod N
     warm_start: bool = False  # a token's s_0 is the previous token's final latent ("continuous thought")
+    residual_gain: float = 0.2  # initial gain of the blocks' sandwich post-norms: blocks start near the identity
 
     def __post_init__(self) -> None:
         _check_types(self, "depth.")
         _positive(self, "depth.", "core", "mean_steps", "sigma", "backprop_steps", "test_steps", "kv_slots")
         _choice("depth.", "sampler", self.sampler, ("poisson_lognormal", "progressive", "fixed"))
         _choice("depth.", "exit", self.exit, ("none", "kl", "latent"))
-        for name in ("prelude", "coda", "init_scale", "exit_threshold"):
+        for name in ("prelude", "coda", "init_scale", "exit_threshold", "residual_gain"):
             if getattr(self, name) < 0:
                 raise InputError(f"config field 'depth.{name}' = {getattr(self, name)!r}: must be >= 0")
         if self.sampler == "fixed" and (self.mean_steps != int(self.mean_steps)):

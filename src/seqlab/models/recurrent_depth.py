@@ -103,7 +103,14 @@ class RecurrentDepthModel(nn.Module):
 
     def reset_parameters(self) -> None:
         """As `LanguageModel`: N(0, init_std), output projections scaled by 1 / sqrt(2 * real blocks), then each
-        mixer's own init."""
+        mixer's own init. Then two choices that make the loop trainable from the start:
+
+        - the adapter starts as (s + e) / sqrt(2) (identity blocks [I, I] / sqrt(2)): a random N(0, init_std)
+          adapter would shrink the re-injected input ~10x below the unit-scale block outputs, so that after a few
+          steps the latent no longer says which token it belongs to;
+        - the sandwich post-norms start at gain `depth.residual_gain` (< 1): every block then starts close to the
+          identity instead of adding a unit-scale random term per block and per step.
+        """
         std = self.config.init_std
         for name, module in self.named_modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -114,6 +121,12 @@ class RecurrentDepthModel(nn.Module):
         for block in (*self.prelude, *self.core, *self.coda):
             if hasattr(block.mixer, "reset_parameters"):
                 block.mixer.reset_parameters()
+            for norm in (block.post_norm1, block.post_norm2):
+                if getattr(norm, "weight", None) is not None:  # sandwich norm on (Identity otherwise)
+                    nn.init.constant_(norm.weight, self.config.depth.residual_gain)
+        with torch.no_grad():
+            eye = torch.eye(self.config.d_model)
+            self.adapter.weight.copy_(torch.cat([eye, eye], dim=1) / math.sqrt(2))  # (D, 2D): [s, e] -> (s + e) / sqrt 2
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
