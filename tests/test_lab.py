@@ -177,10 +177,12 @@ def test_resume_skips_finished_cells_and_retries_failed_ones(lab_run, tmp_path, 
     quality = SECTIONS["quality"]
     real = quality.run
     monkeypatch.setattr(quality, "run", lambda cell, *a: calls.append(cell.id) or real(cell, *a))
+    monkeypatch.setattr("seqlab.lab.runner.build_report", lambda results, out: None)  # tested elsewhere; slow
     assert main(["lab", "--out", str(run), "--resume", "--only", "quality", "--no-progress"]) == 0
     assert calls == ["mqar/gru"]
     results = json.loads((run / "results.json").read_text())
     assert len(results["sections"]["quality"]["cells"]) == 8
+    assert list(results["sections"]) == list(SECTIONS)  # a resumed --only run keeps the other sections
 
 
 def test_a_failing_cell_is_recorded_and_the_rest_goes_on(tmp_path, capsys, monkeypatch):
@@ -231,6 +233,13 @@ def test_presets_load_and_cover_every_section():
         assert any("+" in m for m in cfg.quality.mixers)  # a hybrid
         assert {"mqar", "induction", "copy", "corpus"} <= {t["name"] for t in cfg.quality.tasks}
         assert any("seq_len" in t.get("eval", {}) for t in cfg.quality.tasks if t["name"] == "induction")
+
+
+def test_show_config_prints_an_editable_preset(tmp_path, capsys):
+    assert main(["lab", "--preset", "standard", "--show-config"]) == 0
+    path = tmp_path / "mine.json"
+    path.write_text(capsys.readouterr().out)
+    assert LabConfig.load(path) == load_preset("standard")
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="headless Chromium is not installed "

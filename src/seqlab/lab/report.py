@@ -137,10 +137,19 @@ def build_report(results: dict[str, Any], out: str | Path) -> tuple[Path, Path]:
 
     out = Path(out)
     (out / "plots").mkdir(parents=True, exist_ok=True)
-    sections = []
+    sections, glance = [], []
     for name, section in SECTIONS.items():
         if name in results.get("sections", {}):
-            sections.append(section.render(results["sections"][name], out))
+            rendered = section.render(results["sections"][name], out)
+            sections.append(rendered)
+            line = section.highlight(results["sections"][name]) if hasattr(section, "highlight") else None
+            if line:
+                glance.append(f"{rendered.title}: {line}")
+    if glance:
+        summary = Section("At a glance")
+        for line in glance:
+            summary.p(line)
+        sections.insert(0, summary)
     title = f"seqlab lab report: preset {results['meta']['preset']}"
     note = header_note(results["meta"])
     md, page = out / "report.md", out / "report.html"

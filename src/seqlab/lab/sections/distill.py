@@ -195,3 +195,19 @@ def _plot(students: list[dict], metric: str, label: str, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def highlight(results: dict[str, Any]) -> str | None:
+    students = [c for c in results["cells"] if c["cell"] != "teacher" and "error" not in c]
+    if not students:
+        return None
+    parts = []
+    for c in students:
+        text = (f"the distilled {c['student']} student keeps {c['distilled']['retained']:.3f} of the teacher's "
+                f"quality ({c['scratch']['retained']:.3f} from scratch)" if "scratch" in c else
+                f"the distilled {c['student']} student keeps {c['distilled']['retained']:.3f} of the teacher's quality")
+        if c.get("gain"):
+            text += (f" with a {c['gain']['state_bytes_ratio']:.1f}x smaller state and "
+                     f"{c['gain']['decode_speedup']:.2f}x the decode speed")
+        parts.append(text)
+    return "; ".join(parts)[0].upper() + "; ".join(parts)[1:] + "."

@@ -187,3 +187,20 @@ def _plot(points: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def highlight(results: dict[str, Any]) -> str | None:
+    summary = results.get("summary") or {}
+    at, vs = summary.get("at_largest"), summary.get("vs_attention_at_largest")
+    if not at or not vs:
+        return None
+    fast = max(vs, key=lambda m: vs[m]["decode_speedup"])
+    small = max(vs, key=lambda m: vs[m]["state_ratio"])
+    crossing = [x for x in summary["crossover"] if x["status"] == "crosses"]
+    text = (f"At {summary['largest_context']:,} tokens of context, {small}'s state is "
+            f"{vs[small]['state_ratio']:.1f}x smaller than attention's KV cache and {fast} decodes "
+            f"{vs[fast]['decode_speedup']:.2f}x as fast as attention")
+    if crossing:
+        first = min(crossing, key=lambda x: x["context"])
+        text += f"; {first['mixer']} overtakes attention first, at ~{first['context']:,.0f} tokens"
+    return text + "."

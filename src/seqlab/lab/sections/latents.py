@@ -86,7 +86,7 @@ def run(cell: Any, cfg: Config, lab: Any, cell_dir: Path, progress: bool) -> dic
     return {
         "model_source": source, "task": task_label(lab.thinking.task), "seq_len": task.seq_len,
         "steps": res["steps"], "rows": res["rows"], "positions": res["positions"], "d_model": res["d_model"],
-        "pca": res["pca"], "rules": res["rules"], "summary": res["summary"], "mean_loss": res["mean_loss"],
+        "pca": {**res["pca"], "explained_first_two": sum(res["pca"]["explained_ratio"][:2])}, "rules": res["rules"], "summary": res["summary"], "mean_loss": res["mean_loss"],
         "labels": list(LABELS), "chosen": res["chosen"],
         "z_shape": list(z.shape), "z": _round(z, cfg.digits),
         "distance_shape": list(dist.shape), "distance": _round(dist, cfg.digits),
@@ -139,3 +139,13 @@ def render(results: dict[str, Any], out: Path) -> report.Section:
                    f"Share of each trajectory class (left) and steps to converge against token loss for fixed points "
                    f"(right); the most common class is {top} at {s['shares'][top]:.1%} of tokens.")
     return sec
+
+
+def highlight(results: dict[str, Any]) -> str | None:
+    c = next((c for c in results["cells"] if "error" not in c), None)
+    if c is None:
+        return None
+    shares = c["summary"]["shares"]
+    return (f"Over {c['steps']} core steps, " + ", ".join(f"{shares[k]:.1%} {k.replace('_', ' ')}s" if k != "other"
+                                                        else f"{shares[k]:.1%} other" for k in c["labels"])
+            + f"; PC1-PC2 explain {c['pca']['explained_first_two']:.1%} of the latent variance.")

@@ -166,6 +166,13 @@ def render(results: dict[str, Any], out: Path) -> report.Section:
             "test length where it differs from the training length.")
     cells = results["cells"]
     tasks = list(dict.fromkeys(task_label(c["spec"]["task"]) for c in cells))
+    ok = [c for c in cells if "error" not in c]
+    if len(tasks) > 1 and ok:  # at a glance: one row per mixer, one column per task
+        heads = {t: headline(t, [c for c in ok if c["task"] == t]) for t in tasks}
+        by = {(c["mixer"], c["task"]): c for c in ok}
+        sec.table(["mixer"] + [f"{t}: {heads[t][1]}" for t in tasks],
+                  [[m] + [f"{by[(m, t)]['test'][heads[t][0]]:.3f}" if (m, t) in by else "failed" for t in tasks]
+                   for m in dict.fromkeys(c["spec"]["mixer"] for c in cells)])
     for task in tasks:
         mine = [c for c in cells if task_label(c["spec"]["task"]) == task]
         rows_ok = [c for c in mine if "error" not in c]
@@ -181,10 +188,12 @@ def render(results: dict[str, Any], out: Path) -> report.Section:
         if rows_ok:
             best = (max if higher else min)(rows_ok, key=lambda c: c["test"][key])
             worst = (min if higher else max)(rows_ok, key=lambda c: c["test"][key])
+            ties = [c["mixer"] for c in rows_ok if f"{c['test'][key]:.3f}" == f"{best['test'][key]:.3f}"]
+            who = best["mixer"] + " is" if len(ties) == 1 else ", ".join(ties) + " tie as"
             path = f"plots/quality-{task}.png"
             _plot(task, rows_ok, key, label, out / path)
-            sec.figure(path, f"{task}: {label} per mixer (left) and training loss (right); {best['mixer']} is best "
-                             f"at {best['test'][key]:.3f}, {worst['mixer']} worst at {worst['test'][key]:.3f}.")
+            sec.figure(path, f"{task}: {label} per mixer (left) and training loss (right); {who} best at "
+                             f"{best['test'][key]:.3f}, {worst['mixer']} worst at {worst['test'][key]:.3f}.")
     return sec
 
 
@@ -204,3 +213,15 @@ def _plot(task: str, cells: list[dict], key: str, label: str, path: Path) -> Non
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def highlight(results: dict[str, Any]) -> str | None:
+    """One sentence for the report's summary: the best mixer per task."""
+    ok = [c for c in results["cells"] if "error" not in c]
+    parts = []
+    for task in dict.fromkeys(c["task"] for c in ok):
+        mine = [c for c in ok if c["task"] == task]
+        key, label, higher = headline(task, mine)
+        best = (max if higher else min)(mine, key=lambda c: c["test"][key])
+        parts.append(f"{task} {best['mixer']} ({label.replace(' (test)', '')} {best['test'][key]:.3f})")
+    return "Best per task: " + "; ".join(parts) + "." if parts else None

@@ -171,3 +171,15 @@ def _plot(scaling: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def highlight(results: dict[str, Any]) -> str | None:
+    scaling = next((c for c in results["cells"] if c["cell"] == "scaling" and "error" not in c), None)
+    if scaling is None:
+        return None
+    first = scaling["fixed"][0]
+    cheapest = min(scaling["exit_sweep"], key=lambda s: s["mean_steps_used"])
+    return (f"The recurrent-depth model's accuracy is {first['accuracy']:.3f} at r = {first['steps']} and "
+            f"{scaling['best_accuracy']:.3f} at its best r = {scaling['best_steps']}; adaptive exit "
+            f"({scaling['exit']['criterion']} < {cheapest['threshold']:g}) spends {cheapest['mean_steps_used']:.2f} "
+            f"steps per token for {cheapest['accuracy']:.3f}.")

@@ -177,5 +177,15 @@ def _plot(cells: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def highlight(results: dict[str, Any]) -> str | None:
+    ok = [c for c in results["cells"] if "error" not in c]
+    if not ok:
+        return None
+    longest = max(c["seq_len"] for c in ok)
+    at = sorted((c for c in ok if c["seq_len"] == longest), key=lambda c: -c["tokens_per_s"])
+    return (f"At length {longest}, {at[0]['mixer']} trains fastest ({at[0]['tokens_per_s']:,.0f} tokens/s) and "
+            f"{at[-1]['mixer']} slowest ({at[-1]['tokens_per_s']:,.0f} tokens/s).")
+
+
 if __name__ == "__main__":
     print(json.dumps(worker(json.loads(sys.argv[1]))))
