@@ -140,9 +140,13 @@ def build_report(results: dict[str, Any], out: str | Path) -> tuple[Path, Path]:
     sections, glance = [], []
     for name, section in SECTIONS.items():
         if name in results.get("sections", {}):
-            rendered = section.render(results["sections"][name], out)
+            try:
+                rendered = section.render(results["sections"][name], out)
+                line = section.highlight(results["sections"][name]) if hasattr(section, "highlight") else None
+            except Exception as e:  # one section's broken results must not cost the others their report
+                rendered, line = Section(getattr(section, "TITLE", name)), None
+                rendered.p(f"This section's report could not be drawn from results.json: {type(e).__name__}: {e}")
             sections.append(rendered)
-            line = section.highlight(results["sections"][name]) if hasattr(section, "highlight") else None
             if line:
                 glance.append(f"{rendered.title}: {line}")
     if glance:

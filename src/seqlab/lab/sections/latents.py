@@ -135,9 +135,11 @@ def render(results: dict[str, Any], out: Path) -> report.Section:
         converge = torch.tensor(c["converge_step"] or [-1])
         loss = torch.tensor(c["token_loss"] or [0.0])
         plot_classes(s, converge, loss if c["token_loss"] else None, out / "plots" / "latents-classes.png")
+        has_scatter = bool(c["token_loss"]) and any(x >= 0 for x in c["converge_step"])
         sec.figure("plots/latents-classes.png",
-                   f"Share of each trajectory class (left) and steps to converge against token loss for fixed points "
-                   f"(right); the most common class is {top} at {s['shares'][top]:.1%} of tokens.")
+                   ("Share of each trajectory class (left) and steps to converge against token loss for fixed points "
+                    "(right)" if has_scatter else "Share of each trajectory class")
+                   + f"; the most common class is {top} at {s['shares'][top]:.1%} of tokens.")
     return sec
 
 
