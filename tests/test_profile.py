@@ -50,6 +50,7 @@ def test_profile_json_has_every_documented_field(profile):
         assert "error" not in c, c
         assert set(c) == set(CELL_FIELDS)
         assert c["decode_latency_p10_s"] <= c["decode_latency_s"] <= c["decode_latency_p90_s"]
+        assert 0 <= c["decode_cpu_s"] and 0 <= c["prefill_cpu_seconds"]
         assert c["decode_steps"] == 3 and 1 <= c["prefill_repeats"] <= 2 and c["prefill_chunk"] == 16
         assert c["prefill_tokens_per_s"] == pytest.approx(c["context"] / c["prefill_seconds"])
         assert c["peak_memory_bytes"] == max(c["peak_memory_prefill_bytes"], c["peak_memory_decode_bytes"]) > 0

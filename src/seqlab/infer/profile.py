@@ -9,7 +9,8 @@ else the process's ru_maxrss); on a GPU `torch.cuda.max_memory_allocated`.
 
 Timings are medians: prefill over `repeats` runs (a single run once one takes longer than `long_prefill_s`; the
 cell says how many), decode over `decode_steps` steps after `warmup` steps. Decode latency is one model call on one
-new token plus the argmax.
+new token plus the argmax. Each timing is taken twice: wall clock (the latency a user sees) and CPU time of the
+process, which other processes competing for the cores stretch far less: on a shared machine, compare CPU times.
 
 The crossover of a mixer is the context beyond which it decodes faster than `attention`: interpolated on the
 log-log curves between the two measured contexts where the sign of (its latency - attention's) last changes.
@@ -65,10 +66,13 @@ CELL_FIELDS = {
     "peak_memory_decode_bytes": "peak process memory during decode",
     "peak_memory_bytes": "the larger of the two peaks",
     "prefill_seconds": "median time to prefill the context",
+    "prefill_cpu_seconds": "median CPU time of the process (all threads) to prefill the context",
     "prefill_tokens_per_s": "batch x context / prefill_seconds",
     "prefill_repeats": "prefill runs the median is over",
     "prefill_chunk": "tokens per prefill call",
     "decode_latency_s": "median seconds per decoded token (one step)",
+    "decode_cpu_s": "median CPU seconds of the process (all threads) per step: unlike the wall-clock latency, "
+                    "barely stretched by other processes competing for the cores",
     "decode_latency_p10_s": "10th percentile of the step time",
     "decode_latency_p90_s": "90th percentile of the step time",
     "decode_steps": "timed decode steps (after the warmup steps)",
@@ -310,12 +314,14 @@ def measure_cell(spec: dict[str, Any]) -> dict[str, Any]:
 
     mem.reset_peak()
     times: list[float] = []
+    cpu_times: list[float] = []
     for r in range(spec["repeats"]):
         logits = state = None  # the previous run's cache is freed here (reference counting), before timing
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         logits, state = _prefill(model, context, batch, chunk, warmup + steps, spec["seed"] + r, device)
         _sync(device)
         times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - c0)
         if times[-1] > spec["long_prefill_s"]:
             break
     peak_prefill = mem.peak()
@@ -323,14 +329,15 @@ def measure_cell(spec: dict[str, Any]) -> dict[str, Any]:
 
     mem.reset_peak()
     token = logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
-    step_times = []
+    step_times, step_cpu = [], []
     for i in range(warmup + steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         logits, state = model(token, state)
         token = logits[:, -1].argmax(-1, keepdim=True)
         _sync(device)
         if i >= warmup:
             step_times.append(time.perf_counter() - t0)
+            step_cpu.append(time.process_time() - c0)
     peak_decode = mem.peak()
 
     step_times.sort()
@@ -344,9 +351,11 @@ def measure_cell(spec: dict[str, Any]) -> dict[str, Any]:
         "state_allocated_bytes": allocated, "baseline_memory_bytes": baseline,
         "peak_memory_prefill_bytes": peak_prefill, "peak_memory_decode_bytes": peak_decode,
         "peak_memory_bytes": max(peak_prefill, peak_decode), "prefill_seconds": prefill_s,
+        "prefill_cpu_seconds": statistics.median(cpu_times),
         "prefill_tokens_per_s": batch * context / prefill_s, "prefill_repeats": len(times), "prefill_chunk": chunk,
         "decode_latency_s": latency, "decode_latency_p10_s": step_times[int(0.1 * (len(step_times) - 1))],
         "decode_latency_p90_s": step_times[int(0.9 * (len(step_times) - 1))], "decode_steps": steps,
+        "decode_cpu_s": statistics.median(step_cpu),
         "decode_tokens_per_s": batch / latency, "seconds": time.perf_counter() - cell_start,
         "memory_method": mem.method,
     }
@@ -541,7 +550,7 @@ def plot_profile(results: dict[str, Any], out: str | Path) -> list[Path]:
 def format_table(results: dict[str, Any]) -> str:
     """The profile as a text table, plus the crossovers."""
     lines = [f"{'mixer':<18} {'params':>9} {'context':>8} {'state B':>12} {'formula B':>12} {'peak MiB':>9} "
-             f"{'prefill tok/s':>13} {'decode ms':>10}"]
+             f"{'prefill tok/s':>13} {'decode ms':>10} {'cpu ms':>8}"]
     for c in results["cells"]:
         if "error" in c:
             lines.append(f"{c['mixer']:<18} {'':>9} {c['context']:>8}  error: {c['error']}")
@@ -549,7 +558,7 @@ def format_table(results: dict[str, Any]) -> str:
         formula = "-" if c["state_bytes_formula"] is None else f"{c['state_bytes_formula']:,}"
         lines.append(f"{c['mixer']:<18} {c['params']:>9,} {c['context']:>8} {c['state_bytes']:>12,} {formula:>12} "
                      f"{c['peak_memory_bytes'] / 2**20:>9.1f} {c['prefill_tokens_per_s']:>13,.0f} "
-                     f"{c['decode_latency_s'] * 1e3:>10.3f}")
+                     f"{c['decode_latency_s'] * 1e3:>10.3f} {c['decode_cpu_s'] * 1e3:>8.3f}")
     for x in results["crossover"]:
         if x["status"] == "crosses":
             where = (f"decodes faster than attention beyond ~{x['context']:,.0f} tokens (between "
@@ -561,9 +570,9 @@ def format_table(results: dict[str, Any]) -> str:
         lines.append(f"{x['mixer']}: {where}; {x['speedup_at_largest_context']:.2f}x attention's speed at the "
                      f"largest context")
     cfg = results["config"]
-    lines.append(f"decode latency: median of {cfg['decode_steps']} steps after {cfg['warmup']} warmup steps; "
-                 f"prefill: median of up to {cfg['repeats']} runs in chunks of {cfg['chunk']}; memory: "
-                 f"{results['meta']['memory_method']}")
+    lines.append(f"decode ms: wall clock, cpu ms: CPU time of the process, each the median of {cfg['decode_steps']} "
+                 f"steps after {cfg['warmup']} warmup steps; prefill: median of up to {cfg['repeats']} runs in chunks "
+                 f"of {cfg['chunk']}; memory: {results['meta']['memory_method']}")
     return "\n".join(lines)
 
 

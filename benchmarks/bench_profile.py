@@ -1,0 +1,259 @@
+"""The fixed recurrent state against the growing KV cache, measured; and seqlab's decoding against transformers'.
+
+    PYTHONPATH=src python benchmarks/bench_profile.py             # the full run, ~15 minutes on 2 busy cores
+    PYTHONPATH=src python benchmarks/bench_profile.py --quick     # tiny contexts and steps, a smoke run
+    PYTHONPATH=src python benchmarks/bench_profile.py --skip hf   # only the profile (or --skip profile)
+
+1. Profile (`seqlab.infer.profile.run_profile`, what `seqlab profile` runs): every mixer (attention,
+   sliding_attention, lstm, gru, conv, mamba, gla) at the non-embedding parameter count of a 2-layer d_model 64
+   attention model, contexts 256 to 65,536; sliding attention with a 1,024-token window. Each (mixer, context) cell
+   runs in a fresh process at one thread: chunked prefill (1,024 tokens per call, carrying the state), then greedy
+   decoding one token at a time; state bytes from `state.nbytes` beside the analytical formula, peak RSS per phase,
+   prefill tokens/s (median of up to 3 runs, 1 once a run takes over 5 s), per-token decode latency (median of
+   --decode-steps steps after 16 warm-up steps), each in wall-clock and in CPU time of the process. Targets checked
+   and saved: every recurrent mixer's decode latency at the largest context within 10% of that at the smallest (wall
+   clock, and CPU time, which competing processes on a shared machine stretch far less); attention's state bytes
+   equal to the formula exactly at every context; sliding attention's state bytes flat beyond its window. Plots:
+   benchmarks/results/profile/.
+2. seqlab vs transformers (`hf`, needs `pip install -e .[hf]`): greedy decoding at batch 1 on CPU of a GPT-2 model
+   and of a Mamba model with the same small sizes (d_model 128, 2 layers, vocab 256), random weights, imported into
+   seqlab with `seqlab.from_hf` so both run the very same weights (the tokens are compared). Throughput is
+   end-to-end generation: `seqlab.generate` against `transformers`' `model.generate(do_sample=False)`, an 8-token
+   prompt and --hf-new-tokens new tokens, tokens/s = new tokens / wall time, median over --hf-repeats rounds in which
+   the two run alternately (so machine load hits both alike); the CPU time of the process is recorded beside the
+   wall time. The per-step model call alone (no generation loop) is timed the same way and reported beside it.
+   Target: seqlab at least 3x transformers' tokens/s for both.
+The load average before and after is saved so a reader can tell a quiet run from a busy one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import seqlab
+from seqlab.infer.profile import ProfileConfig, format_table, run_profile
+
+MIXERS = ("attention", "sliding_attention", "lstm", "gru", "conv", "mamba", "gla")
+RECURRENT = ("lstm", "gru", "conv", "mamba", "gla")
+
+
+def profile_section(args) -> dict:
+    cfg = ProfileConfig(mixers=MIXERS, contexts=args.contexts, d_model=args.d_model, n_layers=args.layers,
+                        vocab_size=256, model={"attention": {"window": args.window}}, chunk=args.chunk,
+                        decode_steps=args.decode_steps, warmup=16, repeats=3, threads=1, isolate=True,
+                        timeout_s=1500)
+    results = run_profile(cfg, plot_dir=args.plots, progress=True)
+    print(format_table(results), flush=True)
+    cells = {(c["mixer"], c["context"]): c for c in results["cells"] if "error" not in c}
+    lo, hi = min(args.contexts), max(args.contexts)
+    latency = {}
+    for m in RECURRENT:
+        if (m, lo) in cells and (m, hi) in cells:
+            a, b = cells[(m, lo)], cells[(m, hi)]
+            wall, cpu = b["decode_latency_s"] / a["decode_latency_s"], b["decode_cpu_s"] / a["decode_cpu_s"]
+            latency[m] = {"latency_lo_s": a["decode_latency_s"], "latency_hi_s": b["decode_latency_s"],
+                          "ratio": wall, "met": abs(wall - 1) <= 0.10, "cpu_lo_s": a["decode_cpu_s"],
+                          "cpu_hi_s": b["decode_cpu_s"], "cpu_ratio": cpu, "cpu_met": abs(cpu - 1) <= 0.10}
+    attention_exact = [cells[("attention", t)]["state_bytes"] == cells[("attention", t)]["state_bytes_formula"]
+                       for t in args.contexts if ("attention", t) in cells]
+    beyond = [cells[("sliding_attention", t)]["state_bytes"] for t in args.contexts
+              if t >= args.window and ("sliding_attention", t) in cells]
+    targets = {
+        "recurrent_decode_latency_within_10pct": {
+            "contexts": [lo, hi], "per_mixer": latency,
+            "met": bool(latency) and all(v["met"] for v in latency.values()),  # wall clock
+            "cpu_met": bool(latency) and all(v["cpu_met"] for v in latency.values()),  # CPU time per step
+        },
+        "attention_state_bytes_equal_formula": {"contexts_checked": len(attention_exact),
+                                                "met": bool(attention_exact) and all(attention_exact)},
+        "sliding_attention_flat_beyond_window": {"window": args.window, "state_bytes_beyond_window": beyond,
+                                                 "met": len(beyond) >= 2 and len(set(beyond)) == 1},
+    }
+    for m, v in latency.items():
+        print(f"target: {m:5s} decode latency at {hi:,} / at {lo:,}: wall {v['ratio']:.3f} "
+              f"({'within' if v['met'] else 'NOT within'} 10%), CPU time {v['cpu_ratio']:.3f} "
+              f"({'within' if v['cpu_met'] else 'NOT within'} 10%)")
+    print(f"target: attention state bytes == formula at {len(attention_exact)} contexts: "
+          f"{targets['attention_state_bytes_equal_formula']['met']}")
+    print(f"target: sliding attention flat beyond its window ({args.window}): {beyond} -> "
+          f"{targets['sliding_attention_flat_beyond_window']['met']}", flush=True)
+    results["targets"] = targets
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# seqlab vs transformers
+
+
+def hf_models(d_model: int, layers: int, vocab: int):
+    """{name: (transformers model, seqlab model with the same weights)} for a GPT-2 and a Mamba config."""
+    from transformers import GPT2Config, GPT2LMHeadModel, MambaConfig, MambaForCausalLM
+
+    configs = {
+        "gpt2": (GPT2LMHeadModel, GPT2Config(vocab_size=vocab, n_positions=1024, n_embd=d_model, n_layer=layers,
+                                             n_head=4, bos_token_id=0, eos_token_id=0)),
+        "mamba": (MambaForCausalLM, MambaConfig(vocab_size=vocab, hidden_size=d_model, num_hidden_layers=layers,
+                                                state_size=16, expand=2, conv_kernel=4, bos_token_id=0,
+                                                eos_token_id=0, pad_token_id=0)),
+    }
+    out = {}
+    for name, (cls, cfg) in configs.items():
+        torch.manual_seed(0)
+        hf = cls(cfg).eval()
+        with tempfile.TemporaryDirectory() as tmp:
+            hf.save_pretrained(tmp)
+            ours = seqlab.from_hf(tmp)
+        assert ours.num_parameters() == sum(p.numel() for p in hf.parameters()), name  # the same sizes
+        out[name] = (hf, ours)
+    return out
+
+
+def hf_generate(hf, prompt: torch.Tensor, n: int) -> torch.Tensor:
+    with torch.inference_mode():
+        out = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
+                          do_sample=False, use_cache=True, pad_token_id=0)
+    return out
+
+
+def hf_step(hf, name: str):
+    """One decode step of a transformers model with its cache: (token (1, 1), cache) -> (logits, cache)."""
+    def step(tok, cache, pos):
+        if name == "mamba":
+            out = hf(tok, cache_params=cache, use_cache=True, cache_position=torch.tensor([pos]))
+            return out.logits, out.cache_params
+        out = hf(tok, past_key_values=cache, use_cache=True)
+        return out.logits, out.past_key_values
+    return step
+
+
+def hf_prefill(hf, name: str, prompt: torch.Tensor):
+    out = hf(prompt, use_cache=True)
+    return out.logits, (out.cache_params if name == "mamba" else out.past_key_values)
+
+
+@torch.inference_mode()
+def step_latency(hf, ours, name: str, prompt: torch.Tensor, steps: int, warmup: int = 8) -> dict[str, float]:
+    """Median seconds per model call on one new token, the two models alternating token by token."""
+    hl, hc = hf_prefill(hf, name, prompt)
+    sl, ss = ours(prompt)
+    pos = prompt.shape[1]
+    ht, st = [], []
+    htok, stok = hl[:, -1:].argmax(-1), sl[:, -1:].argmax(-1)
+    step = hf_step(hf, name)
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        hl, hc = step(htok, hc, pos)
+        htok = hl[:, -1:].argmax(-1)
+        t1 = time.perf_counter()
+        sl, ss = ours(stok, ss)
+        stok = sl[:, -1:].argmax(-1)
+        t2 = time.perf_counter()
+        pos += 1
+        if i >= warmup:
+            ht.append(t1 - t0)
+            st.append(t2 - t1)
+    return {"transformers": statistics.median(ht), "seqlab": statistics.median(st)}
+
+
+def hf_section(args) -> dict | None:
+    try:
+        import transformers
+        transformers.logging.set_verbosity_error()
+    except ImportError:
+        print("hf: transformers is not installed (pip install -e .[hf]); skipped")
+        return None
+    models = hf_models(args.hf_d_model, args.hf_layers, 256)
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(1, 256, (1, 8), generator=gen)
+    n = args.hf_new_tokens
+    out = {"transformers": transformers.__version__, "d_model": args.hf_d_model, "layers": args.hf_layers,
+           "vocab_size": 256, "prompt_tokens": prompt.shape[1], "new_tokens": n, "repeats": args.hf_repeats,
+           "models": {}}
+    for name, (hf, ours) in models.items():
+        a, b = hf_generate(hf, prompt, n), seqlab.generate(ours, prompt, n)  # warm-up, and the same tokens?
+        agree = int((a[0, prompt.shape[1]:] == b[0, prompt.shape[1]:]).sum())
+        runs = {"transformers": lambda hf=hf: hf_generate(hf, prompt, n),
+                "seqlab": lambda ours=ours: seqlab.generate(ours, prompt, n)}
+        times = {k: [] for k in runs}
+        cpu = {k: [] for k in runs}
+        for _ in range(args.hf_repeats):
+            for k, run in runs.items():
+                t0, c0 = time.perf_counter(), time.process_time()
+                run()
+                times[k].append(time.perf_counter() - t0)
+                cpu[k].append(time.process_time() - c0)
+        tps = {k: n / statistics.median(v) for k, v in times.items()}
+        cpu_tps = {k: n / statistics.median(v) for k, v in cpu.items()}
+        steps = step_latency(hf, ours, name, prompt, args.hf_steps)
+        entry = {
+            "parameters": ours.num_parameters(), "tokens_agree": agree,
+            "generate_tokens_per_s": tps, "generate_seconds": times,
+            "generate_ratio": tps["seqlab"] / tps["transformers"],
+            "generate_cpu_tokens_per_s": cpu_tps, "generate_cpu_seconds": cpu,
+            "generate_cpu_ratio": cpu_tps["seqlab"] / cpu_tps["transformers"],
+            "step_latency_s": steps, "step_steps": args.hf_steps,
+            "step_ratio": steps["transformers"] / steps["seqlab"],
+        }
+        entry["met_3x"] = entry["generate_ratio"] >= 3.0
+        out["models"][name] = entry
+        print(f"hf {name:5s} ({entry['parameters']:,} params): generate seqlab {tps['seqlab']:,.0f} tokens/s, "
+              f"transformers {tps['transformers']:,.0f} tokens/s -> {entry['generate_ratio']:.2f}x "
+              f"({'meets' if entry['met_3x'] else 'misses'} 3x); per CPU second {cpu_tps['seqlab']:,.0f} vs "
+              f"{cpu_tps['transformers']:,.0f} -> {entry['generate_cpu_ratio']:.2f}x; model step alone "
+              f"{steps['seqlab'] * 1e3:.3f} vs {steps['transformers'] * 1e3:.3f} ms -> {entry['step_ratio']:.2f}x; "
+              f"greedy tokens agree {agree}/{n}", flush=True)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="benchmarks/results/profile.json", help="JSON file to write")
+    p.add_argument("--plots", default="benchmarks/results/profile", help="folder for the plots")
+    p.add_argument("--quick", action="store_true", help="tiny contexts, few steps: a smoke run")
+    p.add_argument("--skip", default="", help="comma-separated sections to skip: profile, hf")
+    p.add_argument("--contexts", default="256,1024,4096,16384,65536")
+    p.add_argument("--d-model", type=int, default=64)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--window", type=int, default=1024, help="sliding attention window")
+    p.add_argument("--chunk", type=int, default=1024, help="prefill chunk")
+    p.add_argument("--decode-steps", type=int, default=200)
+    p.add_argument("--hf-d-model", type=int, default=128)
+    p.add_argument("--hf-layers", type=int, default=2)
+    p.add_argument("--hf-new-tokens", type=int, default=128)
+    p.add_argument("--hf-repeats", type=int, default=7)
+    p.add_argument("--hf-steps", type=int, default=200)
+    args = p.parse_args(argv)
+    args.contexts = tuple(int(c) for c in args.contexts.split(","))
+    if args.quick:
+        args.contexts, args.window, args.chunk, args.decode_steps = (64, 256), 128, 64, 16
+        args.hf_new_tokens, args.hf_repeats, args.hf_steps = 16, 2, 16
+        args.out, args.plots = "/tmp/bench_profile_quick.json", "/tmp/bench_profile_quick"
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    os.environ["OMP_NUM_THREADS"] = "1"  # the cells' processes inherit it
+    torch.set_num_threads(1)
+    start, load_before = time.perf_counter(), os.getloadavg()
+    result = {"command": " ".join(["python", *sys.argv]), "load_before": load_before, "torch_threads": 1}
+    if "profile" not in skip:
+        result["profile"] = profile_section(args)
+    if "hf" not in skip:
+        result["hf"] = hf_section(args)
+    result.update(load_after=os.getloadavg(), seconds=time.perf_counter() - start)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out} in {result['seconds']:.0f} s (load average {load_before[0]:.1f} -> "
+          f"{result['load_after'][0]:.1f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
