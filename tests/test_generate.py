@@ -162,3 +162,34 @@ def test_cli_stats_and_batch_json(checkpoint, capsys):
 def test_cli_stream_takes_one_prompt(checkpoint, capsys):
     assert main(["generate", str(checkpoint), "--tokens", "1", "--tokens", "2", "--stream"]) == 2
     assert "--stream" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mixer", ["attention", "mamba"])
+def test_cached_generation_feeds_each_token_once_under_inference_mode(mixer):
+    """No recomputation: one parallel call for the prompt, then one call per new token holding only that token,
+    under inference mode, and the KV cache reserved once (never reallocated while decoding)."""
+    model = tiny(mixer)
+    calls = []
+
+    def record(module, args):
+        tokens, state = args[0], args[1] if len(args) > 1 else None
+        buffers = None if state is None else [getattr(s, "buffer", None) for s in state.layers]
+        calls.append((tuple(tokens.shape), torch.is_inference_mode_enabled(), buffers))
+
+    handle = model.register_forward_pre_hook(record)
+    try:
+        out = seqlab.generate(model, torch.randint(0, 37, (2, 6)), max_new_tokens=12)
+    finally:
+        handle.remove()
+    assert out.shape == (2, 18)
+    assert [c[0] for c in calls] == [(2, 6)] + [(2, 1)] * 11  # the last token is sampled, never fed
+    assert all(c[1] for c in calls)
+    if mixer == "attention":
+        assert all(c[2] == calls[1][2] and c[2][0] is not None for c in calls[1:])  # one buffer for the whole run
+    uncached = []
+    handle = model.register_forward_pre_hook(lambda m, a: uncached.append(a[0].shape[1]))
+    try:
+        assert torch.equal(seqlab.generate(model, out[:, :6], max_new_tokens=12, use_cache=False), out)
+    finally:
+        handle.remove()
+    assert uncached == list(range(6, 18))  # the reference re-runs the whole prefix every time
