@@ -8,7 +8,7 @@ Glossary (code name -- paper symbol -- meaning)
                             fp64 inputs)
     scale                   query scale, dk ** -0.5 by default
     b(s, t]                 log-decay from step s to step t: g_{s+1} + ... + g_t (<= 0)
-    T, c                    chunk size and secondary (sub-)chunk size
+    T, P                    chunk size, and T rounded up to a power of two
 
 Recurrence, per head:
     S_t = diag(exp g_t) S_{t-1} + k_t^T v_t          (k_t^T v_t is the (dk, dv) outer product)
@@ -22,14 +22,14 @@ Three entry points:
 Return convention: the scans ALWAYS return a tuple `(o, final_state_or_None)`.
 
 Limits, honestly:
-- Eager PyTorch, no fused kernel. The diagonal sub-blocks need a (c, c, dk) tensor per sub-chunk (the decay differs
-  per key dimension, so no matmul form exists there); that, not the matmuls, dominates the time on CPU.
-- g must be <= 0 (a log-sigmoid). Every exponent the chunked form takes is then a difference b_t - b_s with s <= t,
-  so <= 0: nothing overflows. With g > 0 the recurrence itself grows and that guarantee is gone. Values are not
-  checked (that would force a device sync).
-- Memory and time of the chunked form grow with the sub-chunk size c (the (c, c, dk) tensor) and with the number of
-  sub-chunks per chunk (the (T/c, T/c, c, dk) middle-factor tensor); chunk_size 16 with c = 8 is the CPU optimum
-  measured by benchmarks/bench_scans.py.
+- Eager PyTorch, no fused kernel. The decay differs per key dimension, so pairs inside a chunk have no plain
+  matmul form; they are split by halving (see `_gla_chunked`): log2(chunk) levels of elementwise work the size of
+  q, then small matrix products. That elementwise work, not the matmuls, dominates the time on CPU.
+- g must be <= 0 (a log-sigmoid). Every exponent the chunked form takes is then a sum of g over a range, so <= 0:
+  nothing overflows. With g > 0 the recurrence itself grows and that guarantee is gone. Values are not checked
+  (that would force a device sync).
+- A chunk is rounded up to a power of two internally (neutral steps), so a chunk_size that is not a power of two
+  costs up to twice the intra-chunk work. 16 is the CPU optimum measured by benchmarks/bench_scans.py.
 """
 
 from __future__ import annotations
@@ -42,10 +42,9 @@ import torch.nn.functional as F
 from seqlab.errors import InputError
 
 IMPLS = ("ref", "chunked")
-SUB_CHUNK = 8  # secondary chunk size c (c = gcd(T, SUB_CHUNK)); the (c, c, dk) diagonal blocks grow with it
 
 
-def gla(q, k, v, g, initial_state=None, return_final_state=False, impl="chunked", chunk_size=64, scale=None):
+def gla(q, k, v, g, initial_state=None, return_final_state=False, impl="chunked", chunk_size=16, scale=None):
     """Gated linear attention over a whole sequence.
 
     Args:
@@ -76,7 +75,7 @@ def gla(q, k, v, g, initial_state=None, return_final_state=False, impl="chunked"
     return o.to(q.dtype), (S if return_final_state else None)
 
 
-def gla_ref(q, k, v, g, initial_state=None, return_final_state=False, impl="ref", chunk_size=64, scale=None):
+def gla_ref(q, k, v, g, initial_state=None, return_final_state=False, impl="ref", chunk_size=16, scale=None):
     """The reference twin of `gla`: same signature, impl fixed to "ref" (chunk_size is unused).
 
     A plain loop over time, one `gla_step` per step, state in fp32:
@@ -133,82 +132,76 @@ def _gla_loop(q, k, v, g, S0):
 
 
 def _gla_chunked(q, k, v, g, S0, chunk_size):
-    """Chunkwise-parallel GLA (the paper's two-level form). Write b(s, t] = g_{s+1} + ... + g_t (<= 0) for the
-    log-decay from step s to step t. Then, for step t of a chunk that starts with state S_start:
+    """Chunkwise-parallel GLA. Write b(s, t] = g_{s+1} + ... + g_t (<= 0) for the log-decay from step s to step t.
+    For step t of a chunk that starts with state S_start:
 
-        o_t = (q_t * exp b(start, t]) S_start                                       from earlier chunks: matmul
-            + sum_{s <= t in the chunk} (sum_i q_ti k_si exp b_i(s, t]) v_s             inside the chunk
+        o_t = (q_t * exp b(start, t]) S_start                                     from earlier chunks: a matmul
+            + (q_t . k_t) v_t                                                     the step itself (no decay)
+            + sum_{s < t in the chunk} (sum_i q_ti k_si exp b_i(s, t]) v_s       earlier steps of the chunk
 
     Across chunks the state moves in nc sequential steps: S_end = diag(exp b(start, end]) S_start
-    + (k * exp b(s, end])^T v. Inside a chunk of T steps, cut into sub-chunks of c: a pair (t, s) in different
-    sub-chunks i > j factors through the sub-chunk boundaries,
-        b(s, t] = b(s, end of j] + b(end of j, start of i] + b(start of i, t],
-    so those blocks are matmuls of (q * exp(.)) and (k * exp(.)) with a per-pair middle factor; pairs inside one
-    sub-chunk use a (c, c, dk) tensor of b(s, t] directly.
+    + (k * exp b(s, end])^T v. Inside a chunk (its length rounded up to a power of two P with neutral steps),
+    the pairs s < t are split by halving: at level h (h = 1, 2, 4, ..., P/2) the chunk is cut into blocks of 2h
+    steps, and every pair with s in the lower half and t in the upper half of a block factors through the
+    boundary m between the halves, b(s, t] = b(s, m] + b(m, t], so its scores are one matrix product
+        (q_t * exp b(m, t]) (k_s * exp b(s, m])^T       (h x h per block; no mask: every such pair has s < t).
+    Each pair s < t is counted at exactly one level (the one whose boundary first separates them): log2(P)
+    levels of elementwise work the size of q, instead of a (P, P, dk) tensor of pairwise decays.
 
-    Numerical safety: every exponent is b(s, t] with s <= t, i.e. <= 0, so nothing overflows, and masked pairs
-    (s > t) are set to -inf BEFORE exp: exact zeros with zero gradient (no inf * 0). Precision: every b(s, t] is
-    summed over exactly its range (0/1 matmuls), never taken as a difference of two cumulative sums, which would
-    lose ~|cumsum| * 1e-7 in fp32 and wreck pairs that sit after a very strong decay.
+    Numerical safety: every exponent is a sum of g over a range, <= 0, so nothing overflows and nothing is ever
+    divided by a decay. Precision: each range sum is a cumulative sum over exactly that range (within a half
+    block or a chunk), never a difference of two cumulative sums, which would lose ~|cumsum| * 1e-7 in fp32 and
+    wreck pairs that sit after a very strong decay.
     """
     Bn, H, L, dk = q.shape
     dv = v.shape[-1]
     T = min(chunk_size, L)
-    c = math.gcd(T, SUB_CHUNK)
-    nc, ns = -(-L // T), T // c
-    pad = nc * T - L
-    if pad:  # padded steps: g = 0 (no decay) and k = v = 0 (no input) carry the state unchanged
-        q, k, v, g = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v, g))
-    q, k, g = (t.reshape(Bn, H, nc, ns, c, dk) for t in (q, k, g))
-    v = v.reshape(Bn, H, nc, ns, c, dv)
-    m = _range_masks(c, ns, g.dtype, g.device)
-
-    # log-decays as range sums, all <= 0
-    b_in = m["upto"] @ g  # (B, H, nc, ns, c, dk): b(start of sub-chunk, t]
-    b_out = m["after"] @ g  # b(s, end of sub-chunk]
-    tot = g.sum(-2)  # (B, H, nc, ns, dk): b over each whole sub-chunk
-    b_chunk_in = b_in + (m["before_i"] @ tot)[..., None, :]  # b(start of chunk, t]
-    b_chunk_out = b_out + (m["after_i"] @ tot)[..., None, :]  # b(s, end of chunk]
+    nc = -(-L // T)
+    P = 1 << (T - 1).bit_length()  # T rounded up to a power of two
+    if nc * T > L:  # padded steps: g = 0 (no decay) and q = k = v = 0 (no input) carry the state unchanged
+        q, k, v, g = (F.pad(t, (0, 0, 0, nc * T - L)) for t in (q, k, v, g))
+    q, k, v, g = (t.reshape(Bn, H, nc, T, t.shape[-1]) for t in (q, k, v, g))
+    if P > T:  # neutral steps at the end of every chunk
+        q, k, v, g = (F.pad(t, (0, 0, 0, P - T)) for t in (q, k, v, g))
 
     # across chunks: nc sequential steps on (dk, dv) states
-    kv = (k * torch.exp(b_chunk_out)).reshape(Bn, H, nc, T, dk)
-    dS = kv.transpose(-1, -2) @ v.reshape(Bn, H, nc, T, dv)  # (B, H, nc, dk, dv)
+    b_in = g.cumsum(-2)  # (B, H, nc, P, dk): b(start of chunk, t]
+    dS = (k * torch.exp(_after(g))).transpose(-1, -2) @ v  # (B, H, nc, dk, dv); exponent b(s, end of chunk]
     S = S0 if S0 is not None else q.new_zeros(Bn, H, dk, dv)
     starts = []
-    for decay_c, dS_c in zip(torch.exp(tot.sum(-2)).unbind(2), dS.unbind(2)):
+    for decay_c, dS_c in zip(torch.exp(b_in[..., -1, :]).unbind(2), dS.unbind(2)):
         starts.append(S)
         S = decay_c[..., None] * S + dS_c
-    o = (q * torch.exp(b_chunk_in)).reshape(Bn, H, nc, T, dk) @ torch.stack(starts, 2)  # (B, H, nc, T, dv)
+    o = (q * torch.exp(b_in)) @ torch.stack(starts, 2)  # (B, H, nc, P, dv)
 
-    # inside a chunk, same sub-chunk: (c, c, dk) log-decays b(s, t], -inf above the diagonal
-    e = (m["seg"] @ g).view(Bn, H, nc, ns, c, c, dk).masked_fill(~m["lower"][..., None], float("-inf"))
-    A = torch.linalg.vecdot(q[..., :, None, :] * torch.exp(e), k[..., None, :, :])  # (B, H, nc, ns, c, c)
-    if ns == 1:
-        o_in = A @ v  # (B, H, nc, 1, c, dv)
-    else:  # earlier sub-chunks j < i, through the boundaries: middle factor b(end of j, start of i], -inf if j >= i
-        mid = (m["between"] @ tot).view(Bn, H, nc, ns, ns, dk).masked_fill(~m["earlier"][..., None], float("-inf"))
-        qi = (q * torch.exp(b_in))[..., :, None, :, :] * torch.exp(mid)[..., None, :]  # (.., ns_i, ns_j, c, dk)
-        kj = (k * torch.exp(b_out))[..., None, :, :, :]  # (.., 1, ns_j, c, dk)
-        A = qi @ kj.transpose(-1, -2) + A[..., :, None, :, :] * m["eye"]  # (.., ns_i, ns_j, c_t, c_s)
-        A = A.transpose(-3, -2).reshape(Bn, H, nc, T, T)  # rows (i, t), columns (j, s)
-        o_in = A @ v.reshape(Bn, H, nc, T, dv)
-    o = o + o_in.reshape(Bn, H, nc, T, dv)
-    return o.reshape(Bn, H, nc * T, dv)[:, :, :L], S
+    # inside a chunk: the step itself, then the pairs s < t level by level
+    o = o + (q * k).sum(-1, keepdim=True) * v
+    h = 1
+    while h < P:
+        blocks = (Bn, H, nc, P // (2 * h), 2, h)  # (..., block, half, step in half)
+        q_up = q.view(*blocks, dk)[..., 1, :, :]
+        g_lo, g_up = g.view(*blocks, dk).unbind(-3)
+        k_lo, v_lo = k.view(*blocks, dk)[..., 0, :, :], v.view(*blocks, dv)[..., 0, :, :]
+        q_up = q_up * torch.exp(g_up.cumsum(-2))  # exponent b(m, t]
+        k_lo = k_lo * torch.exp(_after(g_lo))  # exponent b(s, m]
+        if h <= 2:  # tiny blocks: elementwise beats a batch of tiny matrix products
+            scores = (q_up[..., :, None, :] * k_lo[..., None, :, :]).sum(-1)  # (..., block, h, h)
+            o_up = (scores[..., None] * v_lo[..., None, :, :]).sum(-2)
+        else:
+            o_up = (q_up @ k_lo.transpose(-1, -2)) @ v_lo  # (..., block, h, dv)
+        o.view(*blocks, dv)[..., 1, :, :] += o_up  # in place: no zero-padded copy per level
+        h *= 2
+    return o[..., :T, :].reshape(Bn, H, nc * T, dv)[:, :, :L], S
 
 
-def _range_masks(c, ns, dtype, device):
-    """0/1 matrices that sum g over index ranges by matmul (a sum of terms <= 0: no cancellation), and masks."""
-    i = torch.arange(c, device=device)
-    t, s = i[:, None], i[None, :]
-    j = torch.arange(ns, device=device)
-    ii, jj = j[:, None], j[None, :]
-    seg = (i[None, None, :] > s[..., None]) & (i[None, None, :] <= t[..., None])  # [t, s, r]: s < r <= t
-    mid = (j[None, None, :] > jj[..., None]) & (j[None, None, :] < ii[..., None])  # [i, j, m]: j < m < i
-    f = {"upto": t >= s, "after": s > t, "before_i": jj < ii, "after_i": jj > ii,
-         "seg": seg.reshape(c * c, c), "between": mid.reshape(ns * ns, ns)}
-    out = {name: mask.to(dtype) for name, mask in f.items()}
-    out.update(lower=t >= s, earlier=jj < ii, eye=torch.eye(ns, dtype=dtype, device=device)[:, :, None, None])
-    return out
+def _after(g):
+    """b(s, end] = g_{s+1} + ... + g_end along dim -2, accumulated from the end: every range summed exactly (no
+    difference of cumulative sums) and no flipped copies."""
+    parts, acc = [], torch.zeros_like(g[..., -1, :])
+    for g_r in reversed(g.unbind(-2)):
+        parts.append(acc)
+        acc = acc + g_r
+    return torch.stack(parts[::-1], -2)
 
 
 def _expect(where, name, t, shape):
