@@ -121,7 +121,9 @@ def render(results: dict[str, Any], out: Path) -> report.Section:
           f"{cfg['batch']}: prefill the context in chunks of {cfg['chunk']}, then decode greedily; latency is the "
           f"median of {cfg['decode_steps']} steps after {cfg['warmup']} warm-up steps. State bytes: what the state "
           f"holds after the context (the KV cache for attention). Peak memory growth: the process's peak above its "
-          f"warmed-up baseline ({method}).")
+          f"warmed-up baseline ({method})."
+          + ("" if cfg["isolate"] else " Measured in the lab's process, where memory freed by earlier cells is "
+             "reused, so small states may show no growth; `isolate: true` (the standard preset) gives clean peaks."))
     headers = ["mixer", "params", "context", "state bytes", "formula bytes", "peak growth", "prefill tokens/s",
                "decode (ms)"]
     rows = []

@@ -138,16 +138,22 @@ def render(results: dict[str, Any], out: Path) -> report.Section:
                    for s in scaling["exit_sweep"]])
         path = "plots/thinking.png"
         _plot(scaling, out / path)
-        first = scaling["fixed"][0]
         cheapest = min(scaling["exit_sweep"], key=lambda s: s["mean_steps_used"])
         sec.figure(path, f"Accuracy against test-time steps r (left) and adaptive exit's mean steps against "
-                         f"accuracy (right): accuracy goes from {first['accuracy']:.3f} at r = {first['steps']} to "
-                         f"{scaling['best_accuracy']:.3f} at its best (r = {scaling['best_steps']}), and the loosest "
-                         f"exit threshold ({cheapest['threshold']:g}) spends {cheapest['mean_steps_used']:.2f} steps "
-                         f"per token for {cheapest['accuracy']:.3f}.")
+                         f"accuracy (right): {_curve_words(scaling)}; the loosest exit threshold "
+                         f"({cheapest['threshold']:g}) spends {cheapest['mean_steps_used']:.2f} steps per token for "
+                         f"{cheapest['accuracy']:.3f}.")
     if failed:
         sec.table(["cell", "error"], [[c["cell"], f"failed: {c['error']}"] for c in failed])
     return sec
+
+
+def _curve_words(scaling: dict) -> str:
+    """How accuracy moves with r, in words: at r = 1, and the highest and lowest r values reach."""
+    fixed = scaling["fixed"]
+    first, hi, lo = fixed[0], max(fixed, key=lambda r: r["accuracy"]), min(fixed, key=lambda r: r["accuracy"])
+    return (f"accuracy is {first['accuracy']:.3f} at r = {first['steps']}, highest at r = {hi['steps']} "
+            f"({hi['accuracy']:.3f}) and lowest at r = {lo['steps']} ({lo['accuracy']:.3f})")
 
 
 def _plot(scaling: dict, path: Path) -> None:
@@ -177,9 +183,7 @@ def highlight(results: dict[str, Any]) -> str | None:
     scaling = next((c for c in results["cells"] if c["cell"] == "scaling" and "error" not in c), None)
     if scaling is None:
         return None
-    first = scaling["fixed"][0]
     cheapest = min(scaling["exit_sweep"], key=lambda s: s["mean_steps_used"])
-    return (f"The recurrent-depth model's accuracy is {first['accuracy']:.3f} at r = {first['steps']} and "
-            f"{scaling['best_accuracy']:.3f} at its best r = {scaling['best_steps']}; adaptive exit "
-            f"({scaling['exit']['criterion']} < {cheapest['threshold']:g}) spends {cheapest['mean_steps_used']:.2f} "
-            f"steps per token for {cheapest['accuracy']:.3f}.")
+    return (f"The recurrent-depth model's {_curve_words(scaling)}; adaptive exit ({scaling['exit']['criterion']} < "
+            f"{cheapest['threshold']:g}) spends {cheapest['mean_steps_used']:.2f} steps per token for "
+            f"{cheapest['accuracy']:.3f}.")

@@ -137,16 +137,19 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
     return {"mixer": job["mixer"], "seq_len": job["seq_len"], "params": model.num_parameters(),
             "d_model": cfg.d_model, "step_seconds_median": median, "repeats": job["steps"],
             "tokens_per_s": job["batch_size"] * job["seq_len"] / median,
-            "peak_rss_bytes": _peak_rss_bytes(), "peak_growth_bytes": _peak_rss_bytes() - before}
+            "peak_rss_bytes": _peak_rss_bytes(), "peak_growth_bytes": max(_peak_rss_bytes() - before, 0)}
 
 
 def render(results: dict[str, Any], out: Path) -> report.Section:
     sec = report.Section(TITLE)
     cfg = results["config"]
     ok = [c for c in results["cells"] if "error" not in c]
+    where = ("each cell in a fresh process" if cfg.get("fresh_process", True) else
+             "in the lab's process (the peak is reset before each cell's timed steps; memory the allocator freed "
+             "earlier is reused, so small models may show no growth)")
     sec.p(f"One training step (forward, backward, AdamW) at batch {cfg['batch_size']}, median of {cfg['steps']} "
-          "timed steps after a warm-up, each cell in a fresh process. Peak growth: how much the process's peak "
-          "resident memory rose during the timed steps.")
+          f"timed steps after a warm-up, {where}. Peak growth: how much the process's peak resident memory rose "
+          "during the timed steps.")
     headers = ["mixer", "seq len", "params", "step (ms)", "tokens/s", "peak growth"]
     rows = [[c["mixer"], str(c["seq_len"]), f"{c['params']:,}", f"{1000 * c['step_seconds_median']:.1f}",
              f"{c['tokens_per_s']:,.0f}", report.fmt_bytes(c["peak_growth_bytes"])] for c in ok]
