@@ -15,6 +15,12 @@ from seqlab.errors import InputError
 from seqlab.interop.quantize import Int8Linear, linear_bytes, quantize, save_quantized
 
 
+def _need_onnx() -> None:
+    for name in ("onnx", "onnxruntime"):
+        pytest.importorskip(name, reason=f"{name} is not installed (pip install 'seqlab[onnx]'): ONNX export "
+                                         "checks skipped")
+
+
 @pytest.fixture(scope="module")
 def model():
     return seqlab.build_model(layers=("mamba", "gla", "attention", "lstm"), d_model=64, vocab_size=32,
@@ -70,7 +76,8 @@ def test_load_round_trip_is_exact_and_streams(model, tmp_path):
     assert (torch.cat([head, tail], 1) - expected).abs().max() <= 1e-4
 
 
-def test_cli_reports_size_and_task_quality(model, tmp_path, capsys):
+def test_cli_reports_size_and_task_quality(tmp_path, capsys):
+    model = seqlab.build_model(layers=("mamba", "attention"), d_model=64, vocab_size=32, seed=0)
     seqlab.save(model, tmp_path / "fp32")
     args = ["quantize", str(tmp_path / "fp32"), "--out", str(tmp_path / "int8"), "--task", "mqar",
             "--set", "vocab_size=32", "--set", "seq_len=32", "--set", "num_pairs=4", "--batches", "1",
@@ -84,7 +91,7 @@ def test_cli_reports_size_and_task_quality(model, tmp_path, capsys):
 
 
 def test_quantized_model_exports_to_onnx(model, tmp_path):
-    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed: ONNX runtime checks skipped")
+    _need_onnx()
     from seqlab.interop.export import export_onnx, verify_onnx
 
     fp32 = seqlab.build_model(mixer="mamba", d_model=64, n_layers=1, vocab_size=16, seed=0).eval()

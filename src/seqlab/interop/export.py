@@ -21,8 +21,9 @@ O(1) updates), so nothing is re-implemented for them. In the prefill graph, Mamb
 sequential reference form (`impl="ref"`, unrolled over the graph's T steps): the chunked forms use ops the
 exporter cannot translate.
 
-The graphs are written with torch's TorchScript-based ONNX exporter (opset 17), which needs no extra package and
-exports a tiny model in about a second; `onnx` and `onnxruntime` (the `onnx` extra) are needed only to verify.
+The graphs are written with torch's TorchScript-based ONNX exporter (opset 17), which exports a tiny model in about
+a second (the dynamo exporter takes ~30 s); it needs the `onnx` package, and verifying needs `onnxruntime` (both
+in the `onnx` extra: pip install 'seqlab[onnx]').
 """
 
 from __future__ import annotations
@@ -194,6 +195,10 @@ def export_onnx(model: nn.Module, out: str | Path, *, mode: str = "step", length
     if any(m in _ATTENTION for m in model.config.layer_mixers) and T > cache_size:
         raise InputError(f"length = {T} is larger than cache_size = {cache_size}: the prefill chunk must fit the "
                          "attention cache")
+    try:
+        import onnx  # noqa: F401  (torch's exporter serializes through it)
+    except ImportError:
+        raise InputError("ONNX export needs the onnx package: pip install 'seqlab[onnx]'") from None
     device = _device(model)
     tokens = torch.zeros(batch, T, dtype=torch.long, device=device)
     pos = torch.zeros(1, dtype=torch.long, device=device)
@@ -229,11 +234,9 @@ def export_onnx(model: nn.Module, out: str | Path, *, mode: str = "step", length
 
 
 def _add_metadata(path: Path, info: dict) -> None:
-    """Record the graph's description in the ONNX file (metadata_props "seqlab"), when the onnx package is here."""
-    try:
-        import onnx
-    except ImportError:
-        return
+    """Record the graph's description in the ONNX file (metadata_props "seqlab")."""
+    import onnx
+
     proto = onnx.load(str(path))
     entry = proto.metadata_props.add()
     entry.key, entry.value = "seqlab", json.dumps(info)
