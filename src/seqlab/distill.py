@@ -174,6 +174,8 @@ class Transfer:
         return dataclasses.asdict(self)
 
     def fraction_transferred(self, student: nn.Module) -> float:
+        """Share of the student's parameters in tensors copied or mapped (a mapped tensor counts whole, although
+        parts of it, such as Mamba's gate rows of in_proj, keep their new init)."""
         sd = student.state_dict()
         moved = sum(sd[k].numel() for k in (*self.copied, *self.mapped))
         return moved / max(sum(v.numel() for v in sd.values()), 1)

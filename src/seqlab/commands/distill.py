@@ -173,7 +173,8 @@ def report_markdown(report: dict[str, Any]) -> str:
     if tr is not None:
         lines += ["", f"Weight transfer (teacher block for each student block: {tr['layer_map']}): "
                       f"{len(tr['copied'])} tensors copied, {len(tr['mapped'])} mapped, {len(tr['fresh'])} fresh; "
-                      f"{tr['fraction']:.1%} of the student's parameters came from the teacher."]
+                      f"{tr['fraction']:.1%} of the student's parameters are in tensors copied or mapped from the "
+                      "teacher."]
         lines += [f"- mapped `{k}`: {v}" for k, v in tr["mapped"].items()]
         lines += [f"- note: {n}" for n in tr["notes"]]
     if ctx:
