@@ -172,16 +172,20 @@ def test_report_rebuilds_from_results_json_alone(lab_run, tmp_path, capsys):
 def test_resume_skips_finished_cells_and_retries_failed_ones(lab_run, tmp_path, monkeypatch):
     run = tmp_path / "run"
     shutil.copytree(lab_run, run)
-    (run / "cells" / "quality" / "mqar" / "gru" / "cell.json").unlink()  # as if killed during that cell
+    rd = "mqar/recurrent_depth:gru"  # its training draws r from the global RNG: rerun alone, it must match
+    before = json.loads((run / "cells" / "quality" / rd / "cell.json").read_text())
+    (run / "cells" / "quality" / rd / "cell.json").unlink()  # as if killed during that cell
     calls = []
     quality = SECTIONS["quality"]
     real = quality.run
     monkeypatch.setattr(quality, "run", lambda cell, *a: calls.append(cell.id) or real(cell, *a))
     monkeypatch.setattr("seqlab.lab.runner.build_report", lambda results, out: None)  # tested elsewhere; slow
     assert main(["lab", "--out", str(run), "--resume", "--only", "quality", "--no-progress"]) == 0
-    assert calls == ["mqar/gru"]
+    assert calls == [rd]
     results = json.loads((run / "results.json").read_text())
     assert len(results["sections"]["quality"]["cells"]) == 8
+    again = json.loads((run / "cells" / "quality" / rd / "cell.json").read_text())
+    assert again["test"] == before["test"] and again["loss_curve"] == before["loss_curve"]
     assert list(results["sections"]) == list(SECTIONS)  # a resumed --only run keeps the other sections
 
 

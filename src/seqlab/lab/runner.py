@@ -9,6 +9,7 @@ import datetime as dt
 import json
 import os
 import platform
+import random
 import time
 import traceback
 from pathlib import Path
@@ -93,6 +94,8 @@ def run_lab(cfg: LabConfig, out: str | Path, *, resume: bool = False, only: list
                     continue
             cell_dir.mkdir(parents=True, exist_ok=True)
             t0 = time.perf_counter()
+            torch.manual_seed(cfg.seed)  # a cell's global randomness (e.g. recurrent depth's r draws) is its own
+            random.seed(cfg.seed)
             try:
                 result = section.run(cell, section_cfg, cfg, cell_dir, progress)
                 record = {"cell": cell.id, "spec": cell.spec, **result, "cell_seconds": time.perf_counter() - t0}
