@@ -1,23 +1,26 @@
 """Distillation on the byte-level corpus: an attention teacher into mamba, gla and lstm students of about half
 its size, each distilled and trained from scratch with the same steps, batches and optimizer.
 
-    teacher   attention, 4 layers of width 64, trained on the corpus for --teacher-steps (longer than the
+    teacher   attention, 4 layers of width 64, trained on the corpus for --teacher-steps (800; longer than the
               students: the usual setup, a teacher that already exists)
-    students  2 layers of width 64 (mamba with expand 1 and d_state 8, gla with key/value widths 64, lstm with
-              hidden size 40):
-              about half the teacher's non-embedding parameters
+    students  2 layers of width 64 (mamba with expand 1 and d_state 8; gla with key/value widths 64; lstm with
+              hidden size 40): about half the teacher's non-embedding parameters
     distilled weights transferred (embedding, head, norms, MLPs of teacher blocks 0 and 3; attention W_Q, W_K,
               W_V, W_O mapped onto the gla / mamba mixer), then loss = KL(teacher || student) at temperature 1
-              + 0.5 x cross-entropy on the data, for --student-steps steps
+              + 0.5 x cross-entropy on the data, for --student-steps steps (300)
     scratch   the same architecture and seed, --student-steps steps of plain cross-entropy (`seqlab.train.fit`)
+All runs: batches of 16 x 64 bytes, AdamW at lr 3e-3 with warmup and cosine decay, one thread.
 
-Quality: bits per byte on the held-out test split. Inference: the profiler's state bytes and median decode latency
-(batch 1) after --context tokens, and whether the state is the same size after 256 tokens (a constant state).
+Quality: bits per byte on the held-out test split (32 batches). Inference: the profiler's state bytes and decode
+latency (batch 1) after --context tokens (4096), whether the state has the same size after 256 tokens (a constant
+state); the teacher and students are measured in turn over --decode-rounds rounds (the median of the rounds'
+medians), so that the drifting load of a shared machine falls on all of them alike.
 
 Targets (issue 7): every distilled student beats its from-scratch twin; the best student is within 10% of the
 teacher's bits per byte while decoding faster than the teacher at the long context with a constant state.
 
-    PYTHONPATH=src python benchmarks/bench_distill.py            # ~15 minutes at one thread on a loaded 2-core CPU
+    PYTHONPATH=src python benchmarks/bench_distill.py            # ~16 minutes at one thread on a loaded 2-core CPU
+    PYTHONPATH=src python benchmarks/bench_distill.py --decode-only   # re-measure decoding on the saved results
     PYTHONPATH=src python benchmarks/bench_distill.py --quick    # a smoke run, ~1 minute
 """
 
