@@ -245,7 +245,8 @@ def main(argv=None):
     p.add_argument("--lengths", default=None, help="comma-separated sequence lengths (default 512,2048,8192)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per case (median reported)")
     p.add_argument("--long-ref-repeats", type=int, default=1, help="timed runs of the ref at L >= 8192")
-    p.add_argument("--chunk-sizes", default=None, help="comma-separated chunk sizes to time (chunked only)")
+    p.add_argument("--chunk-sizes", default=None, help="comma-separated chunk sizes to time (default: each op's "
+                   "default, i.e. automatic for selective_scan and 16 for gla)")
     p.add_argument("--ops", default="selective_scan,gla", help="which ops to time")
     p.add_argument("--no-ref", action="store_true", help="time the chunked form only")
     p.add_argument("--memory", action="store_true", help="also measure peak memory of the longest chunked case")
@@ -265,27 +266,28 @@ def main(argv=None):
         lengths, contexts, hf_lens = [512, 2048, 8192], [256, 16384], (2048, 256)
     if args.lengths:
         lengths = [int(s) for s in args.lengths.split(",")]
-    default_chunk = {"selective_scan": 64, "gla": 16}
+    default_chunk = {"selective_scan": None, "gla": 16}  # the ops' defaults (None: selective_scan picks it)
     chunk_sizes = {op: [int(s) for s in args.chunk_sizes.split(",")] if args.chunk_sizes else [c]
                    for op, c in default_chunk.items()}
     ops = [] if "ops" in skip else args.ops.split(",")
 
     load_before = os.getloadavg()
     rows = []
-    header = f"{'op':15s} {'shape':15s} {'L':>6s} {'chunk':>5s} {'chunked s':>10s} {'ref s':>9s} {'chunked/ref':>11s} {'speedup':>8s}" \
-             f" {'cpu chunked':>11s} {'cpu ref':>8s}"
+    header = (f"{'op':15s} {'shape':15s} {'L':>6s} {'chunk':>5s} {'chunked s':>10s} {'ref s':>9s} "
+              f"{'chunked/ref':>11s} {'speedup':>8s} {'cpu chunked':>11s} {'cpu ref':>8s}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {load_before}")
     print(header)
-    for op, shape in [(op, shape) for op in ops for shape in shapes[op]]:
+    cases = [(name, shape) for name in ops for shape in shapes[name]]
+    for op, shape in cases:
         for L in lengths:
             gen = torch.Generator().manual_seed(0)
             run = make_case(op, L, shape, gen)
             ref = None
             if not args.no_ref:
                 n_ref = args.long_ref_repeats if L >= 8192 else args.repeats
-                ref = time_it(lambda: run("ref", None), n_ref) + (n_ref,)
+                ref = time_it(lambda run=run: run("ref", None), n_ref) + (n_ref,)
             for cs in chunk_sizes[op]:
-                wall, cpu = time_it(lambda cs=cs: run("chunked", cs), args.repeats)
+                wall, cpu = time_it(lambda cs=cs, run=run: run("chunked", cs), args.repeats)
                 row = dict(op=op, L=L, shape=shape, chunk_size=cs, chunked_s=wall, chunked_cpu_s=cpu,
                            repeats=args.repeats)
                 if ref is not None:
@@ -295,19 +297,20 @@ def main(argv=None):
                 r = row.get
                 ref_txt = f"{r('ref_s'):9.3f} {r('ratio'):11.3f} {r('speedup'):7.1f}x" if ref else f"{'-':>9s}"
                 cpu_ref = f"{r('ref_cpu_s'):8.3f}" if ref else ""
-                print(f"{op:15s} {str(shape):15s} {L:6d} {cs:5d} {wall:10.3f} {ref_txt} {cpu:11.3f} {cpu_ref}",
-                      flush=True)
+                print(f"{op:15s} {str(shape):15s} {L:6d} {str(cs or 'auto'):>5s} {wall:10.3f} {ref_txt} {cpu:11.3f} "
+                      f"{cpu_ref}", flush=True)
 
     # linear growth: time per step of the chunked form at each length (flat means linear); the ratio at L = 2048
     growth, speedup_2048 = {}, {}
-    for op, shape in [(op, shape) for op in ops for shape in shapes[op]]:
+    for op, shape in cases:
         key = f"{op} {tuple(shape)}"
         mine = [r for r in rows if r["op"] == op and r["shape"] == shape and r["chunk_size"] == chunk_sizes[op][0]]
         if len(mine) > 1:
             growth[key] = {str(r["L"]): r["chunked_s"] / r["L"] * 1e6 for r in mine}
             print(f"{key}: chunked microseconds per step: "
                   + ", ".join(f"L={L}: {v:.1f}" for L, v in growth[key].items()))
-        speedup_2048.update({key: r["speedup"] for r in mine if r["L"] == 2048 and "speedup" in r})
+        speedup_2048.update({f"{key} chunk {r['chunk_size'] or 'auto'}": r["speedup"] for r in mine
+                             if r["L"] == 2048 and "speedup" in r})
 
     memory = {}
     if args.memory:

@@ -1,6 +1,8 @@
 """selective_scan: chunked vs the reference loop (outputs, final state, every gradient), carried states, the step
 function, bf16, strong decay, and bad input."""
 
+import importlib
+
 import pytest
 import torch
 from hypothesis import example, given, settings
@@ -97,6 +99,20 @@ def test_strong_decay_is_finite_and_matches(L, b, d):
     assert all(torch.isfinite(t).all() for t in (got[0], got[1], *got[2].values()))
     want = run({k: v.double() for k, v in x.items()}, "ref")
     assert_matches(got, want, 1e-4, "strong decay")
+
+
+def test_automatic_chunk_size_takes_longer_chunks_for_large_inputs(monkeypatch):
+    """chunk_size=None doubles the chunk from 64 while one step of all chunks exceeds SLAB values: the same
+    numbers as that explicit chunk size, and as the loop."""
+    ss = importlib.import_module("seqlab.ops.selective_scan")  # the module (seqlab.ops exports the function)
+    monkeypatch.setattr(ss, "SLAB", 64)  # b * chunks * d * N = 2 * chunks * 3 * 4 > 64 until chunks <= 2: 256
+    x = make_inputs(2, 3, 4, 300, seed=15)
+    y, s = selective_scan(**x, delta_softplus=True, return_final_state=True)
+    y256, s256 = selective_scan(**x, delta_softplus=True, return_final_state=True, chunk_size=256)
+    y64, _ = selective_scan(**x, delta_softplus=True, return_final_state=True, chunk_size=64)
+    assert torch.equal(y, y256) and torch.equal(s, s256) and not torch.equal(y, y64)
+    y0, s0 = selective_scan_ref(**x, delta_softplus=True, return_final_state=True)
+    assert rel_err(y, y0) <= 1e-5 and rel_err(s, s0) <= 1e-5
 
 
 def test_returns_a_tuple_always():

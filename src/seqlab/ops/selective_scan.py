@@ -47,10 +47,11 @@ from torch.autograd.function import once_differentiable
 from seqlab.errors import InputError
 
 IMPLS = ("ref", "chunked")
+SLAB = 2**17  # values in one step of all chunks (512 KiB in fp32) above which chunk_size=None takes longer chunks
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, initial_state=None,
-                   return_final_state=False, impl="chunked", chunk_size=64):
+                   return_final_state=False, impl="chunked", chunk_size=None):
     """Run the selective scan over a whole sequence.
 
     Args:
@@ -60,7 +61,9 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         initial_state: (batch, d_inner, N) or None (zeros); differentiable.
         return_final_state: also return the state after the last step (differentiable).
         impl: "chunked" (parallel over chunks) or "ref" (sequential loop).
-        chunk_size: steps per chunk for impl="chunked" (ignored by "ref"). 64-128 is fastest on CPU.
+        chunk_size: steps per chunk for impl="chunked" (ignored by "ref"). None picks it: 64, doubled while one
+            step of all chunks (batch * chunks * d_inner * N values) exceeds SLAB, so the sequential passes work on
+            cache-sized tensors whatever the length (measured fastest on CPU by benchmarks/bench_scans.py).
 
     Returns:
         (y, final_state): y (batch, d_inner, L) in u's dtype; final_state (batch, d_inner, N) in fp32 (fp64 for
@@ -68,8 +71,9 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     """
     if impl not in IMPLS:
         raise InputError(f"selective_scan: unknown impl {impl!r}; expected one of {', '.join(map(repr, IMPLS))}")
-    if impl == "chunked" and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise InputError(f"selective_scan: chunk_size must be a positive int, got {chunk_size!r}")
+    if impl == "chunked" and chunk_size is not None and (isinstance(chunk_size, bool)
+                                                          or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise InputError(f"selective_scan: chunk_size must be a positive int or None, got {chunk_size!r}")
     _check_scan_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state)
     cdt = _compute_dtype(u)
     delta = _discretize_delta(delta.to(cdt), delta_bias, delta_softplus)
@@ -84,7 +88,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
 
 
 def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, initial_state=None,
-                       return_final_state=False, impl="ref", chunk_size=64):
+                       return_final_state=False, impl="ref", chunk_size=None):
     """The reference twin of `selective_scan`: same signature, impl fixed to "ref" (chunk_size is unused).
 
     A plain fp32 loop over time, one `selective_scan_step` per step:
@@ -167,7 +171,12 @@ def _scan_chunked(u, delta, A, B, C, x0, chunk_size):
     """Parallel over chunks: `_ChunkedScan` on the discretized inputs (delta_l u_l is formed here, under autograd)."""
     inputs = (delta, delta * u, A, B, C, x0)
     keep = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
-    return _ChunkedScan.apply(*inputs, min(chunk_size, u.shape[-1]), keep)
+    b, d, L = u.shape
+    if chunk_size is None:
+        chunk_size = 64
+        while chunk_size < L and b * -(-L // chunk_size) * d * A.shape[1] > SLAB:
+            chunk_size *= 2
+    return _ChunkedScan.apply(*inputs, min(chunk_size, L), keep)
 
 
 def _chunks(t, T, pad):
