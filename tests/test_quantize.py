@@ -133,3 +133,14 @@ def test_load_rejects_a_corrupt_quantized_checkpoint(model, tmp_path):
     save_quantized(q, tmp_path / "b")
     with pytest.raises(InputError, match="names layer 'blocks.0.mixer.A_log', which is not a linear layer"):
         seqlab.load(tmp_path / "b")
+
+
+def test_cli_defaults_to_the_task_a_train_checkpoint_records(tmp_path, capsys):
+    assert main(["train", "--task", "mqar", "--out", str(tmp_path / "run"), "--set", "train.steps=1",
+                 "--set", "model.d_model=32", "--set", "train.batch_size=4", "--set", "train.eval_batches=1",
+                 "--no-progress", "--json"]) == 0
+    capsys.readouterr()
+    assert main(["quantize", str(tmp_path / "run" / "checkpoint"), "--out", str(tmp_path / "q"), "--batches", "1",
+                 "--batch-size", "4", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["task"]["params"]["name"] == "mqar" and "accuracy" in report["task"]["int8"]
