@@ -98,11 +98,12 @@ class _RMSNorm(nn.Module):
 
 
 def _exportable(model: nn.Module) -> nn.Module:
-    """A copy of `model` (sharing its weights) with every nn.RMSNorm replaced by `_RMSNorm`."""
+    """A copy of `model` (sharing its weights) with every nn.RMSNorm replaced by `_RMSNorm` and every scan set to
+    impl="ref" (traced, it unrolls over the graph's T steps)."""
     model = copy.copy(model)
     model._modules = dict(model._modules)
     if dataclasses.is_dataclass(getattr(model, "cfg", None)) and hasattr(model.cfg, "impl"):
-        model.cfg = dataclasses.replace(model.cfg, impl="ref")  # a scan unrolled over the T steps of the graph
+        model.cfg = dataclasses.replace(model.cfg, impl="ref")
     for name, child in list(model._modules.items()):
         if isinstance(child, nn.RMSNorm):
             model._modules[name] = _RMSNorm(child)
@@ -125,7 +126,8 @@ class ExportGraph(nn.Module):
                              "data-dependent number of times and are not exported")
         self.model = _exportable(model)
         self.cache_size = cache_size
-        probe = model(torch.zeros(1, 1, dtype=torch.long, device=_device(model)))[1]
+        with torch.no_grad():
+            probe = model(torch.zeros(1, 1, dtype=torch.long, device=_device(model)))[1]
         self.state_class = [type(s) for s in probe.layers]
         self.layout = [list(s.tensors()) for s in probe.layers]
         self._shapes = [{k: tuple(t.shape) for k, t in s.tensors().items()} for s in probe.layers]
