@@ -87,6 +87,14 @@ def test_weight_decay_only_on_matrices():
     assert len(decayed["params"]) + len(plain["params"]) == len(list(model.parameters()))
 
 
+def test_weight_decay_skips_parameters_marked_no_weight_decay():
+    model = build_model(mixer="mamba", vocab_size=16, d_model=16, n_layers=1)
+    a_log = model.blocks[0].mixer.A_log  # 2-D, but a recurrence parameter: decay would pull A toward -1
+    decayed, plain = make_optimizer(model, TrainConfig(weight_decay=0.1)).param_groups
+    assert a_log.dim() == 2
+    assert not any(p is a_log for p in decayed["params"]) and any(p is a_log for p in plain["params"])
+
+
 def test_train_writes_config_metrics_and_a_loadable_checkpoint(tmp_path):
     out = tmp_path / "run"
     result = train(run_config(steps=3, eval_every=2), out=out, progress=False)

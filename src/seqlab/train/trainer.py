@@ -45,11 +45,13 @@ class TrainingDiverged(RuntimeError):
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (>= 2-D: linear and embedding weights), never on gains or biases."""
+    """AdamW with weight decay on matrices only (>= 2-D: linear and embedding weights), never on gains or biases,
+    nor on a parameter its mixer marked `_no_weight_decay` (Mamba's A_log, 2-D but a recurrence parameter)."""
     params = [p for p in model.parameters() if p.requires_grad]
+    decays = [p.dim() >= 2 and not getattr(p, "_no_weight_decay", False) for p in params]
     groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        {"params": [p for p, d in zip(params, decays) if d], "weight_decay": cfg.weight_decay},
+        {"params": [p for p, d in zip(params, decays) if not d], "weight_decay": 0.0},
     ]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
 
