@@ -15,7 +15,10 @@
    clock, and CPU time, which competing processes on a shared machine stretch far less); attention's state bytes
    equal to the formula exactly at every context; sliding attention's state bytes flat beyond its window. Plots:
    benchmarks/results/profile/.
-2. seqlab vs transformers (`hf`, needs `pip install -e .[hf]`): greedy decoding at batch 1 on CPU of a GPT-2 model
+2. Interleaved (`interleaved`): the same recurrent models in one process, prefilled to the smallest and to the
+   largest context, then decoding from the two states in alternation (one step each, in turn) for --decode-steps
+   steps: the latency ratio between the two contexts with machine load hitting both alike.
+3. seqlab vs transformers (`hf`, needs `pip install -e .[hf]`): greedy decoding at batch 1 on CPU of a GPT-2 model
    and of a Mamba model with the same small sizes (d_model 128, 2 layers, vocab 256), random weights, imported into
    seqlab with `seqlab.from_hf` so both run the very same weights (the tokens are compared). Throughput is
    end-to-end generation: `seqlab.generate` against `transformers`' `model.generate(do_sample=False)`, an 8-token
@@ -44,6 +47,7 @@ from seqlab.infer.profile import ProfileConfig, format_table, run_profile
 
 MIXERS = ("attention", "sliding_attention", "lstm", "gru", "conv", "mamba", "gla")
 RECURRENT = ("lstm", "gru", "conv", "mamba", "gla")
+SECTIONS = ("profile", "interleaved", "hf")
 
 
 def profile_section(args) -> dict:
@@ -88,6 +92,47 @@ def profile_section(args) -> dict:
           f"{targets['sliding_attention_flat_beyond_window']['met']}", flush=True)
     results["targets"] = targets
     return results
+
+
+@torch.inference_mode()
+def interleaved_section(args) -> dict:
+    """Each recurrent mixer's decode latency after the smallest and after the largest context, measured in one
+    process with the steps of the two contexts alternating, so machine load hits both alike (the profile's cells run
+    minutes apart in separate processes, and on a shared machine the load drifts more than 10% in minutes)."""
+    from seqlab.infer.profile import _prefill, resolve_models
+
+    cfg = ProfileConfig(mixers=RECURRENT, d_model=args.d_model, n_layers=args.layers, vocab_size=256,
+                        model={"attention": {"window": args.window}})
+    lo, hi = min(args.contexts), max(args.contexts)
+    out = {"contexts": [lo, hi], "steps": args.decode_steps, "warmup": 16, "per_mixer": {}}
+    for mixer, mc in resolve_models(cfg).items():
+        model = seqlab.build_model(mc, seed=0).eval()
+        live = {}
+        for n in (lo, hi):
+            logits, state = _prefill(model, n, 1, args.chunk, 0, 0, torch.device("cpu"))
+            live[n] = (logits[:, -1].argmax(-1, keepdim=True), state)
+        wall, cpu = {lo: [], hi: []}, {lo: [], hi: []}
+        for i in range(16 + args.decode_steps):
+            for n, (token, state) in live.items():
+                t0, c0 = time.perf_counter(), time.process_time()
+                logits, state = model(token, state)
+                token = logits[:, -1].argmax(-1, keepdim=True)
+                t1, c1 = time.perf_counter(), time.process_time()
+                live[n] = (token, state)
+                if i >= 16:
+                    wall[n].append(t1 - t0)
+                    cpu[n].append(c1 - c0)
+        w = {n: statistics.median(v) for n, v in wall.items()}
+        c = {n: statistics.median(v) for n, v in cpu.items()}
+        entry = {"latency_s": {str(n): w[n] for n in w}, "cpu_s": {str(n): c[n] for n in c},
+                 "ratio": w[hi] / w[lo], "cpu_ratio": c[hi] / c[lo]}
+        entry["met"] = abs(entry["ratio"] - 1) <= 0.10
+        out["per_mixer"][mixer] = entry
+        print(f"interleaved: {mixer:5s} decode after {lo:,}: {w[lo] * 1e3:.3f} ms, after {hi:,}: {w[hi] * 1e3:.3f} ms "
+              f"-> {entry['ratio']:.3f} ({'within' if entry['met'] else 'NOT within'} 10%); CPU time "
+              f"{entry['cpu_ratio']:.3f}", flush=True)
+    out["met"] = all(e["met"] for e in out["per_mixer"].values())
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -219,7 +264,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="benchmarks/results/profile.json", help="JSON file to write")
     p.add_argument("--plots", default="benchmarks/results/profile", help="folder for the plots")
     p.add_argument("--quick", action="store_true", help="tiny contexts, few steps: a smoke run")
-    p.add_argument("--skip", default="", help="comma-separated sections to skip: profile, hf")
+    p.add_argument("--skip", default="", help="comma-separated sections to skip: profile, interleaved, hf "
+                                              "(an existing --out file keeps its skipped sections)")
     p.add_argument("--contexts", default="256,1024,4096,16384,65536")
     p.add_argument("--d-model", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)
@@ -244,10 +290,15 @@ def main(argv=None) -> int:
     result = {"command": " ".join(["python", *sys.argv]), "load_before": load_before, "torch_threads": 1}
     if "profile" not in skip:
         result["profile"] = profile_section(args)
+    if "interleaved" not in skip:
+        result["interleaved"] = interleaved_section(args)
     if "hf" not in skip:
         result["hf"] = hf_section(args)
     result.update(load_after=os.getloadavg(), seconds=time.perf_counter() - start)
     out = Path(args.out)
+    if skip and out.exists():  # a section run on its own keeps the other sections already in the file
+        previous = json.loads(out.read_text())
+        result = {**{k: previous[k] for k in SECTIONS if k in skip and k in previous}, **result}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out} in {result['seconds']:.0f} s (load average {load_before[0]:.1f} -> "

@@ -495,11 +495,12 @@ PLOTS = {  # file name: (cell field, y label)
     "peak_memory.png": ("peak_memory_bytes", "peak process memory (bytes)"),
     "prefill_time.png": ("prefill_seconds", "prefill time (s)"),
     "decode_latency.png": ("decode_latency_s", "decode latency per token (s)"),
+    "decode_cpu.png": ("decode_cpu_s", "decode CPU time per token (s)"),
 }
 
 
 def plot_profile(results: dict[str, Any], out: str | Path) -> list[Path]:
-    """Log-log plots against context, one line per mixer: one file per figure in PLOTS, and all four together in
+    """Log-log plots against context, one line per mixer: one file per figure in PLOTS, and all of them together in
     profile.png."""
     import matplotlib
 
@@ -535,12 +536,14 @@ def plot_profile(results: dict[str, Any], out: str | Path) -> list[Path]:
         fig.savefig(out / name, dpi=110)
         plt.close(fig)
         written.append(out / name)
-    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    fig, axes = plt.subplots(2, 3, figsize=(16, 8))
     for ax, (key, label) in zip(axes.flat, PLOTS.values()):
         draw(ax, key, label)
+    for ax in axes.flat[len(PLOTS):]:
+        ax.set_visible(False)
     axes.flat[0].legend(fontsize=8)
     fig.suptitle(f"seqlab profile: {subtitle}", fontsize=10)
-    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.07, top=0.93, wspace=0.25, hspace=0.25)
+    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.07, top=0.93, wspace=0.28, hspace=0.25)
     fig.savefig(out / "profile.png", dpi=110)
     plt.close(fig)
     written.append(out / "profile.png")
