@@ -134,7 +134,7 @@ def adaptive_exit(args: argparse.Namespace, model: RecurrentDepthModel, max_step
     criterion and threshold, beside fixed r."""
     task = make_task("prefix_parity", seq_len=args.test_len)
     rows = []
-    for name, thresholds in (("kl", (1e-2, 5e-4, 1e-5)), ("latent", (3e-2, 3e-3, 3e-4))):
+    for name, thresholds in (("kl", args.kl_thresholds), ("latent", args.latent_thresholds)):
         for threshold in thresholds:
             curve = scaling_curve(model, task, [max_steps], (name, threshold), 1, args.eval_batch_size, seed=4321)
             row = curve["adaptive"][0]
@@ -245,11 +245,11 @@ def compute_per_parameter(args: argparse.Namespace) -> dict:
         params = model.num_parameters()
         model.eval()
         with torch.no_grad():
-            infer = flops(lambda: model(x, steps=r))
+            infer = flops(lambda m=model, r=r: m(x, steps=r))
         model.train()
 
-        def train_step():
-            logits, _ = model(x, steps=r)
+        def train_step(m=model, r=r):
+            logits, _ = m(x, steps=r)
             logits.square().mean().backward()
 
         train = flops(train_step)
@@ -338,6 +338,13 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", default="scaling,exit,lm,kv_cache,compute",
                    help="comma-separated sections to run (exit needs scaling)")
+    p.add_argument("--kl-thresholds", type=lambda t: [float(x) for x in t.split(",")],
+                   default=[1e-2, 5e-4, 1e-5, 1e-7, 1e-9])
+    p.add_argument("--latent-thresholds", type=lambda t: [float(x) for x in t.split(",")],
+                   default=[3e-2, 3e-3, 3e-4, 3e-5])
+    p.add_argument("--checkpoint", type=Path, default=Path("runs/bench_thinking/parity"),
+                   help="where the scaling section saves the parity model, and the exit section alone loads it")
+    p.add_argument("--merge", action="store_true", help="update the sections run in an existing --out JSON")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--replot", action="store_true", help="only redraw the plot from the saved JSON")
     args = p.parse_args()
@@ -354,12 +361,25 @@ def main() -> int:
                     "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": 1}}
     start = time.perf_counter()
     model = None
+    previous = json.loads(args.out.read_text()) if args.merge and args.out.is_file() else None
+    if previous:  # keep the sections of an earlier run that this run does not redo
+        result = {**previous, "reruns": [*previous.get("reruns", []), {"command": result["command"],
+                                                                        "sections": sorted(sections)}]}
     if "scaling" in sections:
         result["scaling"], model = parity_scaling(args)
-    if "exit" in sections and model is not None:
+        seqlab.save(model, args.checkpoint)
+    elif "exit" in sections:
+        model = seqlab.load(args.checkpoint).eval()  # the parity model an earlier run saved
+    if "exit" in sections:
         print("adaptive exit (parity, test length):", flush=True)
-        result["exit"] = adaptive_exit(args, model, int(round(args.top_factor * result["scaling"]["recurrent_depth"]
-                                                              ["expected_r"])))
+        d = model.config.depth
+        expected = d.mean_steps + (1 if d.sampler == "poisson_lognormal" else 0)
+        result["exit"] = adaptive_exit(args, model, int(round(args.top_factor * expected)))
+        if previous and "exit" in previous:  # add to the rows of the earlier sweep (same model: same seed)
+            new = {(row["criterion"], row["threshold"]) for row in result["exit"]["rows"]}
+            rows = [row for row in previous["exit"]["rows"] if (row["criterion"], row["threshold"]) not in new]
+            result["exit"]["rows"] = sorted(rows + result["exit"]["rows"],
+                                            key=lambda row: (row["criterion"], -row["threshold"]))
     if "lm" in sections:
         result["lm"] = lm_loss_curve(args)
     if "kv_cache" in sections:
@@ -385,10 +405,11 @@ def main() -> int:
                                                  "held": fd[f"best_len_{args.test_len}"]["seq_accuracy"] < 0.5},
         }
         print("targets:", json.dumps(result["targets"], indent=1))
-    result["seconds"] = time.perf_counter() - start
+    result["seconds" if not args.merge else f"seconds_{'_'.join(sorted(sections))}"] = time.perf_counter() - start
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"saved {args.out} ({result['seconds']:.0f}s); plot: {plot_results(result, args.out.with_suffix('.png'))}")
+    print(f"saved {args.out} ({time.perf_counter() - start:.0f}s); "
+          f"plot: {plot_results(result, args.out.with_suffix('.png'))}")
     return 0
 
 

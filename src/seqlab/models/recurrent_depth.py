@@ -126,7 +126,7 @@ class RecurrentDepthModel(nn.Module):
                     nn.init.constant_(norm.weight, self.config.depth.residual_gain)
         with torch.no_grad():
             eye = torch.eye(self.config.d_model)
-            self.adapter.weight.copy_(torch.cat([eye, eye], dim=1) / math.sqrt(2))  # (D, 2D): [s, e] -> (s + e) / sqrt 2
+            self.adapter.weight.copy_(torch.cat([eye, eye], dim=1) / math.sqrt(2))  # (D, 2D): (s + e) / sqrt 2
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
