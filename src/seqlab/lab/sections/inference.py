@@ -163,27 +163,29 @@ def render(results: dict[str, Any], out: Path) -> report.Section:
             slow = max(at, key=lambda m: at[m]["decode_latency_s"])
             big = max(at, key=lambda m: at[m]["state_bytes"])
             small = min(at, key=lambda m: at[m]["state_bytes"])
-            caption = (f"State bytes, peak memory growth and decode latency against context (log-log); at "
+            caption = (f"State bytes (log), peak memory growth and decode latency (log) against context; at "
                        f"{largest:,} tokens {big} holds the largest state ({report.fmt_bytes(at[big]['state_bytes'])}) "
                        f"and {small} the smallest ({report.fmt_bytes(at[small]['state_bytes'])}), and {fast} "
                        f"decodes fastest ({1000 * at[fast]['decode_latency_s']:.3f} ms per token) while {slow} is "
                        f"slowest ({1000 * at[slow]['decode_latency_s']:.3f} ms).")
         else:
-            caption = "State bytes, peak memory growth and decode latency against context (log-log)."
+            caption = "State bytes (log), peak memory growth and decode latency (log) against context."
         sec.figure(path, caption)
     return sec
 
 
 def _plot(points: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    keys = (("state_bytes", "state (bytes)"), ("peak_growth_bytes", "peak memory growth (bytes)"),
-            ("decode_latency_s", "decode latency (s / token)"))
+    keys = (("state_bytes", "state (bytes)", 1, "log"),
+            ("peak_growth_bytes", "peak memory growth (KiB)", 1024, "linear"),
+            ("decode_latency_s", "decode latency (ms / token)", 1e-3, "log"))
     for mixer in dict.fromkeys(p["mixer"] for p in points):
         mine = sorted((p for p in points if p["mixer"] == mixer), key=lambda p: p["context"])
-        for ax, (key, _) in zip(axes, keys):
-            ax.plot([p["context"] for p in mine], [max(p[key], 1e-9) for p in mine], marker="o", label=mixer)
-    for ax, (_, label) in zip(axes, keys):
-        ax.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel=label)
+        for ax, (key, _, unit, _) in zip(axes, keys):
+            ax.plot([p["context"] for p in mine], [p[key] / unit for p in mine], marker="o", label=mixer)
+    for ax, (_, label, _, yscale) in zip(axes, keys):
+        ax.set_xscale("log", base=2)
+        ax.set(yscale=yscale, xlabel="context (tokens)", ylabel=label)
         ax.grid(True, which="both", alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
