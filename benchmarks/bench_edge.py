@@ -2,7 +2,7 @@
 onnxruntime, at contexts 1k and 32k, for a byte-level model of a few million parameters.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_edge.py                  # -> benchmarks/results/edge.json (~8 min)
-    OMP_NUM_THREADS=1 python benchmarks/bench_edge.py --quality-only   # + int8 quality on MQAR (~8 min)
+    OMP_NUM_THREADS=1 python benchmarks/bench_edge.py --quality-only   # + int8 quality on the corpus (~10 min)
 
 Every cell (mixer x runtime x precision x context) runs in a fresh subprocess with one thread, so its peak RSS
 (VmHWM) is its own: `peak_rss_mb` is the whole process, `baseline_rss_mb` the same process after its imports
@@ -158,8 +158,8 @@ def prepare(mixer: str, args: argparse.Namespace, root: Path) -> dict:
 
 
 def quality(args: argparse.Namespace) -> dict:
-    """Quality change from int8 on a task: train a small model per mixer on MQAR, then evaluate fp32 and int8 on
-    the same held-out batches (and compare their logits)."""
+    """Quality change from int8 on a task: train a small byte-level model per mixer on the text corpus, then
+    evaluate fp32 and int8 on the same test batches (bits per byte; lower is better)."""
     import copy
 
     import torch
@@ -171,23 +171,24 @@ def quality(args: argparse.Namespace) -> dict:
     from seqlab.train import evaluate, fit
 
     torch.set_num_threads(1)
-    task_params = {"vocab_size": 64, "seq_len": 64, "num_pairs": 8}
-    task = make_task("mqar", **task_params)
+    task = make_task("corpus", seq_len=128)
+    test = make_task("corpus", seq_len=128, split="test")
     train = TrainConfig(steps=args.quality_steps, batch_size=32, lr=3e-3, warmup_steps=20, seed=0, log_every=50)
-    out = {"task": {"name": "mqar", **task_params}, "train": train.to_dict(), "eval_batches": 16, "mixers": {}}
+    out = {"task": {"name": "corpus", "seq_len": 128, "eval_split": "test"}, "train": train.to_dict(),
+           "eval_batches": 16, "eval_batch_size": 32, "d_model": args.quality_d_model, "n_layers": 2, "mixers": {}}
     for mixer in args.quality_mixers.split(","):
-        model = seqlab.build_model(mixer=mixer, d_model=args.quality_d_model, n_layers=2, vocab_size=64,
+        model = seqlab.build_model(mixer=mixer, d_model=args.quality_d_model, n_layers=2, vocab_size=256,
                                    attention={"n_heads": 4}, seed=0)
         fit(model, task, train, desc=f"train {mixer}")
         model.eval()
         q = quantize(copy.deepcopy(model))
-        fp32 = evaluate(model, task, 16, 64, seed=1234)
-        int8 = evaluate(q, task, 16, 64, seed=1234)
+        fp32 = evaluate(model, test, 16, 32, seed=1234)
+        int8 = evaluate(q, test, 16, 32, seed=1234)
         out["mixers"][mixer] = {"parameters": model.num_parameters(), "fp32": fp32, "int8": int8,
                                 "change": {k: int8[k] - fp32[k] for k in fp32 if k in int8},
                                 "linear_weight_bytes": {"fp32": linear_bytes(model)["fp32"],
                                                         "int8": linear_bytes(q)["held"]}}
-        print(mixer, json.dumps(out["mixers"][mixer]["change"]), flush=True)
+        print(mixer, json.dumps(out["mixers"][mixer]), flush=True)
     return out
 
 
@@ -207,7 +208,7 @@ def main() -> None:
     parser.add_argument("--quality-only", action="store_true",
                         help="only (re)run the int8 quality section, kept in --out beside the other figures")
     parser.add_argument("--quality-mixers", default="attention,mamba,gla")
-    parser.add_argument("--quality-steps", type=int, default=400)
+    parser.add_argument("--quality-steps", type=int, default=250)
     parser.add_argument("--quality-d-model", type=int, default=64)
     parser.add_argument("--cell", help=argparse.SUPPRESS)
     args = parser.parse_args()
