@@ -2,7 +2,7 @@
 onnxruntime, at contexts 1k and 32k, for a byte-level model of a few million parameters.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_edge.py                  # -> benchmarks/results/edge.json (~8 min)
-    OMP_NUM_THREADS=1 python benchmarks/bench_edge.py --quality-only   # + int8 quality on the corpus (~10 min)
+    OMP_NUM_THREADS=1 python benchmarks/bench_edge.py --quality-only   # + int8 quality on the corpus (~20 min, loaded)
 
 Every cell (mixer x runtime x precision x context) runs in a fresh subprocess with one thread, so its peak RSS
 (VmHWM) is its own: `peak_rss_mb` is the whole process, `baseline_rss_mb` the same process after its imports
