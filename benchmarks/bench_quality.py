@@ -4,8 +4,8 @@ Every available mixer (attention, lstm, gru, conv; mamba and gla when `seqlab.av
 is sized to the same number of non-embedding parameters and trained with the same optimizer, steps and batch
 (the same number of tokens) on:
 
-    mqar_easy    multi-query associative recall, 4 pairs in 64 tokens      (accuracy at the query positions)
-    mqar_hard    8 pairs in 64 tokens                                        (twice as much to hold in a state)
+    mqar_easy    multi-query associative recall, 4 pairs in 32 tokens      (accuracy at the query positions)
+    mqar_hard    8 pairs in 32 tokens                                        (twice as much to hold in a state)
     induction    trigger -> target, trained at L = 32, tested at L and 4L    (length generalization)
     corpus       bytes of the Python standard library, bits per byte on the held-out test split
 
@@ -13,13 +13,24 @@ and the table is printed and saved as JSON. Literature expectations checked at t
 2023; Jelassi et al. 2024): attention near-perfect on MQAR where LSTM/GRU fall off as pairs grow; every model
 well below the ~4.5-5 bits per byte of an order-0 byte model of Python source.
 
-    PYTHONPATH=src python benchmarks/bench_quality.py            # ~20 minutes on 2 CPU cores
+Initialization. Every model here starts from PyTorch's default init (nn.Embedding N(0, 1), nn.Linear and
+nn.Conv1d uniform +-1/sqrt(fan_in)) with an untied output head, then each mixer's own published init
+(`reset_parameters`) on top; `--init library` uses the library's GPT-2 style default instead (every linear and
+embedding weight N(0, 0.02), output projections scaled by 1/sqrt(2 n_layers), tied head). From the library's
+init, at this budget and lr, a 2-layer attention model stays on the MQAR plateau (loss ln P, "one of the P values
+in the context", accuracy 1/P): 0.27 accuracy after 3,000 steps on 4 pairs in 32 tokens, and 0.13 on induction,
+where the same model from PyTorch's default init reaches 0.93 in 400 steps and 1.00 in 250-300. LSTM/GRU cells
+were never touched by the GPT-2 init (torch.nn.LSTM keeps PyTorch's), which is why they alone learned before.
+The recipe is the same for every mixer; the experiments are in /work/notes/issue-3.md.
+
+    PYTHONPATH=src python benchmarks/bench_quality.py            # ~20 minutes at one thread on a loaded 2-core CPU
     PYTHONPATH=src python benchmarks/bench_quality.py --quick    # a smoke run, ~1 minute
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import platform
@@ -27,6 +38,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import seqlab
@@ -39,36 +51,43 @@ RESULTS = Path(__file__).resolve().parent / "results" / "quality.json"
 CORE_MIXERS = ["attention", "lstm", "gru", "conv"]
 OPTIONAL_MIXERS = ["mamba", "gla"]
 
-# name -> (training task, evaluation task overrides {label: params}, train config)
+# name -> (training task, evaluation task overrides {label: params}, train config). Each task has its own lr,
+# the same for every mixer; batch and steps fix the tokens every mixer sees (the ~20 minute budget: 6 mixers at
+# one thread on a loaded 2-core CPU). 32-token MQAR: with every query slot used (8 pairs) or half (4), queries
+# are dense, so a model that can recall learns it within the budget; 4 -> 8 pairs doubles what a fixed state holds.
 TASKS = {
     "mqar_easy": (
-        {"name": "mqar", "vocab_size": 64, "seq_len": 64, "num_pairs": 4},
+        {"name": "mqar", "vocab_size": 64, "seq_len": 32, "num_pairs": 4},
         {"acc": {}},
-        {"steps": 800, "batch_size": 64, "lr": 3e-3},
+        {"steps": 400, "batch_size": 32, "lr": 3e-3},
     ),
     "mqar_hard": (
-        {"name": "mqar", "vocab_size": 64, "seq_len": 64, "num_pairs": 8},
+        {"name": "mqar", "vocab_size": 64, "seq_len": 32, "num_pairs": 8},
         {"acc": {}},
-        {"steps": 800, "batch_size": 64, "lr": 3e-3},
+        {"steps": 400, "batch_size": 32, "lr": 3e-3},
     ),
     "induction": (
         {"name": "induction", "vocab_size": 16, "seq_len": 32},
         {"acc_L": {}, "acc_4L": {"seq_len": 128}},
-        {"steps": 400, "batch_size": 64, "lr": 3e-3},
+        {"steps": 250, "batch_size": 32, "lr": 3e-3},
     ),
     "corpus": (
         {"name": "corpus", "seq_len": 128},
         {"bpb_test": {"split": "test"}},
-        {"steps": 250, "batch_size": 32, "lr": 3e-3},
+        {"steps": 128, "batch_size": 16, "lr": 3e-3},
     ),
 }
 
 
+@functools.cache
 def sized_config(mixer: str, vocab_size: int, target: int, n_layers: int) -> ModelConfig:
-    """The config whose non-embedding parameter count is closest to `target` (d_model a multiple of 8)."""
+    """The config whose non-embedding parameter count is closest to `target` (d_model a multiple of 8).
+
+    The output head is untied, so it counts as non-embedding parameters, the same V x D for every mixer."""
     best = None
     for d_model in range(16, 513, 8):
-        cfg = ModelConfig(mixer=mixer, vocab_size=vocab_size, d_model=d_model, n_layers=n_layers)
+        cfg = ModelConfig(mixer=mixer, vocab_size=vocab_size, d_model=d_model, n_layers=n_layers,
+                          tie_embeddings=False)
         n = build_model(cfg).num_parameters(exclude_embeddings=True)
         if best is None or abs(n - target) < abs(best[1] - target):
             best = (cfg, n)
@@ -77,12 +96,31 @@ def sized_config(mixer: str, vocab_size: int, target: int, n_layers: int) -> Mod
     return best[0]
 
 
-def run_one(mixer: str, task_name: str, target: int, n_layers: int, scale: float, seed: int) -> dict:
+def torch_default_init(model: torch.nn.Module, seed: int) -> None:
+    """PyTorch's own init for every embedding, linear and convolution (Embedding N(0, 1), Linear and Conv1d
+    uniform +-1/sqrt(fan_in)), then each mixer's published init again on top (Mamba's A, dt and D). LSTM/GRU
+    cells and norms keep PyTorch's init, which the library's GPT-2 init leaves alone anyway."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for module in model.modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d)):
+                module.reset_parameters()
+        for block in model.blocks:
+            if hasattr(block.mixer, "reset_parameters"):
+                block.mixer.reset_parameters()
+
+
+def run_one(mixer: str, task_name: str, target: int, n_layers: int, scale: float, seed: int,
+            init: str = "torch") -> dict:
     task_params, evals, overrides = TASKS[task_name]
     params = {k: v for k, v in task_params.items() if k != "name"}
     task = make_task(task_params["name"], **params)
     cfg = sized_config(mixer, task.vocab_size, target, n_layers)
+    if init == "library":
+        cfg = cfg.replace(tie_embeddings=True)  # the library's defaults as they are (the head tied)
     model = build_model(cfg, seed=seed)
+    if init == "torch":
+        torch_default_init(model, seed)
     steps = max(10, int(overrides["steps"] * scale))
     train_cfg = TrainConfig(**{**overrides, "steps": steps}, warmup_steps=max(1, steps // 20), seed=seed,
                             eval_batches=4, log_every=max(1, steps // 10))
@@ -101,10 +139,19 @@ def run_one(mixer: str, task_name: str, target: int, n_layers: int, scale: float
     }
     for label, changes in evals.items():
         eval_task = make_task(task_params["name"], **{**params, **changes})
-        batches = 32 if task_name == "corpus" else 16
+        batches = 16
         m = evaluate(model, eval_task, batches=batches, batch_size=32, seed=10_000 + seed)
         row[label] = m["bits_per_byte"] if label.startswith("bpb") else m["accuracy"]
     return row
+
+
+def order0_bits_per_byte(seq_len: int) -> float:
+    """Bits per byte on the corpus test split of an order-0 byte model: the train split's byte frequencies
+    (add-one smoothed). What "a model that learned nothing about context" scores."""
+    train, test = (make_task("corpus", seq_len=seq_len, split=s).data for s in ("train", "test"))
+    counts = np.bincount(np.asarray(train), minlength=256).astype(np.float64) + 1.0
+    log2p = np.log2(counts / counts.sum())
+    return float(-log2p[np.asarray(test)].mean())
 
 
 def table(rows: list[dict], mixers: list[str]) -> str:
@@ -140,17 +187,21 @@ def expectations(rows: list[dict]) -> list[dict]:
     for rnn in ("lstm", "gru"):
         easy, hard = get(rnn, "mqar_easy", "acc"), get(rnn, "mqar_hard", "acc")
         out.append({
-            "claim": f"{rnn} falls off on MQAR as pairs grow (hard accuracy below easy, and below attention's)",
+            "claim": f"{rnn} falls off on MQAR as pairs grow (hard accuracy at least 0.05 below its easy accuracy "
+                     "and below attention's hard accuracy)",
             "held": bool(easy is not None and hard is not None and att_hard is not None
-                         and hard < easy and hard < att_hard),
+                         and hard <= easy - 0.05 and hard <= att_hard - 0.05),
             "numbers": {"easy": easy, "hard": hard, "attention_hard": att_hard},
         })
     bpbs = {r["mixer"]: r["bpb_test"] for r in rows if r["task"] == "corpus"}
-    out.append({
-        "claim": "every model is well below an order-0 byte model (~4.5-5 bits per byte) on the corpus test split",
-        "held": bool(bpbs) and all(v < 4.0 for v in bpbs.values()),
-        "numbers": bpbs,
-    })
+    if bpbs:
+        order0 = order0_bits_per_byte(TASKS["corpus"][0]["seq_len"])
+        out.append({
+            "claim": "every model is well below an order-0 byte model on the corpus test split (at least 0.5 bits "
+                     "per byte below it)",
+            "held": all(v < order0 - 0.5 for v in bpbs.values()),
+            "numbers": {**bpbs, "order0": order0},
+        })
     return out
 
 
@@ -161,6 +212,9 @@ def main() -> int:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init", choices=["torch", "library"], default="torch",
+                   help="torch: PyTorch's default init, untied head (default); library: seqlab's GPT-2 init "
+                        "(N(0, 0.02), tied head), the setting in which attention stays on the MQAR plateau")
     p.add_argument("--tasks", nargs="*", default=list(TASKS), choices=list(TASKS))
     p.add_argument("--mixers", nargs="*", default=None, help="default: every available mixer")
     p.add_argument("--out", type=Path, default=RESULTS)
@@ -173,7 +227,7 @@ def main() -> int:
     rows, start = [], time.perf_counter()
     for task_name in args.tasks:
         for mixer in mixers:
-            row = run_one(mixer, task_name, args.params, args.layers, scale, args.seed)
+            row = run_one(mixer, task_name, args.params, args.layers, scale, args.seed, args.init)
             rows.append(row)
             metrics = {k: round(v, 4) for k, v in row.items() if k in ("acc", "acc_L", "acc_4L", "bpb_test")}
             print(f"[{time.perf_counter() - start:6.0f}s] {task_name:10s} {mixer:18s} d={row['d_model']:<4d} "
@@ -190,7 +244,7 @@ def main() -> int:
         "torch": torch.__version__,
         "machine": {"platform": platform.platform(), "python": sys.version.split()[0], "threads": args.threads},
         "settings": {"params_non_embedding": args.params, "layers": args.layers, "quick": args.quick,
-                     "seed": args.seed, "tasks": {k: TASKS[k] for k in args.tasks}},
+                     "seed": args.seed, "init": args.init, "tasks": {k: TASKS[k] for k in args.tasks}},
         "total_seconds": round(time.perf_counter() - start, 1),
         "rows": rows,
         "expectations": checks,
