@@ -1,13 +1,15 @@
 """Latent trajectories of a small recurrent-depth model, and gradient flow over distance per mixer.
 
-    trajectories  a recurrent-depth model (prelude 1, a core of 1 block iterated r times, coda 1; width 32) is
-                  trained briefly on prefix_parity (length 32) and, separately, on the byte-level corpus; then every
+    trajectories  a recurrent-depth model (prelude 1, a core of 1 block iterated r times, coda 1; width 32; a conv
+                  core, and an attention core) is trained briefly (--depth-steps, r drawn around a mean of 8) on
+                  prefix_parity (length 32) and, separately, on the byte-level corpus; then every
                   token of a held-out batch is run for --analysis-steps core steps (beyond the training mean, to
                   see where the latents go), one PCA is fitted over all steps and tokens, and each trajectory is
                   classified (fixed_point / orbit / slider / other, `seqlab.analysis.latents`). Per task: class
                   shares, steps to converge, mean loss per class, the Spearman correlation of converge steps with
                   token loss, and a report (Markdown + HTML) with the PC1-PC2 / PC3-PC4 / PC5-PC6 and
-                  distance-to-final plots, under benchmarks/results/latents/<task>/.
+                  distance-to-final plots, under benchmarks/results/latents/<task>-<core>/; and whether later
+                  positions take more steps to settle (Spearman correlation of converge step with position).
     gradient flow small language models of several mixers (2 layers, width 48) trained briefly on the corpus;
                   the norm of the gradient of the last position's loss with respect to the input embedding at each
                   earlier position, against distance, averaged over batches of held-out text (one curve per
@@ -33,7 +35,7 @@ import torch
 
 import seqlab
 from seqlab.analysis.gradflow import gradient_flow_on_task, plot_gradient_flow
-from seqlab.analysis.latents import analyze
+from seqlab.analysis.latents import analyze, spearman
 from seqlab.commands.latents import write_report
 from seqlab.config import ModelConfig, TrainConfig
 from seqlab.data import make_task
@@ -54,11 +56,12 @@ def task_of(params: dict):
     return make_task(params["name"], **{k: v for k, v in params.items() if k != "name"})
 
 
-def trajectories(name: str, args: argparse.Namespace, out_dir: Path) -> dict:
+def trajectories(name: str, core: str, args: argparse.Namespace, out_dir: Path) -> dict:
     train_p, test_p, model_o, train_o = TASKS[name]
-    cfg = ModelConfig.from_dict({"arch": "recurrent_depth", "mixer": args.core, "d_model": 32, "mlp": "gelu",
+    cfg = ModelConfig.from_dict({"arch": "recurrent_depth", "mixer": core, "d_model": 32, "mlp": "gelu",
                                  "sandwich_norm": True, "depth": DEPTH, **model_o})
     model = build_model(cfg, seed=args.seed)
+    torch.manual_seed(args.seed)  # training draws r from the global RNG
     tc = TrainConfig(**{"steps": args.depth_steps, "batch_size": 32, "warmup_steps": max(1, args.depth_steps // 20),
                         "seed": args.seed, "eval_batches": 8, "log_every": max(1, args.depth_steps // 10), **train_o})
     t0 = time.perf_counter()
@@ -67,17 +70,29 @@ def trajectories(name: str, args: argparse.Namespace, out_dir: Path) -> dict:
     batch = task_of(test_p).batch(args.rows, torch.Generator().manual_seed(args.seed + 100))
     lat = analyze(model, batch.inputs, batch.targets, batch.mask, args.analysis_steps, plots_dir=out_dir / "plots",
                   byte_level=name == "corpus", seed=args.seed)
-    result = {"checkpoint": f"{name} recurrent-depth model (trained in bench_latents.py)",
+    result = {"checkpoint": f"{name} recurrent-depth model, {core} core (trained in bench_latents.py)",
               "source": {"task": name, **{k: v for k, v in test_p.items() if k != "name"}, "batch_size": args.rows},
               "latents": lat}
     write_report(result, out_dir)
     s = lat["summary"]
-    print(f"{name}: eval {fit_result['eval']} after {args.depth_steps} steps ({train_seconds:.0f} s); classes "
-          + ", ".join(f"{k} {v:.1%}" for k, v in s["shares"].items()), flush=True)
+    # does a later position (more of the sequence to summarize) take more steps to settle?
+    fixed = [t for t in lat["tokens"] if t["converge_step"] >= 0]
+    pos = torch.tensor([t["pos"] for t in fixed], dtype=torch.float64)
+    conv = torch.tensor([t["converge_step"] for t in fixed], dtype=torch.float64)
+    T = lat["positions"]
+    by_position = {
+        "spearman_converge_position": spearman(pos, conv),
+        "mean_converge_first_quarter": conv[pos < T / 4].mean().item() if (pos < T / 4).any() else None,
+        "mean_converge_last_quarter": conv[pos >= 3 * T / 4].mean().item() if (pos >= 3 * T / 4).any() else None,
+    }
+    print(f"{name}/{core}: eval {fit_result['eval']} after {args.depth_steps} steps ({train_seconds:.0f} s); classes "
+          + ", ".join(f"{k} {v:.1%}" for k, v in s["shares"].items()) + f"; converge steps by position {by_position}",
+          flush=True)
     return {"model": cfg.to_dict(), "train": tc.to_dict(), "train_seconds": train_seconds,
             "eval": fit_result["eval"], "analysis_steps": args.analysis_steps,
-            "pca": lat["pca"], "summary": s, "mean_loss": lat["mean_loss"], "plots": lat["plots"],
-            "report": f"latents/{name}/report.md"}
+            "pca": lat["pca"], "summary": s, "converge_by_position": by_position, "mean_loss": lat["mean_loss"],
+            "plots": lat["plots"],
+            "report": f"latents/{out_dir.name}/report.md"}
 
 
 def gradflow(args: argparse.Namespace, out_dir: Path) -> dict:
@@ -108,7 +123,7 @@ def gradflow(args: argparse.Namespace, out_dir: Path) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--core", default="conv", help="the recurrent-depth model's mixer (default conv)")
+    p.add_argument("--cores", default="conv,attention", help="the recurrent-depth models' core mixers")
     p.add_argument("--depth-steps", type=int, default=200, help="training steps of each recurrent-depth model")
     p.add_argument("--analysis-steps", type=int, default=32, help="core steps captured per token")
     p.add_argument("--rows", type=int, default=8, help="held-out rows analysed per task")
@@ -130,14 +145,15 @@ def main() -> int:
               "machine": {"platform": platform.platform(), "python": sys.version.split()[0],
                           "threads": torch.get_num_threads()},
               "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-              "trajectories": {name: trajectories(name, args, out_dir / name) for name in TASKS},
+              "trajectories": {f"{name}/{core}": trajectories(name, core, args, out_dir / f"{name}-{core}")
+                               for core in args.cores.split(",") if core for name in TASKS},
               "gradflow": gradflow(args, out_dir)}
     result["total_seconds"] = time.perf_counter() - start
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
 
     print()
-    print("| task | eval | fixed_point | orbit | slider | other | converge steps (median) | Spearman(converge, loss) |")
+    print("| task/core | eval | fixed_point | orbit | slider | other | converge (median) | Spearman(conv., loss) |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for name, t in result["trajectories"].items():
         s, ev = t["summary"], t["eval"]
