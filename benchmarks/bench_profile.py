@@ -16,8 +16,8 @@
    equal to the formula exactly at every context; sliding attention's state bytes flat beyond its window. Plots:
    benchmarks/results/profile/.
 2. Interleaved (`interleaved`): the same recurrent models in one process, prefilled to the smallest and to the
-   largest context, then decoding from the two states in alternation (one step each, in turn) for --decode-steps
-   steps: the latency ratio between the two contexts with machine load hitting both alike.
+   largest context, then decoding from the two states in alternation (one step each per round, in a random order)
+   for --interleaved-steps rounds: the latency ratio between the two contexts with machine load hitting both alike.
 3. seqlab vs transformers (`hf`, needs `pip install -e .[hf]`): greedy decoding at batch 1 on CPU of a GPT-2 model
    and of a Mamba model with the same small sizes (d_model 128, 2 layers, vocab 256), random weights, imported into
    seqlab with `seqlab.from_hf` so both run the very same weights (the tokens are compared). Throughput is
@@ -104,7 +104,7 @@ def interleaved_section(args) -> dict:
     cfg = ProfileConfig(mixers=RECURRENT, d_model=args.d_model, n_layers=args.layers, vocab_size=256,
                         model={"attention": {"window": args.window}})
     lo, hi = min(args.contexts), max(args.contexts)
-    out = {"contexts": [lo, hi], "steps": args.decode_steps, "warmup": 16, "per_mixer": {}}
+    out = {"contexts": [lo, hi], "steps": args.interleaved_steps, "warmup": 16, "per_mixer": {}}
     for mixer, mc in resolve_models(cfg).items():
         model = seqlab.build_model(mc, seed=0).eval()
         live = {}
@@ -112,8 +112,11 @@ def interleaved_section(args) -> dict:
             logits, state = _prefill(model, n, 1, args.chunk, 0, 0, torch.device("cpu"))
             live[n] = (logits[:, -1].argmax(-1, keepdim=True), state)
         wall, cpu = {lo: [], hi: []}, {lo: [], hi: []}
-        for i in range(16 + args.decode_steps):
-            for n, (token, state) in live.items():
+        order = torch.Generator().manual_seed(0)
+        for i in range(16 + args.interleaved_steps):
+            # a random order each round, so the scheduler's time slices cannot line up with one context's steps
+            for n in ([lo, hi] if torch.rand((), generator=order) < 0.5 else [hi, lo]):
+                token, state = live[n]
                 t0, c0 = time.perf_counter(), time.process_time()
                 logits, state = model(token, state)
                 token = logits[:, -1].argmax(-1, keepdim=True)
@@ -127,11 +130,13 @@ def interleaved_section(args) -> dict:
         entry = {"latency_s": {str(n): w[n] for n in w}, "cpu_s": {str(n): c[n] for n in c},
                  "ratio": w[hi] / w[lo], "cpu_ratio": c[hi] / c[lo]}
         entry["met"] = abs(entry["ratio"] - 1) <= 0.10
+        entry["cpu_met"] = abs(entry["cpu_ratio"] - 1) <= 0.10
         out["per_mixer"][mixer] = entry
         print(f"interleaved: {mixer:5s} decode after {lo:,}: {w[lo] * 1e3:.3f} ms, after {hi:,}: {w[hi] * 1e3:.3f} ms "
               f"-> {entry['ratio']:.3f} ({'within' if entry['met'] else 'NOT within'} 10%); CPU time "
               f"{entry['cpu_ratio']:.3f}", flush=True)
-    out["met"] = all(e["met"] for e in out["per_mixer"].values())
+    out["met"] = all(e["met"] for e in out["per_mixer"].values())  # wall clock
+    out["cpu_met"] = all(e["cpu_met"] for e in out["per_mixer"].values())
     return out
 
 
@@ -158,14 +163,16 @@ def hf_models(d_model: int, layers: int, vocab: int):
             hf.save_pretrained(tmp)
             ours = seqlab.from_hf(tmp)
         assert ours.num_parameters() == sum(p.numel() for p in hf.parameters()), name  # the same sizes
+        hf.generation_config.eos_token_id = None  # no end token: exactly n tokens, with no stopping check per step
         out[name] = (hf, ours)
     return out
 
 
 def hf_generate(hf, prompt: torch.Tensor, n: int) -> torch.Tensor:
     with torch.inference_mode():
-        out = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
-                          do_sample=False, use_cache=True, pad_token_id=0)
+        out = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, do_sample=False,
+                          use_cache=True, pad_token_id=0)
+    assert out.shape[1] == prompt.shape[1] + n
     return out
 
 
@@ -186,27 +193,31 @@ def hf_prefill(hf, name: str, prompt: torch.Tensor):
 
 
 @torch.inference_mode()
-def step_latency(hf, ours, name: str, prompt: torch.Tensor, steps: int, warmup: int = 8) -> dict[str, float]:
-    """Median seconds per model call on one new token, the two models alternating token by token."""
+def step_latency(hf, ours, name: str, prompt: torch.Tensor, steps: int, warmup: int = 8) -> dict[str, dict]:
+    """Median seconds per model call on one new token (wall clock and CPU time), the two models alternating token
+    by token."""
     hl, hc = hf_prefill(hf, name, prompt)
     sl, ss = ours(prompt)
     pos = prompt.shape[1]
-    ht, st = [], []
+    ht, st, hc_, sc_ = [], [], [], []
     htok, stok = hl[:, -1:].argmax(-1), sl[:, -1:].argmax(-1)
     step = hf_step(hf, name)
     for i in range(warmup + steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         hl, hc = step(htok, hc, pos)
         htok = hl[:, -1:].argmax(-1)
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         sl, ss = ours(stok, ss)
         stok = sl[:, -1:].argmax(-1)
-        t2 = time.perf_counter()
+        t2, c2 = time.perf_counter(), time.process_time()
         pos += 1
         if i >= warmup:
             ht.append(t1 - t0)
             st.append(t2 - t1)
-    return {"transformers": statistics.median(ht), "seqlab": statistics.median(st)}
+            hc_.append(c1 - c0)
+            sc_.append(c2 - c1)
+    med = statistics.median
+    return {"wall": {"transformers": med(ht), "seqlab": med(st)}, "cpu": {"transformers": med(hc_), "seqlab": med(sc_)}}
 
 
 def hf_section(args) -> dict | None:
@@ -245,8 +256,9 @@ def hf_section(args) -> dict | None:
             "generate_ratio": tps["seqlab"] / tps["transformers"],
             "generate_cpu_tokens_per_s": cpu_tps, "generate_cpu_seconds": cpu,
             "generate_cpu_ratio": cpu_tps["seqlab"] / cpu_tps["transformers"],
-            "step_latency_s": steps, "step_steps": args.hf_steps,
-            "step_ratio": steps["transformers"] / steps["seqlab"],
+            "step_latency_s": steps["wall"], "step_cpu_s": steps["cpu"], "step_steps": args.hf_steps,
+            "step_ratio": steps["wall"]["transformers"] / steps["wall"]["seqlab"],
+            "step_cpu_ratio": steps["cpu"]["transformers"] / steps["cpu"]["seqlab"],
         }
         entry["met_3x"] = entry["generate_ratio"] >= 3.0
         out["models"][name] = entry
@@ -254,7 +266,8 @@ def hf_section(args) -> dict | None:
               f"transformers {tps['transformers']:,.0f} tokens/s -> {entry['generate_ratio']:.2f}x "
               f"({'meets' if entry['met_3x'] else 'misses'} 3x); per CPU second {cpu_tps['seqlab']:,.0f} vs "
               f"{cpu_tps['transformers']:,.0f} -> {entry['generate_cpu_ratio']:.2f}x; model step alone "
-              f"{steps['seqlab'] * 1e3:.3f} vs {steps['transformers'] * 1e3:.3f} ms -> {entry['step_ratio']:.2f}x; "
+              f"{steps['wall']['seqlab'] * 1e3:.3f} vs {steps['wall']['transformers'] * 1e3:.3f} ms -> "
+              f"{entry['step_ratio']:.2f}x (CPU time {entry['step_cpu_ratio']:.2f}x); "
               f"greedy tokens agree {agree}/{n}", flush=True)
     return out
 
@@ -272,6 +285,7 @@ def main(argv=None) -> int:
     p.add_argument("--window", type=int, default=1024, help="sliding attention window")
     p.add_argument("--chunk", type=int, default=1024, help="prefill chunk")
     p.add_argument("--decode-steps", type=int, default=200)
+    p.add_argument("--interleaved-steps", type=int, default=400)
     p.add_argument("--hf-d-model", type=int, default=128)
     p.add_argument("--hf-layers", type=int, default=2)
     p.add_argument("--hf-new-tokens", type=int, default=128)
@@ -280,7 +294,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     args.contexts = tuple(int(c) for c in args.contexts.split(","))
     if args.quick:
-        args.contexts, args.window, args.chunk, args.decode_steps = (64, 256), 128, 64, 16
+        args.contexts, args.window, args.chunk, args.decode_steps, args.interleaved_steps = (64, 256), 128, 64, 16, 16
         args.hf_new_tokens, args.hf_repeats, args.hf_steps = 16, 2, 16
         args.out, args.plots = "/tmp/bench_profile_quick.json", "/tmp/bench_profile_quick"
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
@@ -288,12 +302,14 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     start, load_before = time.perf_counter(), os.getloadavg()
     result = {"command": " ".join(["python", *sys.argv]), "load_before": load_before, "torch_threads": 1}
-    if "profile" not in skip:
-        result["profile"] = profile_section(args)
-    if "interleaved" not in skip:
-        result["interleaved"] = interleaved_section(args)
-    if "hf" not in skip:
-        result["hf"] = hf_section(args)
+    sections = {"profile": profile_section, "interleaved": interleaved_section, "hf": hf_section}
+    for name, section in sections.items():
+        if name not in skip:
+            t0, load = time.perf_counter(), os.getloadavg()
+            result[name] = section(args)
+            if result[name] is not None:  # each section records the run it came from
+                result[name]["run"] = {"command": result["command"], "load_before": load,
+                                       "load_after": os.getloadavg(), "seconds": time.perf_counter() - t0}
     result.update(load_after=os.getloadavg(), seconds=time.perf_counter() - start)
     out = Path(args.out)
     if skip and out.exists():  # a section run on its own keeps the other sections already in the file

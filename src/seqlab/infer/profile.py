@@ -10,7 +10,8 @@ else the process's ru_maxrss); on a GPU `torch.cuda.max_memory_allocated`.
 Timings are medians: prefill over `repeats` runs (a single run once one takes longer than `long_prefill_s`; the
 cell says how many), decode over `decode_steps` steps after `warmup` steps. Decode latency is one model call on one
 new token plus the argmax. Each timing is taken twice: wall clock (the latency a user sees) and CPU time of the
-process, which other processes competing for the cores stretch far less: on a shared machine, compare CPU times.
+process, which other processes competing for the cores stretch less (shared caches and hyperthreads still do):
+on a shared machine, compare CPU times, and repeat a profile before reading a 10% difference into it.
 
 The crossover of a mixer is the context beyond which it decodes faster than `attention`: interpolated on the
 log-log curves between the two measured contexts where the sign of (its latency - attention's) last changes.
@@ -71,8 +72,8 @@ CELL_FIELDS = {
     "prefill_repeats": "prefill runs the median is over",
     "prefill_chunk": "tokens per prefill call",
     "decode_latency_s": "median seconds per decoded token (one step)",
-    "decode_cpu_s": "median CPU seconds of the process (all threads) per step: unlike the wall-clock latency, "
-                    "barely stretched by other processes competing for the cores",
+    "decode_cpu_s": "median CPU seconds of the process (all threads) per step: stretched less than the "
+                    "wall-clock latency by other processes competing for the cores (not immune: shared caches)",
     "decode_latency_p10_s": "10th percentile of the step time",
     "decode_latency_p90_s": "90th percentile of the step time",
     "decode_steps": "timed decode steps (after the warmup steps)",
