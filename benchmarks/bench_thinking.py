@@ -15,8 +15,13 @@ Figures (printed, and saved to benchmarks/results/thinking.json):
                 training step, measured with a communication hook in a two-process gloo run, for the
                 recurrent-depth model against the fixed-depth model of the same parameter count.
 
-    OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/bench_thinking.py           # ~15 minutes, 1 CPU thread
-    OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/bench_thinking.py --quick   # a smoke run, ~1 minute
+    OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/bench_thinking.py           # ~25 minutes, 1 loaded thread
+    OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/bench_thinking.py --quick   # a smoke run, ~1-3 minutes
+
+The parity model is saved to --checkpoint (runs/bench_thinking/parity), so `seqlab think` can read it; with
+--merge a run updates only the sections it redoes in the saved JSON (exit rows are added to the earlier sweep):
+
+    ... bench_thinking.py --only scaling,exit --merge --kl-thresholds 1e-7,1e-9 --latent-thresholds 1e-1
 """
 
 from __future__ import annotations
