@@ -82,6 +82,9 @@ def test_smoke_run_writes_every_report_file_and_section(lab_run):
     training = results["sections"]["training"]["cells"]
     assert {(c["mixer"], c["seq_len"]) for c in training} == {(m, T) for m in ("attention", "gru") for T in (8, 16)}
     assert all(c["tokens_per_s"] > 0 and c["peak_rss_bytes"] > 0 for c in training)
+    for c in training:  # the cell's full model config, to reproduce the number alone
+        job = json.loads((lab_run / "cells" / "training" / c["cell"] / "job.json").read_text())
+        assert job["model_config"]["d_model"] == c["d_model"] and job["seq_len"] == c["seq_len"]
 
     inference = results["sections"]["inference"]
     state = {(c["mixer"], p["context"]): p["state_bytes"] for c in inference["cells"] for p in c["points"]}

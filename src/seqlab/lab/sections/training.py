@@ -64,6 +64,10 @@ def run(cell: Any, cfg: Config, lab: Any, cell_dir: Path, progress: bool) -> dic
     job = {"mixer": cell.spec["mixer"], "seq_len": cell.spec["seq_len"], "batch_size": cfg.batch_size,
            "steps": cfg.steps, "model": cfg.model, "target_params": cfg.target_params, "seed": lab.seed,
            "depth": cfg.depth, "threads": lab.threads}
+    from seqlab.lab.sections.quality import matched_config
+
+    model_cfg = matched_config({"vocab_size": 256, **cfg.model}, job["mixer"], cfg.target_params, cfg.depth)
+    (cell_dir / "job.json").write_text(json.dumps({**job, "model_config": model_cfg.to_dict()}, indent=2) + "\n")
     if not cfg.fresh_process:
         return worker(job)
     proc = subprocess.run([sys.executable, "-m", "seqlab.lab.sections.training", json.dumps(job)],
