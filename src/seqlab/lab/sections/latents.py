@@ -21,6 +21,7 @@ from seqlab.lab import report
 from seqlab.lab.sections.quality import split_task, task_label
 
 TITLE = "Latent trajectories"
+MAX_GREY = 400  # tokens whose distance curves are kept for the grey background of the distance plot
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,8 @@ def run(cell: Any, cfg: Config, lab: Any, cell_dir: Path, progress: bool) -> dic
     chosen = [c["pos"] for c in res["chosen"]]
     z = pca.project(flat[:, chosen])  # (S + 1, n, k)
     dist = (flat - flat[-1]).norm(dim=-1) / flat.norm(dim=-1).mean(0).clamp_min(1e-12)  # (S + 1, N)
+    # kept: the first MAX_GREY tokens (drawn in grey) and then the chosen ones, so results.json stays small
+    dist = torch.cat([dist[:, :MAX_GREY], dist[:, chosen]], dim=1)
     counted = [t for t in res["tokens"] if t["loss"] is not None]
     return {
         "model_source": source, "task": task_label(lab.thinking.task), "seq_len": task.seq_len,
@@ -127,8 +130,10 @@ def render(results: dict[str, Any], out: Path) -> report.Section:
                    f"Trajectories of {len(names)} tokens of row 0 in the first principal planes (circle: s_0, star: "
                    f"s_{c['steps']}); PC1 and PC2 explain {ratio[0]:.1%} and "
                    f"{ratio[1] if len(ratio) > 1 else 0.0:.1%} of the variance.")
-        dist = torch.tensor(c["distance"]).reshape(c["distance_shape"])
-        plot_distance_to_final(dist, [x["pos"] for x in c["chosen"]], names, out / "plots" / "latents-distance.png")
+        dist = torch.tensor(c["distance"]).reshape(c["distance_shape"])  # (S + 1, grey tokens + chosen tokens)
+        n_grey = dist.shape[1] - len(names)
+        plot_distance_to_final(dist, [n_grey + j for j in range(len(names))], names,
+                               out / "plots" / "latents-distance.png")
         sec.figure("plots/latents-distance.png",
                    f"Distance of each token's latent to its final state against the step (log scale); "
                    f"{s['counts']['fixed_point']} of {s['tokens']} tokens settle to a fixed point.")
