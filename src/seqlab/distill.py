@@ -34,6 +34,7 @@ Weight transfer (`transfer_weights`), where shapes allow, student block i taking
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import time
 from collections.abc import Callable
@@ -486,12 +487,17 @@ def distill_and_compare(teacher: nn.Module, student_config: Any, task: Task, cfg
         scratch_result = fit(twin, task, tc, progress=progress, desc="scratch", eval_task=eval_task)
     metric, _, _ = quality(teacher_eval)
 
+    costs: dict[str, dict] = {}  # decode cost per architecture: the distilled student and its twin share one
+
     def row(model: nn.Module, metrics: dict, extra: dict) -> dict:
         out = {"mixers": sorted(set(model.config.layer_mixers)), "arch": model.config.arch,
                "params": sum(p.numel() for p in model.parameters()), "eval": metrics,
                "retained": retained(metrics, teacher_eval), **extra}
         if context:
-            out["decode"] = decode_cost(model, context)
+            key = json.dumps(model.config.to_dict(), sort_keys=True)
+            if key not in costs:
+                costs[key] = decode_cost(model, context)
+            out["decode"] = costs[key]
         return out
 
     report = {
