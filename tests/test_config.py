@@ -41,6 +41,7 @@ def test_layers_alone_fix_the_depth():
     ({"norm": "batchnorm"}, r"'norm' = 'batchnorm': expected one of rmsnorm, layernorm"),
     ({"mamba": {"impl": "cuda"}}, r"'mamba.impl' = 'cuda': expected one of chunked, ref"),
     ({"tie_embeddings": 1}, r"'tie_embeddings' = 1: expected bool"),
+    ({"init": "xavier"}, r"'init' = 'xavier': expected one of gpt2, torch"),
 ])
 def test_invalid_model_config(fields, match):
     with pytest.raises(InputError, match=match):

@@ -141,3 +141,16 @@ def test_seeded_build_is_deterministic_and_leaves_global_rng_alone():
     assert torch.equal(before, after)
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("arch", ["lm", "recurrent_depth"])
+def test_init_schemes_set_the_weight_scales_they_name(arch):
+    fields = dict(arch=arch, mixer="attention", vocab_size=64, d_model=64, tie_embeddings=False)
+    gpt2 = seqlab.build_model(**fields, seed=0)
+    torch_init = seqlab.build_model(**fields, init="torch", seed=0)
+    assert gpt2.embed.weight.std().item() == pytest.approx(0.02, rel=0.1)
+    assert torch_init.embed.weight.std().item() == pytest.approx(1.0, rel=0.1)  # nn.Embedding: N(0, 1)
+    wq = next(m.wq for m in torch_init.modules() if hasattr(m, "wq"))
+    bound = 1 / 64**0.5  # nn.Linear: uniform(+-1/sqrt(fan_in))
+    assert wq.weight.abs().max().item() <= bound and wq.weight.abs().max().item() > 0.9 * bound
+    assert torch_init.head.weight.std().item() == pytest.approx(bound / 3**0.5, rel=0.1)  # std of that uniform

@@ -307,6 +307,7 @@ class ModelConfig(_Section):
     norm_eps: float = 1e-5
     sandwich_norm: bool = False  # also normalize the mixer and MLP outputs (keeps iterated latents bounded)
     tie_embeddings: bool = True
+    init: str = "gpt2"  # gpt2: N(0, init_std) linear and embedding weights | torch: PyTorch's own defaults
     init_std: float = 0.02
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     rnn: RNNConfig = field(default_factory=RNNConfig)
@@ -325,6 +326,7 @@ class ModelConfig(_Section):
             )
         _choice("", "mixer", self.mixer, MIXERS)
         _positive(self, "", "vocab_size", "d_model", "n_layers", "d_ff", "norm_eps", "init_std")
+        _choice("", "init", self.init, ("gpt2", "torch"))
         _choice("", "mlp", self.mlp, ("swiglu", "gelu", "gelu_tanh", "none"))
         _choice("", "position", self.position, ("rope", "learned"))
         _positive(self, "", "max_positions")

@@ -33,15 +33,8 @@ class LanguageModel(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """GPT-2 style init: N(0, init_std) for linear and embedding weights, output projections scaled down by
-        sqrt(2 * n_layers); then each mixer's own published init (`reset_parameters` of the mixer) wins."""
-        std = self.config.init_std
-        for name, module in self.named_modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                scale = 1 / math.sqrt(2 * self.config.n_layers) if name.endswith(("wo", "w2", "out_proj")) else 1
-                nn.init.normal_(module.weight, 0.0, std * scale)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
+        """`init_weights` for the linear and embedding weights, then each mixer's own published init wins."""
+        init_weights(self, self.config)
         for block in self.blocks:
             if hasattr(block.mixer, "reset_parameters"):
                 block.mixer.reset_parameters()
@@ -56,7 +49,10 @@ class LanguageModel(nn.Module):
             raise InputError(f"tokens must be a (batch, time) tensor with time >= 1, got {shape}")
         if tokens.dtype not in (torch.int64, torch.int32):
             raise InputError(f"tokens must be int64 token ids, got dtype {tokens.dtype}")
-        lo, hi = int(tokens.min()), int(tokens.max())
+        if tokens.numel() == 1:  # one token (decoding at batch 1): one read, no reduction
+            lo = hi = int(tokens)
+        else:
+            lo, hi = (int(t) for t in torch.aminmax(tokens))  # one pass for both bounds
         if lo < 0 or hi >= self.config.vocab_size:
             bad = lo if lo < 0 else hi
             raise InputError(
@@ -98,3 +94,24 @@ class LanguageModel(nn.Module):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:  # h (B, T, D) -> (B, T, V)
         return self.head(h) if self.head is not None else F.linear(h, self.embed.weight)
+
+
+def init_weights(model: nn.Module, cfg: ModelConfig) -> None:
+    """Initialize every linear and embedding weight of `model` by the scheme `cfg.init`.
+
+    gpt2:  N(0, init_std), output projections (wo, w2, out_proj) scaled down by 1 / sqrt(2 * n_layers), biases zero
+           (GPT-2, nanoGPT). Suits larger models; at small width with AdamW at lr ~3e-3 attention can sit for
+           thousands of steps on the plateau of recall tasks (MQAR loss ln P), see benchmarks/bench_quality.py.
+    torch: PyTorch's own defaults (Linear uniform +-1/sqrt(fan_in), Embedding N(0, 1)), drawn again here; pair it
+           with an untied head (`tie_embeddings=False`), since a N(0, 1) embedding as the head gives huge logits.
+    """
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.Linear, nn.Embedding)):
+            continue
+        if cfg.init == "torch":
+            module.reset_parameters()
+            continue
+        scale = 1 / math.sqrt(2 * cfg.n_layers) if name.endswith(("wo", "w2", "out_proj")) else 1
+        nn.init.normal_(module.weight, 0.0, cfg.init_std * scale)
+        if getattr(module, "bias", None) is not None:
+            nn.init.zeros_(module.bias)

@@ -45,7 +45,7 @@ from torch import nn
 from seqlab.config import ModelConfig
 from seqlab.errors import InputError
 from seqlab.models.blocks import Block, make_norm
-from seqlab.models.lm import LanguageModel
+from seqlab.models.lm import LanguageModel, init_weights
 from seqlab.models.state import ModelState, State
 
 EXITS = ("none", "kl", "latent")
@@ -102,8 +102,9 @@ class RecurrentDepthModel(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """As `LanguageModel`: N(0, init_std), output projections scaled by 1 / sqrt(2 * real blocks), then each
-        mixer's own init. Then two choices that make the loop trainable from the start:
+        """As `LanguageModel`: `init_weights` (the config's `init` scheme; gpt2 scales output projections by
+        1 / sqrt(2 * real blocks)), then each mixer's own init. Then two choices that make the loop trainable from
+        the start:
 
         - the adapter starts as (s + e) / sqrt(2) (identity blocks [I, I] / sqrt(2)): a random N(0, init_std)
           adapter would shrink the re-injected input ~10x below the unit-scale block outputs, so that after a few
@@ -111,13 +112,7 @@ class RecurrentDepthModel(nn.Module):
         - the sandwich post-norms start at gain `depth.residual_gain` (< 1): every block then starts close to the
           identity instead of adding a unit-scale random term per block and per step.
         """
-        std = self.config.init_std
-        for name, module in self.named_modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                scale = 1 / math.sqrt(2 * self.config.n_layers) if name.endswith(("wo", "w2", "out_proj")) else 1
-                nn.init.normal_(module.weight, 0.0, std * scale)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
+        init_weights(self, self.config)
         for block in (*self.prelude, *self.core, *self.coda):
             if hasattr(block.mixer, "reset_parameters"):
                 block.mixer.reset_parameters()
