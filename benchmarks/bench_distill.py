@@ -19,7 +19,7 @@ medians), so that the drifting load of a shared machine falls on all of them ali
 Targets (issue 7): every distilled student beats its from-scratch twin; the best student is within 10% of the
 teacher's bits per byte while decoding faster than the teacher at the long context with a constant state.
 
-    PYTHONPATH=src python benchmarks/bench_distill.py            # ~16 minutes at one thread on a loaded 2-core CPU
+    PYTHONPATH=src python benchmarks/bench_distill.py            # 7 min at one thread (16 with load average 8)
     PYTHONPATH=src python benchmarks/bench_distill.py --decode-only   # re-measure decoding on the saved results
     PYTHONPATH=src python benchmarks/bench_distill.py --quick    # a smoke run, ~1 minute
 """
