@@ -12,7 +12,6 @@ from seqlab.commands import emit
 
 def register(sub: argparse._SubParsersAction) -> None:
     from seqlab.lab.presets import PRESETS
-    from seqlab.lab.sections import SECTIONS
 
     p = sub.add_parser(
         "lab", help="train and measure every architecture side by side; write a report",

@@ -18,7 +18,7 @@ from typing import Any
 
 import matplotlib.pyplot as plt
 
-from seqlab.config import TrainConfig, _check_types, _positive, _Section
+from seqlab.config import TrainConfig, _check_types, _Section
 from seqlab.errors import InputError
 from seqlab.lab import report
 from seqlab.lab.sections.quality import check_entry, split_task, task_label

@@ -89,7 +89,8 @@ def run(cell: Any, cfg: Config, lab: Any, cell_dir: Path, progress: bool) -> dic
     return {
         "model_source": source, "task": task_label(lab.thinking.task), "seq_len": task.seq_len,
         "steps": res["steps"], "rows": res["rows"], "positions": res["positions"], "d_model": res["d_model"],
-        "pca": {**res["pca"], "explained_first_two": sum(res["pca"]["explained_ratio"][:2])}, "rules": res["rules"], "summary": res["summary"], "mean_loss": res["mean_loss"],
+        "pca": {**res["pca"], "explained_first_two": sum(res["pca"]["explained_ratio"][:2])},
+        "rules": res["rules"], "summary": res["summary"], "mean_loss": res["mean_loss"],
         "labels": list(LABELS), "chosen": res["chosen"],
         "z_shape": list(z.shape), "z": _round(z, cfg.digits),
         "distance_shape": list(dist.shape), "distance": _round(dist, cfg.digits),

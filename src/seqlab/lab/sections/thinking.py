@@ -117,7 +117,8 @@ def render(results: dict[str, Any], out: Path) -> report.Section:
     failed = [c for c in results["cells"] if "error" in c]
     if train and "error" not in train:
         sec.p(f"A recurrent-depth model ({train['mixer']} blocks, d_model {train['d_model']}, {train['params']:,} "
-              f"parameters) trained with r drawn by the {train['sampler']} sampler around {train['train_mean_steps']:g} "
+              f"parameters) trained with r drawn by the {train['sampler']} sampler around "
+              f"{train['train_mean_steps']:g} "
               f"steps (backpropagating through the last {train['backprop_steps']}), for "
               f"{results['config']['train']['steps']} steps; its accuracy at the training r: "
               f"{train['train_eval']['accuracy']:.3f}.")
