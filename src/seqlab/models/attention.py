@@ -128,9 +128,14 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, state: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
         B, T, _ = x.shape
         pos0 = state.pos if state is not None else 0
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = self.wk(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
-        v = self.wv(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        if T == 1:  # (B, 1, H, hd) and (B, H, 1, hd) have the same layout: a view, no transpose
+            q = self.wq(x).view(B, self.n_heads, 1, self.head_dim)  # (B, H, T, hd)
+            k = self.wk(x).view(B, self.kv_heads, 1, self.head_dim)  # (B, Hkv, T, hd)
+            v = self.wv(x).view(B, self.kv_heads, 1, self.head_dim)
+        else:
+            q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+            k = self.wk(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+            v = self.wv(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
         if self.rotary is not None:
             q, k = self.rotary(q, pos0), self.rotary(k, pos0)
         buffer, start = None, 0
@@ -147,7 +152,7 @@ class Attention(nn.Module):
             q, k, v, attn_mask=mask, is_causal=mask is None and P == 0 and T > 1,
             enable_gqa=self.kv_heads != self.n_heads,
         )  # (B, H, T, hd)
-        y = self.wo(y.transpose(1, 2).reshape(B, T, -1))
+        y = self.wo(y.reshape(B, 1, -1) if T == 1 else y.transpose(1, 2).reshape(B, T, -1))  # (B, T, H * hd)
         if self.window is not None and k.shape[2] > self.window:
             start += k.shape[2] - self.window  # only the last W keys are ever seen again
             k, v = k[:, :, -self.window:], v[:, :, -self.window:]

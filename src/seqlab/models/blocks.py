@@ -53,15 +53,37 @@ class Rotary(nn.Module):
         super().__init__()
         inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        # cos and signed sin tables for positions [0, len), fp32, built on first use and grown by doubling; derived
+        # values only (never in the state_dict), rebuilt from inv_freq when its device or dtype changes
+        self.register_buffer("cos_table", torch.empty(0, head_dim), persistent=False)
+        self.register_buffer("sin_table", torch.empty(0, head_dim), persistent=False)
+
+    def _tables(self, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) tables, (n, hd) with n >= end: cos(angle) twice, and -sin(angle) then sin(angle), so that
+        rotate_half(x) * sin == roll(x, hd/2) * signed sin."""
+        cos, sin = self.cos_table, self.sin_table
+        if cos.shape[0] < end or cos.dtype != torch.float32 or cos.device != self.inv_freq.device:
+            n = max(end, 2 * cos.shape[0], 64)
+            with torch.inference_mode(False):  # a table built while decoding must stay usable when training
+                cos, sin = self._build(n)
+            self.cos_table, self.sin_table = cos, sin
+        return cos, sin
+
+    def _build(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        f = self.inv_freq
+        angles = torch.outer(torch.arange(n, device=f.device, dtype=torch.float32), f)  # (n, hd/2)
+        cos = torch.cat([angles.cos(), angles.cos()], dim=-1)  # (n, hd)
+        sin = torch.cat([-angles.sin(), angles.sin()], dim=-1)
+        return cos, sin
 
     def forward(self, x: torch.Tensor, pos0: int) -> torch.Tensor:  # x (B, H, T, hd)
         T = x.shape[-2]
-        pos = torch.arange(pos0, pos0 + T, device=x.device, dtype=torch.float32)
-        angles = torch.outer(pos, self.inv_freq)  # (T, hd/2)
-        cos = torch.cat([angles.cos(), angles.cos()], dim=-1).to(x.dtype)  # (T, hd)
-        sin = torch.cat([angles.sin(), angles.sin()], dim=-1).to(x.dtype)
-        x1, x2 = x.chunk(2, dim=-1)
-        return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+        cos, sin = self._tables(pos0 + T)
+        cos, sin = cos[pos0:pos0 + T], sin[pos0:pos0 + T]  # (T, hd)
+        if cos.dtype != x.dtype:
+            cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        # x * cos + rotate_half(x) * sin, with rotate_half(x) = [-x2, x1] = roll(x, hd/2) * [-1, 1]
+        return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
 
 
 class Block(nn.Module):
@@ -80,10 +102,12 @@ class Block(nn.Module):
         self.mlp = MLP(cfg) if cfg.mlp != "none" else None
         self.norm2 = make_norm(cfg) if self.mlp is not None else None
         self.post_norm2 = make_norm(cfg) if cfg.sandwich_norm and self.mlp is not None else nn.Identity()
+        self.sandwich = cfg.sandwich_norm  # post norms are Identity otherwise: not called at all (fewer calls/token)
 
     def forward(self, x: torch.Tensor, state=None):  # x (B, T, D)
         h, state = self.mixer(self.norm1(x), state)
-        x = x + self.post_norm1(h)
+        x = x + (self.post_norm1(h) if self.sandwich else h)
         if self.mlp is not None:
-            x = x + self.post_norm2(self.mlp(self.norm2(x)))
+            h = self.mlp(self.norm2(x))
+            x = x + (self.post_norm2(h) if self.sandwich else h)
         return x, state
