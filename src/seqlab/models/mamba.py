@@ -91,9 +91,10 @@ class Mamba(nn.Module):
     def step(self, x: torch.Tensor, state: MambaState) -> tuple[torch.Tensor, MambaState]:
         """One token, x (B, 1, D): the convolution as a dot product with its window and one `selective_scan_step`;
         nothing in here depends on how many tokens came before."""
-        xs, z = self.in_proj(x[:, 0]).chunk(2, dim=-1)  # (B, d_inner) each
-        window = torch.cat([state.conv.to(xs.dtype), xs[..., None]], dim=-1)  # (B, d_inner, d_conv)
-        xs = (window * self.conv.weight[:, 0]).sum(-1)  # (B, d_inner)
+        xs, z = self.in_proj(x.select(1, 0)).chunk(2, dim=-1)  # (B, d_inner) each
+        conv = state.conv if state.conv.dtype == xs.dtype else state.conv.to(xs.dtype)
+        window = torch.cat([conv, xs.unsqueeze(-1)], dim=-1)  # (B, d_inner, d_conv)
+        xs = (window * self.conv.weight.squeeze(1)).sum(-1)  # (B, d_inner)
         if self.conv.bias is not None:
             xs = xs + self.conv.bias
         xs = F.silu(xs)
@@ -101,4 +102,4 @@ class Mamba(nn.Module):
         y, h = selective_scan_step(xs, F.linear(dt, self.dt_proj.weight), -torch.exp(self.A_log.float()), Bm, Cm,
                                    state.ssm, D=self.D.float(), z=z, delta_bias=self.dt_proj.bias.float(),
                                    delta_softplus=True)
-        return self.out_proj(y)[:, None], MambaState(window[..., 1:], h)
+        return self.out_proj(y).unsqueeze(1), MambaState(window[..., 1:], h)

@@ -115,15 +115,20 @@ def selective_scan_step(u, delta, A, B, C, state, D=None, z=None, delta_bias=Non
     """
     _check_step_shapes(u, delta, A, B, C, state, D, z, delta_bias)
     cdt = _compute_dtype(u)
-    delta = _discretize_delta(delta.to(cdt), delta_bias, delta_softplus)
-    u_c = u.to(cdt)
-    x, y = _step(state.to(cdt), u_c, delta, A.to(cdt), B.to(cdt), C.to(cdt))
+    delta = _discretize_delta(_to(delta, cdt), delta_bias, delta_softplus)
+    u_c = _to(u, cdt)
+    x, y = _step(_to(state, cdt), u_c, delta, _to(A, cdt), _to(B, cdt), _to(C, cdt))
     y = _skip_and_gate(y, u_c, D, z)
-    return y.to(u.dtype), x
+    return _to(y, u.dtype), x
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Shared math
+
+
+def _to(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in `dtype`; t itself when it already is (as `t.to(dtype)`, without the op call: one step makes ~10)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _compute_dtype(u: torch.Tensor) -> torch.dtype:
@@ -134,24 +139,24 @@ def _compute_dtype(u: torch.Tensor) -> torch.dtype:
 def _discretize_delta(delta, delta_bias, delta_softplus):
     """delta (b, d, L) or (b, d) -> softplus(delta + delta_bias) (each part optional)."""
     if delta_bias is not None:
-        bias = delta_bias.to(delta.dtype)
-        delta = delta + (bias[:, None] if delta.dim() == 3 else bias)
+        bias = _to(delta_bias, delta.dtype)
+        delta = delta + (bias.unsqueeze(-1) if delta.dim() == 3 else bias)
     return F.softplus(delta) if delta_softplus else delta
 
 
 def _step(x, u, delta, A, B, C):
     """x (b, d, N), u and delta (b, d), A (d, N), B and C (b, N) -> (new x, y (b, d))."""
-    x = torch.addcmul((delta * u)[..., None] * B[:, None, :], torch.exp(delta[..., None] * A), x)
-    return x, (x @ C[:, :, None]).squeeze(-1)  # y = <x, C>: a batched matrix-vector product
+    x = torch.addcmul((delta * u).unsqueeze(-1) * B.unsqueeze(1), torch.exp(delta.unsqueeze(-1) * A), x)
+    return x, (x @ C.unsqueeze(-1)).squeeze(-1)  # y = <x, C>: a batched matrix-vector product
 
 
 def _skip_and_gate(y, u, D, z):
     """y, u, z (b, d, L) or (b, d); D (d,): y + D u, then times silu(z) (each part optional)."""
     if D is not None:
-        Dc = D.to(y.dtype)
-        y = y + (Dc[:, None] if y.dim() == 3 else Dc) * u
+        Dc = _to(D, y.dtype)
+        y = y + (Dc.unsqueeze(-1) if y.dim() == 3 else Dc) * u
     if z is not None:
-        y = y * F.silu(z.to(y.dtype))
+        y = y * F.silu(_to(z, y.dtype))
     return y
 
 
@@ -339,7 +344,29 @@ def _check_scan_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state):
             _expect(name, t, shape, w)
 
 
+def _step_shapes_ok(u, delta, A, B, C, state, D, z, delta_bias) -> bool:
+    """True when every check of `_check_step_shapes` passes: the same conditions as plain comparisons (no string
+    building, no generator per tensor), run on every decoding step; a False leads to the checks that explain it."""
+    T = torch.Tensor
+    if not (isinstance(u, T) and isinstance(A, T) and u.dim() == 2 and A.dim() == 2):
+        return False
+    b, d = u.shape
+    N = A.shape[1]
+    bd, bN = (b, d), (b, N)
+    if not (A.shape[0] == d and isinstance(delta, T) and delta.shape == bd and isinstance(B, T) and B.shape == bN
+            and isinstance(C, T) and C.shape == bN and isinstance(state, T) and state.shape == (b, d, N)):
+        return False
+    if not (D is None or (isinstance(D, T) and D.shape == (d,))) or not (z is None or (isinstance(z, T) and
+                                                                                         z.shape == bd)):
+        return False
+    if not (delta_bias is None or (isinstance(delta_bias, T) and delta_bias.shape == (d,))):
+        return False
+    return all(t is None or t.is_floating_point() for t in (u, delta, A, B, C, state, D, z, delta_bias))
+
+
 def _check_step_shapes(u, delta, A, B, C, state, D, z, delta_bias):
+    if _step_shapes_ok(u, delta, A, B, C, state, D, z, delta_bias):
+        return
     w = "selective_scan_step"
     _expect("u", u, ("batch", "d_inner"), w)
     b, d = u.shape
