@@ -6,6 +6,12 @@ Figures (printed, and saved to benchmarks/results/thinking.json):
                 steps r (mean `--mean-steps`); exact per-sequence accuracy at lengths 32 and 128 for r = 1 .. 8x the
                 training mean. Beside it, a fixed-depth model with exactly the same parameters (the same blocks,
                 r fixed = 1) trained with the same optimizer, steps and batches, to show it does not extrapolate.
+                That twin fails at length 32 already (four conv blocks see 13 tokens), so:
+    stack       a plain fixed-depth stack (arch lm, `--stack-layers` blocks of `--stack-mixer`, default 4 attention
+                blocks at d_model 32: 49,568 parameters against 48,384) trained with the same budget (optimizer,
+                lr schedule, steps, batch size, batches); exact per-sequence accuracy at lengths 32 and 128. It
+                starts from PyTorch's default init with an untied head (init="torch"), which trains small attention
+                models much faster than the GPT-2 init.
     exit        per-token adaptive exit on the parity model (KL between successive output distributions, and the
                 relative latent change): mean steps used against the accuracy kept, beside fixed r.
     lm          loss against r on byte-level language modelling (the Python standard library corpus), saturating.
@@ -22,6 +28,7 @@ The parity model is saved to --checkpoint (runs/bench_thinking/parity), so `seql
 --merge a run updates only the sections it redoes in the saved JSON (exit rows are added to the earlier sweep):
 
     ... bench_thinking.py --only scaling,exit --merge --kl-thresholds 1e-7,1e-9 --latent-thresholds 1e-1
+    ... bench_thinking.py --only stack --merge     # the plain-stack baseline alone, ~1-2 minutes
 """
 
 from __future__ import annotations
@@ -45,7 +52,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import seqlab
 from seqlab.analysis import scaling_curve
 from seqlab.config import TrainConfig
-from seqlab.data import make_task
+from seqlab.data import Metrics, make_task
 from seqlab.data.tasks import masked_cross_entropy
 from seqlab.models import RecurrentDepthModel
 from seqlab.train.trainer import lr_at, make_optimizer
@@ -63,7 +70,7 @@ def parity_config(args: argparse.Namespace, fixed_depth: bool = False) -> dict:
             "conv": {"kernel_size": args.kernel_size}, "depth": depth}
 
 
-def train_model(model: RecurrentDepthModel, task, steps: int, batch_size: int, lr: float, seed: int,
+def train_model(model: torch.nn.Module, task, steps: int, batch_size: int, lr: float, seed: int,
                 label: str) -> dict:
     """AdamW (the trainer's optimizer and schedule), r drawn per step by the model's own sampler; returns timing
     and the last losses. The loop is spelled out here so that the r of every step is recorded."""
@@ -77,9 +84,12 @@ def train_model(model: RecurrentDepthModel, task, steps: int, batch_size: int, l
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
         batch = task.batch(batch_size, data)
-        r, _ = model.sample_steps()  # the first r - k steps run without gradient, as `model(tokens)` would
-        out = model.think(batch.inputs, steps=r)
-        loss = masked_cross_entropy(out.logits, batch)
+        if isinstance(model, RecurrentDepthModel):
+            r, _ = model.sample_steps()  # the first r - k steps run without gradient, as `model(tokens)` would
+            logits = model.think(batch.inputs, steps=r).logits
+        else:  # a plain fixed-depth stack: one pass through its layers
+            r, (logits, _) = 1, model(batch.inputs)
+        loss = masked_cross_entropy(logits, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -132,6 +142,37 @@ def parity_scaling(args: argparse.Namespace) -> tuple[dict, RecurrentDepthModel]
         out[name] = info
         models[name] = model
     return out, models["recurrent_depth"]
+
+
+def stack_config(args: argparse.Namespace) -> dict:
+    """The plain fixed-depth baseline: arch lm, `--stack-layers` blocks of `--stack-mixer` at `--stack-d-model`
+    (by default 4 attention blocks at d_model 32: 49,568 parameters against the parity model's 48,384), PyTorch's
+    default init with an untied head, which trains small attention models much faster than the GPT-2 init."""
+    return {"arch": "lm", "mixer": args.stack_mixer, "vocab_size": 2, "d_model": args.stack_d_model,
+            "n_layers": args.stack_layers, "mlp": "gelu", "init": "torch", "tie_embeddings": False,
+            "position": args.stack_position, "attention": {"n_heads": args.stack_heads},
+            "conv": {"kernel_size": args.kernel_size}}
+
+
+def plain_stack(args: argparse.Namespace) -> dict:
+    """Train the plain fixed-depth stack with the parity model's budget (same optimizer, lr schedule, steps, batch
+    size and batches), then exact per-sequence accuracy at the training and the test length."""
+    model = seqlab.build_model(stack_config(args), seed=args.seed)
+    print(f"parity: training plain_stack ({model.num_parameters()} parameters)", flush=True)
+    info = train_model(model, make_task("prefix_parity", seq_len=args.train_len), args.steps, args.batch_size,
+                       args.lr, args.seed, "plain_stack")
+    info.pop("mean_r")
+    info.update(params=model.num_parameters(), config=model.config.to_dict())
+    for length in (args.train_len, args.test_len):
+        task, gen, metrics = make_task("prefix_parity", seq_len=length), torch.Generator().manual_seed(1234), Metrics()
+        with torch.no_grad():
+            for _ in range(args.eval_batches):  # the same held-out batches as the scaling curves (seed 1234)
+                batch = task.batch(args.eval_batch_size, gen)
+                metrics.update(model(batch.inputs)[0], batch)
+        info[f"len_{length}"] = metrics.compute()
+        print(f"  plain_stack length {length}: seq_acc {info[f'len_{length}']['seq_accuracy']:.3f}  "
+              f"token acc {info[f'len_{length}']['accuracy']:.3f}", flush=True)
+    return info
 
 
 def adaptive_exit(args: argparse.Namespace, model: RecurrentDepthModel, max_steps: int) -> dict:
@@ -297,6 +338,11 @@ def plot_results(result: dict, path: Path) -> Path:
                 rows = [r for r in result["exit"]["rows"] if r["criterion"] == crit]
                 ax.plot([r["mean_steps_used"] for r in rows], [r["seq_accuracy"] for r in rows], marker, ms=9,
                         label=f"adaptive exit ({crit}), length {result['exit']['seq_len']}: mean steps")
+        st = result.get("stack")
+        if st:  # one pass of a plain stack: plotted at r = 1
+            for length, marker in zip(s["test_lens"], ("^", "v")):
+                ax.plot([1], [st[f"len_{length}"]["seq_accuracy"]], marker, ms=8,
+                        label=f"plain {st['config']['mixer']} stack ({st['params']:,} params), length {length}")
         ax.axvline(s["recurrent_depth"]["expected_r"], color="gray", linestyle=":", label="training mean r")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("core steps r at test time")
@@ -340,8 +386,13 @@ def main() -> int:
     p.add_argument("--lm-mean-steps", type=float, default=4.0)
     p.add_argument("--lm-steps", type=int, default=300)
     p.add_argument("--kv-len", type=int, default=256)
+    p.add_argument("--stack-mixer", default="attention", help="the plain fixed-depth baseline's mixer")
+    p.add_argument("--stack-d-model", type=int, default=32)
+    p.add_argument("--stack-layers", type=int, default=4)
+    p.add_argument("--stack-heads", type=int, default=4)
+    p.add_argument("--stack-position", default="rope", choices=["rope", "learned"])
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--only", default="scaling,exit,lm,kv_cache,compute",
+    p.add_argument("--only", default="scaling,stack,exit,lm,kv_cache,compute",
                    help="comma-separated sections to run (exit needs scaling)")
     p.add_argument("--kl-thresholds", type=lambda t: [float(x) for x in t.split(",")],
                    default=[1e-2, 5e-4, 1e-5, 1e-7, 1e-9])
@@ -375,6 +426,8 @@ def main() -> int:
         seqlab.save(model, args.checkpoint)
     elif "exit" in sections:
         model = seqlab.load(args.checkpoint).eval()  # the parity model an earlier run saved
+    if "stack" in sections:
+        result["stack"] = plain_stack(args)
     if "exit" in sections:
         print("adaptive exit (parity, test length):", flush=True)
         d = model.config.depth
@@ -393,7 +446,7 @@ def main() -> int:
     if "compute" in sections:
         print("compute per parameter and all-reduce bytes (two gloo processes):", flush=True)
         result["compute"] = compute_per_parameter(args)
-    if "scaling" in sections:
+    if "scaling" in sections or ("stack" in sections and "scaling" in result):
         s = result["scaling"]
         rd, fd = s["recurrent_depth"], s["fixed_depth"]
         mean = max(rd["expected_r"], rd["mean_r"])
@@ -409,6 +462,12 @@ def main() -> int:
             "fixed_depth_fails_to_extrapolate": {"value": fd[f"best_len_{args.test_len}"]["seq_accuracy"],
                                                  "held": fd[f"best_len_{args.test_len}"]["seq_accuracy"] < 0.5},
         }
+        if "stack" in result:  # the plain stack: fits the training length (>= 0.99) and fails the test length
+            st = result["stack"]
+            result["targets"]["plain_stack_fits_train_len_and_fails_to_extrapolate"] = {
+                "value": {f"len_{n}": st[f"len_{n}"]["seq_accuracy"] for n in (args.train_len, args.test_len)},
+                "held": st[f"len_{args.train_len}"]["seq_accuracy"] >= 0.99
+                and st[f"len_{args.test_len}"]["seq_accuracy"] < 0.5}
         print("targets:", json.dumps(result["targets"], indent=1))
     result["seconds" if not args.merge else f"seconds_{'_'.join(sorted(sections))}"] = time.perf_counter() - start
     args.out.parent.mkdir(parents=True, exist_ok=True)
