@@ -24,14 +24,7 @@ from seqlab.distill import (
 from seqlab.errors import InputError
 from seqlab.models.conv import causal_conv1d
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is as fast, and much faster on a busy shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
 
 
 def test_kl_is_zero_for_a_copy_of_the_teacher():

@@ -10,14 +10,7 @@ from seqlab.analysis.gradflow import GradFlow, gradient_flow, gradient_flow_on_t
 from seqlab.data import Batch, make_task
 from seqlab.errors import InputError
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is as fast, and much faster on a busy shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
 
 
 def test_causal_conv_gradient_stops_at_its_receptive_field():

@@ -20,13 +20,7 @@ S, D = 32, 16
 needs_depth = pytest.mark.skipif("recurrent_depth" not in ARCHS, reason="the recurrent-depth model has not landed")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is as fast, and much faster on a busy shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
 
 
 def _gen():

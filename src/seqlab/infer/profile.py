@@ -190,21 +190,10 @@ def matched_config(base: dict[str, Any], entry: str, target: int) -> ModelConfig
     n_layers = base["n_layers"]
     parts = entry.split("+")
     fields = {**base, "layers": tuple(parts[i % len(parts)] for i in range(n_layers))}
+    from seqlab.models import matched_width
+
     step = 2 * base.get("attention", {}).get("n_heads", 4)
-    best: tuple[int, ModelConfig] | None = None
-    for d in range(step, 8193, step):
-        try:
-            cfg = ModelConfig.from_dict({**fields, "d_model": d})
-        except InputError:
-            continue  # a width this mixer does not allow (e.g. GLA heads)
-        n = count_parameters(cfg)
-        if best is None or abs(n - target) < abs(best[0] - target):
-            best = (n, cfg)
-        if n > target:
-            break
-    if best is None:
-        raise InputError(f"no d_model up to 8192 builds a valid {entry} model with these settings")
-    return best[1]
+    return matched_width(fields, target, step, exclude_embeddings=True, name=entry)
 
 
 def resolve_models(cfg: ProfileConfig) -> dict[str, ModelConfig]:

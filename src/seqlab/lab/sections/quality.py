@@ -17,14 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib.pyplot as plt
-import torch
 
 from seqlab.checkpoint import save
 from seqlab.config import MIXERS, ModelConfig, TrainConfig, _check_types, _choice, _positive, _Section
 from seqlab.data import make_task
 from seqlab.errors import InputError
 from seqlab.lab import report
-from seqlab.models import build_model
+from seqlab.models import build_model, matched_width
 
 TITLE = "Quality"
 
@@ -84,11 +83,6 @@ def hybrid_layers(entry: str, n_layers: int) -> tuple[str, ...]:
     return tuple(parts[i % len(parts)] for i in range(n_layers))
 
 
-def count_parameters(cfg: ModelConfig) -> int:
-    with torch.device("meta"):  # no memory, no init cost
-        return build_model(cfg).num_parameters()
-
-
 def entry_fields(base: dict, entry: str, depth: dict | None = None) -> dict:
     """ModelConfig fields (d_model aside) of mixer entry `entry` on top of `base`."""
     if entry == RD or entry.startswith(RD + ":"):
@@ -105,22 +99,8 @@ def matched_config(base: dict, entry: str, target: int | None, depth: dict | Non
     fields = entry_fields(base, entry, depth)
     if target is None:
         return ModelConfig.from_dict(fields)
-    heads = base.get("attention", {}).get("n_heads", 4)
-    step = 2 * heads
-    best = None
-    for d in range(step, 4097, step):
-        try:
-            cfg = ModelConfig.from_dict({**fields, "d_model": d})
-        except InputError:
-            continue
-        n = count_parameters(cfg)
-        if best is None or abs(n - target) < abs(best[0] - target):
-            best = (n, cfg)
-        if n > target:
-            break
-    if best is None:
-        raise InputError(f"no d_model up to 4096 builds a valid {entry} model with these settings")
-    return best[1]
+    step = 2 * base.get("attention", {}).get("n_heads", 4)
+    return matched_width(fields, target, step, max_width=4096, name=entry)
 
 
 def plan(cfg: Config, lab: Any) -> list:
