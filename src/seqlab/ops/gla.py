@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from seqlab.errors import InputError
+from seqlab.ops.checks import expect
 
 IMPLS = ("ref", "chunked")
 
@@ -204,24 +205,14 @@ def _after(g):
     return torch.stack(parts[::-1], -2)
 
 
-def _expect(where, name, t, shape):
-    if not isinstance(t, torch.Tensor):
-        raise InputError(f"{where}: {name} must be a tensor of shape {shape}, got {type(t).__name__}")
-    if not t.is_floating_point():
-        raise InputError(f"{where}: {name} must be a floating-point tensor, got dtype {t.dtype}")
-    if len(shape) != t.dim() or any(isinstance(s, int) and s != n for s, n in zip(shape, t.shape)):
-        want = "(" + ", ".join(str(s) for s in shape) + ")"
-        raise InputError(f"{where}: {name} must have shape {want}, got {tuple(t.shape)}")
-
-
 def _check_shapes(where, q, k, v, g, state, lead):
     """lead names the leading dims: ("B", "H", "L") for the scan, ("B", "H") for the step."""
-    _expect(where, "q", q, (*lead, "dk"))
+    expect(where, "q", q, (*lead, "dk"))
     if len(lead) == 3 and q.shape[2] < 1:
         raise InputError(f"{where}: q must have length L >= 1, got shape {tuple(q.shape)}")
     dims, dk = tuple(q.shape[:-1]), q.shape[-1]
-    _expect(where, "k", k, (*dims, dk))
-    _expect(where, "g", g, (*dims, dk))
-    _expect(where, "v", v, (*dims, "dv"))
+    expect(where, "k", k, (*dims, dk))
+    expect(where, "g", g, (*dims, dk))
+    expect(where, "v", v, (*dims, "dv"))
     if state is not None or len(lead) == 2:
-        _expect(where, "initial_state" if len(lead) == 3 else "state", state, (*dims[:2], dk, v.shape[-1]))
+        expect(where, "initial_state" if len(lead) == 3 else "state", state, (*dims[:2], dk, v.shape[-1]))

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from seqlab.errors import InputError
+from seqlab.ops.checks import expect
 
 IMPLS = ("ref", "chunked")
 SLAB = 2**17  # values in one step of all chunks (512 KiB in fp32) above which chunk_size=None takes longer chunks
@@ -317,31 +318,21 @@ class _ChunkedScan(torch.autograd.Function):
 # Input checks: one clear InputError naming the tensor, the expected shape and the one given
 
 
-def _expect(name, t, shape, where):
-    if not isinstance(t, torch.Tensor):
-        raise InputError(f"{where}: {name} must be a tensor of shape {shape}, got {type(t).__name__}")
-    if not t.is_floating_point():
-        raise InputError(f"{where}: {name} must be a floating-point tensor, got dtype {t.dtype}")
-    if len(shape) != t.dim() or any(isinstance(s, int) and s != n for s, n in zip(shape, t.shape)):
-        want = "(" + ", ".join(str(s) for s in shape) + ")"
-        raise InputError(f"{where}: {name} must have shape {want}, got {tuple(t.shape)}")
-
-
 def _check_scan_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state):
     w = "selective_scan"
-    _expect("u", u, ("batch", "d_inner", "L"), w)
+    expect(w, "u", u, ("batch", "d_inner", "L"))
     b, d, L = u.shape
     if L < 1:
         raise InputError(f"{w}: u must have length L >= 1, got shape {tuple(u.shape)}")
-    _expect("A", A, (d, "N"), w)
+    expect(w, "A", A, (d, "N"))
     N = A.shape[1]
-    _expect("delta", delta, (b, d, L), w)
-    _expect("B", B, (b, N, L), w)
-    _expect("C", C, (b, N, L), w)
+    expect(w, "delta", delta, (b, d, L))
+    expect(w, "B", B, (b, N, L))
+    expect(w, "C", C, (b, N, L))
     for name, t, shape in (("D", D, (d,)), ("z", z, (b, d, L)), ("delta_bias", delta_bias, (d,)),
                            ("initial_state", initial_state, (b, d, N))):
         if t is not None:
-            _expect(name, t, shape, w)
+            expect(w, name, t, shape)
 
 
 def _step_shapes_ok(u, delta, A, B, C, state, D, z, delta_bias) -> bool:
@@ -368,12 +359,12 @@ def _check_step_shapes(u, delta, A, B, C, state, D, z, delta_bias):
     if _step_shapes_ok(u, delta, A, B, C, state, D, z, delta_bias):
         return
     w = "selective_scan_step"
-    _expect("u", u, ("batch", "d_inner"), w)
+    expect(w, "u", u, ("batch", "d_inner"))
     b, d = u.shape
-    _expect("A", A, (d, "N"), w)
+    expect(w, "A", A, (d, "N"))
     N = A.shape[1]
     for name, t, shape in (("delta", delta, (b, d)), ("B", B, (b, N)), ("C", C, (b, N)), ("state", state, (b, d, N))):
-        _expect(name, t, shape, w)
+        expect(w, name, t, shape)
     for name, t, shape in (("D", D, (d,)), ("z", z, (b, d)), ("delta_bias", delta_bias, (d,))):
         if t is not None:
-            _expect(name, t, shape, w)
+            expect(w, name, t, shape)
