@@ -1,5 +1,3 @@
-import os
-
 import pytest
 import torch
 from hypothesis import settings
@@ -7,18 +5,11 @@ from hypothesis import settings
 # Deterministic, CPU-only, small: the same run twice gives the same result.
 settings.register_profile("seqlab", max_examples=12, deadline=None, derandomize=True, print_blob=True)
 settings.load_profile("seqlab")
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Tiny models run fastest on one thread, and do not fight other processes for the cores (no OpenMP spinning).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
 
-
-@pytest.fixture
-def one_thread():
-    """Tiny models run fastest on one thread (and do not fight other processes for the cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

@@ -24,8 +24,6 @@ from seqlab.distill import (
 from seqlab.errors import InputError
 from seqlab.models.conv import causal_conv1d
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
-
 
 def test_kl_is_zero_for_a_copy_of_the_teacher():
     teacher = tiny("attention", init_std=0.3)

@@ -15,15 +15,6 @@ from seqlab.infer.decode import allocated_nbytes, reserve
 ALL = seqlab.available_mixers()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Step-by-step decoding of tiny models: one thread avoids OpenMP spinning on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def feed(model, tokens, cuts, state=None):
     outs, edges = [], [0, *cuts, tokens.shape[1]]
     for a, b in zip(edges, edges[1:]):

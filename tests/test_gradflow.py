@@ -10,8 +10,6 @@ from seqlab.analysis.gradflow import GradFlow, gradient_flow, gradient_flow_on_t
 from seqlab.data import Batch, make_task
 from seqlab.errors import InputError
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
-
 
 def test_causal_conv_gradient_stops_at_its_receptive_field():
     # 2 layers of kernel 3 see exactly 2 * (3 - 1) = 4 positions back.

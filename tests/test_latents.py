@@ -20,9 +20,6 @@ S, D = 32, 16
 needs_depth = pytest.mark.skipif("recurrent_depth" not in ARCHS, reason="the recurrent-depth model has not landed")
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
-
-
 def _gen():
     return torch.Generator().manual_seed(0)
 

@@ -18,15 +18,6 @@ V = 37
 CORES = seqlab.available_mixers()  # any mixer of the registry can be the core's
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread is faster, and far faster on a loaded machine (no OpenMP barrier spinning)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def rd(mixer: str = "conv", seed: int = 0, **depth) -> RecurrentDepthModel:
     """A tiny recurrent-depth model: 1 prelude, 2 core and 1 coda block of width 16."""
     fields = {"arch": "recurrent_depth", "mixer": mixer, "vocab_size": V, "d_model": 16, "mlp": "gelu",

@@ -21,15 +21,6 @@ RECURRENT = [m for m in ALL if "attention" not in m]
 LAYERS = [(m, m) for m in ALL] + [("gru", "attention")]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Step-by-step decoding of tiny models: one thread avoids OpenMP spinning on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("layers", LAYERS, ids="+".join)
 def test_token_by_token_equals_one_parallel_call(layers):
     model = tiny(layers=layers)

@@ -5,21 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 import seqlab
 from seqlab.analysis import parse_exit, parse_steps, scaling_curve
 from seqlab.cli import main
 from seqlab.data import make_task
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread is faster, and far faster on a loaded machine (no OpenMP barrier spinning)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -41,9 +41,6 @@ def corpus_config(corpus_root, tmp_path, **train):
     return {"model": model, "task": task, "train": {**base, **train}}
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
-
-
 def weights(path):
     return read_tensors(path)
 
