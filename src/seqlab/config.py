@@ -109,6 +109,17 @@ def _from_dict(cls: type, data: Any, prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
+def read_json(path: str | Path, what: str = "config file") -> Any:
+    """The parsed JSON file at `path`; a missing file or invalid JSON is one InputError naming `what` and the path."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{what} '{path}' does not exist")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise InputError(f"{what} '{path}' is not valid JSON: {e}") from None
+
+
 class _Section:
     """Mixin: JSON round trip for every config dataclass."""
 
@@ -121,14 +132,7 @@ class _Section:
 
     @classmethod
     def load(cls, path: str | Path) -> Any:
-        path = Path(path)
-        if not path.is_file():
-            raise InputError(f"config file '{path}' does not exist")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise InputError(f"config file '{path}' is not valid JSON: {e}") from None
-        return cls.from_dict(data)
+        return cls.from_dict(read_json(path))
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from seqlab.commands import emit, parse_sets
+from seqlab.config import read_json
 from seqlab.errors import InputError
 
 DESCRIPTION = """\
@@ -57,12 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def read_student_config(path: Path) -> tuple[dict, dict, dict]:
     """(model, train, distill) sections of a --student-config file."""
-    if not path.is_file():
-        raise InputError(f"student config file '{path}' does not exist")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise InputError(f"student config file '{path}' is not valid JSON: {e}") from None
+    data = read_json(path, "student config file")
     if not isinstance(data, dict):
         raise InputError(f"student config file '{path}' must hold a JSON object")
     if "model" in data:

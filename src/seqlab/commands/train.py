@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from seqlab.commands import deep_update, emit, parse_sets
-from seqlab.config import RunConfig
-from seqlab.errors import InputError
+from seqlab.config import RunConfig, read_json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -35,12 +33,7 @@ def load_run_config(path: Path | None, sets: list[str]) -> RunConfig:
     """The defaults, or the JSON file at `path`, with `--set section.key=value` overrides applied."""
     base = RunConfig().to_dict()
     if path is not None:
-        if not path.is_file():
-            raise InputError(f"config file '{path}' does not exist")
-        try:
-            base = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise InputError(f"config file '{path}' is not valid JSON: {e}") from None
+        base = read_json(path)
     return RunConfig.from_dict(deep_update(base, parse_sets(sets)))
 
 
