@@ -177,11 +177,10 @@ class ProfileConfig:
 
 
 def count_parameters(cfg: ModelConfig) -> int:
-    """Parameters of a model with this config, the embedding excluded (built on the meta device: no memory)."""
-    from seqlab.models import build_model
+    """Parameters of a model with this config, the embedding excluded."""
+    from seqlab import models
 
-    with torch.device("meta"):
-        return build_model(cfg).num_parameters(exclude_embeddings=True)
+    return models.count_parameters(cfg, exclude_embeddings=True)
 
 
 def matched_config(base: dict[str, Any], entry: str, target: int) -> ModelConfig:

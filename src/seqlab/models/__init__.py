@@ -15,7 +15,7 @@ from seqlab.models.registry import available_mixers, build_mixer, register_mixer
 from seqlab.models.state import ModelState, State
 
 __all__ = ["LanguageModel", "ModelState", "State", "available_mixers", "build_mixer", "build_model",
-           "register_mixer", "as_config", "RecurrentDepthModel", "matched_width"]
+           "register_mixer", "as_config", "RecurrentDepthModel", "count_parameters", "matched_width"]
 
 
 def as_config(config: ModelConfig | dict | None = None, **fields: Any) -> ModelConfig:
@@ -45,12 +45,17 @@ def build_model(config: ModelConfig | dict | None = None, *, seed: int | None = 
         return cls(cfg)
 
 
+def count_parameters(cfg: ModelConfig, *, exclude_embeddings: bool = False) -> int:
+    """Parameters of a model with this config, built on the meta device (no memory, no init cost)."""
+    with torch.device("meta"):
+        return build_model(cfg).num_parameters(exclude_embeddings=exclude_embeddings)
+
+
 def matched_width(fields: dict[str, Any], target: int, step: int, *, exclude_embeddings: bool = False,
                   max_width: int = 8192, name: str = "this") -> ModelConfig:
     """The config `fields` with the d_model (a multiple of `step`, at most `max_width`) whose parameter count is
     closest to `target`; widths a mixer does not allow (e.g. GLA widths its heads do not divide) are skipped.
 
-    Models are built on the meta device to count (no memory, no init cost).
     """
     best: tuple[int, ModelConfig] | None = None
     for d in range(step, max_width + 1, step):
@@ -58,8 +63,7 @@ def matched_width(fields: dict[str, Any], target: int, step: int, *, exclude_emb
             cfg = ModelConfig.from_dict({**fields, "d_model": d})
         except InputError:
             continue
-        with torch.device("meta"):
-            n = build_model(cfg).num_parameters(exclude_embeddings=exclude_embeddings)
+        n = count_parameters(cfg, exclude_embeddings=exclude_embeddings)
         if best is None or abs(n - target) < abs(best[0] - target):
             best = (n, cfg)
         if n > target:
