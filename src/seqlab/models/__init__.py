@@ -54,9 +54,7 @@ def count_parameters(cfg: ModelConfig, *, exclude_embeddings: bool = False) -> i
 def matched_width(fields: dict[str, Any], target: int, step: int, *, exclude_embeddings: bool = False,
                   max_width: int = 8192, name: str = "this") -> ModelConfig:
     """The config `fields` with the d_model (a multiple of `step`, at most `max_width`) whose parameter count is
-    closest to `target`; widths a mixer does not allow (e.g. GLA widths its heads do not divide) are skipped.
-
-    """
+    closest to `target`; widths a mixer does not allow (e.g. GLA widths its heads do not divide) are skipped."""
     best: tuple[int, ModelConfig] | None = None
     for d in range(step, max_width + 1, step):
         try:
