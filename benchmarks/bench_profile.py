@@ -24,7 +24,8 @@
    end-to-end generation: `seqlab.generate` against `transformers`' `model.generate(do_sample=False)`, an 8-token
    prompt and --hf-new-tokens new tokens, tokens/s = new tokens / wall time, median over --hf-repeats rounds in which
    the two run alternately (so machine load hits both alike); the CPU time of the process is recorded beside the
-   wall time. The per-step model call alone (no generation loop) is timed the same way and reported beside it.
+   wall time. The per-step model call alone (no generation loop; for seqlab the decode plan's step that generate
+   runs, `seqlab.infer.plan`) is timed the same way and reported beside it.
    Target: seqlab at least 3x transformers' tokens/s for both.
 The load average before and after is saved so a reader can tell a quiet run from a busy one.
 """
@@ -43,6 +44,7 @@ from pathlib import Path
 import torch
 
 import seqlab
+from seqlab.infer.plan import DecodePlan
 from seqlab.infer.profile import ProfileConfig, format_table, run_profile
 
 MIXERS = ("attention", "sliding_attention", "lstm", "gru", "conv", "mamba", "gla")
@@ -195,9 +197,10 @@ def hf_prefill(hf, name: str, prompt: torch.Tensor):
 @torch.inference_mode()
 def step_latency(hf, ours, name: str, prompt: torch.Tensor, steps: int, warmup: int = 8) -> dict[str, dict]:
     """Median seconds per model call on one new token (wall clock and CPU time), the two models alternating token
-    by token."""
+    by token; seqlab's call is its decode plan's step, what `seqlab.generate` runs per token."""
     hl, hc = hf_prefill(hf, name, prompt)
     sl, ss = ours(prompt)
+    ours = DecodePlan.build(ours) or ours
     pos = prompt.shape[1]
     ht, st, hc_, sc_ = [], [], [], []
     htok, stok = hl[:, -1:].argmax(-1), sl[:, -1:].argmax(-1)

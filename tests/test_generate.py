@@ -11,6 +11,7 @@ from helpers import assert_states_close, tiny
 import seqlab
 from seqlab.cli import main
 from seqlab.infer.decode import allocated_nbytes, reserve
+from seqlab.infer.plan import DecodePlan
 
 ALL = seqlab.available_mixers()
 
@@ -155,10 +156,12 @@ def test_cli_stream_takes_one_prompt(checkpoint, capsys):
     assert "--stream" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("mixer", ["attention", "mamba"])
-def test_cached_generation_feeds_each_token_once_under_inference_mode(mixer):
+@pytest.mark.parametrize("plan", [False, True])
+@pytest.mark.parametrize("mixer", ["attention", "mamba", "gru"])
+def test_cached_generation_feeds_each_token_once_under_inference_mode(mixer, plan, monkeypatch):
     """No recomputation: one parallel call for the prompt, then one call per new token holding only that token,
-    under inference mode, and the KV cache reserved once (never reallocated while decoding)."""
+    under inference mode, and the KV cache reserved once (never reallocated while decoding); through the model
+    (plan=False) or through its decode plan, whose steps are recorded where they are made."""
     model = tiny(mixer)
     calls = []
 
@@ -167,9 +170,11 @@ def test_cached_generation_feeds_each_token_once_under_inference_mode(mixer):
         buffers = None if state is None else [getattr(s, "buffer", None) for s in state.layers]
         calls.append((tuple(tokens.shape), torch.is_inference_mode_enabled(), buffers))
 
+    plan_call = DecodePlan.__call__
+    monkeypatch.setattr(DecodePlan, "__call__", lambda self, *args: (record(None, args), plan_call(self, *args))[1])
     handle = model.register_forward_pre_hook(record)
     try:
-        out = seqlab.generate(model, torch.randint(0, 37, (2, 6)), max_new_tokens=12)
+        out = seqlab.generate(model, torch.randint(0, 37, (2, 6)), max_new_tokens=12, plan=plan)
     finally:
         handle.remove()
     assert out.shape == (2, 18)

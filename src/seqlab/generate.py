@@ -12,17 +12,21 @@ import torch
 
 from seqlab.errors import InputError
 from seqlab.infer.decode import Sampler, as_prompt, reserve, sample_next  # noqa: F401  (re-exported)
+from seqlab.infer.plan import DecodePlan
 
 
 @torch.inference_mode()
 def generate(model: torch.nn.Module, prompt: torch.Tensor | Sequence[int], max_new_tokens: int = 64,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-             use_cache: bool = True) -> torch.Tensor:
+             use_cache: bool = True, plan: bool = True) -> torch.Tensor:
     """Continue `prompt` by `max_new_tokens` tokens. Returns (B, T + max_new_tokens) int64, prompt included.
 
     use_cache=True prefills the prompt in one parallel call, reserves room in the KV caches for every new token,
     then decodes one token per step from the state (O(1) work per token for a recurrent model, nothing
     recomputed); use_cache=False re-runs the whole prefix for every token (the reference it must equal).
+    plan=True runs those steps through a `seqlab.infer.plan.DecodePlan` where the model has one (same logits and
+    states, a fraction of the per-token overhead on CPU); plan=False calls `model(token, state)` every step, so
+    module hooks see every token.
     Sampling at position p draws from a generator seeded with (seed, p), so the same call gives the same tokens,
     and a `seqlab.Stream` with the same seed samples the same ones.
     """
@@ -40,12 +44,13 @@ def generate(model: torch.nn.Module, prompt: torch.Tensor | Sequence[int], max_n
     logits, state = model(tokens)
     if use_cache:
         state = reserve(model, state, max_new_tokens - 1)
+        step = (DecodePlan.build(model) if plan else None) or model
     for p in range(T, T + max_new_tokens):
         out[:, p] = sampler(logits[:, -1], p, gen)
         if p == T + max_new_tokens - 1:
             break
         if use_cache:
-            logits, state = model(out[:, p:p + 1], state)
+            logits, state = step(out[:, p:p + 1], state)
         else:
             logits, _ = model(out[:, :p + 1])
     return out

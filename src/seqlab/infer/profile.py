@@ -281,6 +281,7 @@ def measure_cell(spec: dict[str, Any]) -> dict[str, Any]:
     """Measure one cell in this process. spec: {"model": config dict, "context", "batch", "chunk",
     "decode_steps", "warmup", "repeats", "long_prefill_s", "threads", "device", "seed"}."""
     from seqlab.infer.decode import allocated_nbytes
+    from seqlab.infer.plan import DecodePlan
     from seqlab.models import build_model
 
     cell_start = time.perf_counter()
@@ -296,7 +297,7 @@ def measure_cell(spec: dict[str, Any]) -> dict[str, Any]:
     # Warm up kernels and allocators on a short sequence, then take the baseline.
     logits, state = _prefill(model, min(context, 2 * min(chunk, 64)), batch, min(chunk, 64), 4, spec["seed"], device)
     for _ in range(3):
-        logits, state = model(logits[:, -1].argmax(-1, keepdim=True), state)
+        logits, state = (DecodePlan.build(model) or model)(logits[:, -1].argmax(-1, keepdim=True), state)
     del logits, state
     gc.collect()
     baseline = mem.now()
@@ -318,10 +319,11 @@ def measure_cell(spec: dict[str, Any]) -> dict[str, Any]:
 
     mem.reset_peak()
     token = logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
+    step = DecodePlan.build(model) or model  # the per-token path `seqlab.generate` takes
     step_times, step_cpu = [], []
     for i in range(warmup + steps):
         t0, c0 = time.perf_counter(), time.process_time()
-        logits, state = model(token, state)
+        logits, state = step(token, state)
         token = logits[:, -1].argmax(-1, keepdim=True)
         _sync(device)
         if i >= warmup:

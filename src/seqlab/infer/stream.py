@@ -38,6 +38,7 @@ from safetensors.torch import save as save_safetensors
 
 from seqlab.errors import InputError
 from seqlab.infer.decode import Sampler, as_prompt, reserve
+from seqlab.infer.plan import DecodePlan
 from seqlab.models.state import ModelState, State
 
 FORMAT = "seqlab-stream"
@@ -97,16 +98,20 @@ class Stream:
             return self.sampler(self.logits, self.pos, self._generator)[:, None]
 
     def generate(self, n: int) -> torch.Tensor:
-        """Sample and feed n tokens, one at a time; returns them, (B, n)."""
+        """Sample and feed n tokens, one at a time, through the model's decode plan (`seqlab.infer.plan`) when it
+        has one; returns them, (B, n)."""
         if not isinstance(n, int) or n < 0:
             raise InputError(f"n = {n}: must be an integer >= 0")
         if self.logits is None:
             raise InputError("nothing to sample from yet: feed the stream some tokens first")
         out = torch.empty(self.batch, n, dtype=torch.long, device=self._device)
         self.reserve(n)
+        step = DecodePlan.build(self.model) or self.model  # the per-token path `seqlab.generate` takes
         for i in range(n):
             out[:, i:i + 1] = token = self.sample()
-            self.feed(token)
+            with torch.inference_mode():
+                logits, self.state = step(token, self.state)
+            self.logits = logits[:, -1]
         return out
 
     def reserve(self, n: int) -> None:
