@@ -110,6 +110,19 @@ def test_training_learns_an_easy_task():
     assert result["eval"]["accuracy"] > 0.9 > before["accuracy"] + 0.2
 
 
+def test_fit_of_a_recurrent_depth_model_depends_on_its_seed_alone():
+    """The depth r is drawn from the global RNG; fit seeds it from the config, so what ran before does not matter."""
+    task = make_task("prefix_parity", seq_len=8)
+    cfg = TrainConfig(steps=3, batch_size=4, lr=1e-2, warmup_steps=1, eval_batches=1)
+    runs = []
+    for noise in (0, 1):
+        torch.manual_seed(noise)  # a different global RNG state before each run
+        model = build_model(arch="recurrent_depth", vocab_size=2, d_model=16, seed=0)
+        fit(model, task, cfg, progress=False)
+        runs.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert torch.equal(runs[0], runs[1])
+
+
 def test_gradient_accumulation_equals_one_big_batch(tmp_path):
     """Micro-batch losses are scaled by the global token count, so the split does not change the gradient."""
     config = run_config(steps=3, weight_decay=0.0)

@@ -174,6 +174,7 @@ def fit(model: torch.nn.Module, task: Task, cfg: TrainConfig, *, progress: bool 
     kv_window = cfg.kv_window or task.seq_len
 
     model.to(device).train()
+    torch.manual_seed(cfg.seed)  # the global RNG draws the model's own randomness (recurrent depth's r); checkpointed
     gen = torch.Generator().manual_seed(cfg.seed)
     opt = make_optimizer(model, cfg)
     counters = Counters()
