@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 import seqlab
+from seqlab.infer.plan import DecodePlan
 from seqlab.ops import gla, selective_scan
 
 VOCAB, D_MODEL, N_LAYERS = 256, 256, 4  # the small decode models
@@ -130,7 +131,7 @@ def small_gla_config():
 def step_fn(model, kind):
     """One decode step: (token (1, 1), state) -> (logits (1, 1, V), state), for a seqlab or a Hugging Face model."""
     if kind == "seqlab":
-        return lambda tok, state: model(tok, state)
+        return DecodePlan.build(model) or model  # what seqlab.generate runs per token
 
     def hf_step(tok, cache):
         out = model(tok, cache_params=cache, use_cache=True)
