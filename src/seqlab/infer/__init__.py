@@ -1,7 +1,8 @@
-"""Inference: fast decoding (`decode`), streams with snapshots (`stream`), and the memory/latency profiler
-(`profile`, imported on demand: `from seqlab.infer.profile import run_profile`)."""
+"""Inference: fast decoding (`decode`), per-token decode plans (`plan`), streams with snapshots (`stream`), and the
+memory/latency profiler (`profile`, imported on demand: `from seqlab.infer.profile import run_profile`)."""
 
 from seqlab.infer.decode import Sampler, allocated_nbytes, reserve
+from seqlab.infer.plan import DecodePlan
 from seqlab.infer.stream import Stream
 
-__all__ = ["Sampler", "Stream", "allocated_nbytes", "reserve"]
+__all__ = ["DecodePlan", "Sampler", "Stream", "allocated_nbytes", "reserve"]
