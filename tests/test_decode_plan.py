@@ -90,6 +90,7 @@ def test_plan_sees_weight_updates_and_defers_to_the_model_off_its_path():
                                    rtol=1e-5)
         chunk, _ = plan(tokens[:, 3:], model(tokens[:, :3])[1])  # more than one token: the model's own call
         assert chunk.shape == (1, 3, 37)
+        torch.testing.assert_close(plan(tokens[:, :1], None)[0], model(tokens[:, :1])[0])  # no state yet: the same
     learned = tiny("attention", position="learned", max_positions=6)
     plan = DecodePlan.build(learned)
     with torch.inference_mode():

@@ -63,10 +63,10 @@ class DecodePlan:
         return cls(model)
 
     def __call__(self, tokens: torch.Tensor, state: ModelState) -> tuple[torch.Tensor, ModelState]:
-        B, T = tokens.shape
-        pos = state.pos
-        if T != 1 or torch.is_grad_enabled() or (self.pos_embed is not None and pos >= self.max_positions):
+        if (state is None or tokens.dim() != 2 or tokens.shape[1] != 1 or torch.is_grad_enabled()
+                or (self.pos_embed is not None and state.pos >= self.max_positions)):
             return self.model(tokens, state)  # not a decode step (or out of positions: the model says why)
+        pos = state.pos
         x = self.embed[tokens[:, 0]]  # (B, D)
         if self.pos_embed is not None:
             x = x + self.pos_embed[pos]
