@@ -163,11 +163,14 @@ class Attention(nn.Module):
 
     def _attend_one(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """softmax(q k^T / sqrt(hd)) v for one query per head that may see every key: q (B, H, 1, hd), k, v (B, Hkv,
-        S, hd) -> (B, H * hd). Two batched matrix products and a softmax; with one query,
+        S, hd) -> (B, H * hd). On CPU in fp32 / fp64: two batched matrix products and a softmax; with one query,
         `scaled_dot_product_attention` measured ~40 us more per call on CPU (torch 2.13), most of a decode step's
         attention. Grouped-query heads need no copy of k, v: the G = H / Hkv query heads that share a kv head are
-        one (G, hd) matrix (query head h reads kv head h // G, as in `enable_gqa`)."""
+        one (G, hd) matrix (query head h reads kv head h // G, as in `enable_gqa`). Elsewhere (a GPU, bf16 / fp16,
+        whose fused kernels accumulate in fp32): `scaled_dot_product_attention`."""
         B, Hkv, S, hd = k.shape
+        if q.device.type != "cpu" or q.dtype not in (torch.float32, torch.float64):
+            return F.scaled_dot_product_attention(q, k, v, enable_gqa=Hkv != self.n_heads).reshape(B, -1)
         q = q.reshape(B * Hkv, self.n_heads // Hkv, hd)  # (B Hkv, G, hd)
         scores = torch.bmm(q, k.reshape(B * Hkv, S, hd).transpose(1, 2)).mul_(hd ** -0.5)  # (B Hkv, G, S)
         return torch.bmm(torch.softmax(scores, -1), v.reshape(B * Hkv, S, hd)).view(B, -1)
