@@ -29,7 +29,7 @@ Sections:
   latents    PCA of its latent trajectories and the share of fixed points, orbits and sliders
   distill    attention teacher vs distilled recurrent student vs the student from scratch; the inference gain
 
-Presets: quick (default; all of it in a few minutes on a 2-core CPU), standard (about an hour on a CPU), full (for
+Presets: quick (default; all of it in a few minutes on a 2-core CPU), standard (a few hours on a 2-core CPU), full (for
 a GPU: larger models, longer contexts, more steps). To edit one: seqlab lab --preset quick --show-config > my.json,
 change it, then seqlab lab --config my.json. An interrupted run continues with --resume --out DIR, skipping
 finished cells; a failing cell is recorded with its error and the rest goes on. seqlab report DIR rebuilds the

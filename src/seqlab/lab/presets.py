@@ -12,7 +12,7 @@ A mixer entry "a+b" is a hybrid whose layers cycle through a, b, a, b, ...; "rec
 "recurrent_depth:gru", naming the mixer of its blocks) is the recurrent-depth model. Each section's fields are
 documented on its `Config` in `seqlab.lab.sections.<section>`.
 
-Presets: quick (the default: every section in a few minutes on a 2-core CPU), standard (about an hour on a CPU),
+Presets: quick (the default: every section in a few minutes on a 2-core CPU), standard (a few hours on a 2-core CPU),
 full (for a GPU: larger models, longer contexts, more steps).
 """
 
