@@ -91,6 +91,9 @@ def test_plan_sees_weight_updates_and_defers_to_the_model_off_its_path():
         chunk, _ = plan(tokens[:, 3:], model(tokens[:, :3])[1])  # more than one token: the model's own call
         assert chunk.shape == (1, 3, 37)
         torch.testing.assert_close(plan(tokens[:, :1], None)[0], model(tokens[:, :1])[0])  # no state yet: the same
+        for bad in (torch.tensor([[37]]), torch.tensor([[-1]]), torch.tensor([[0.5]])):  # the model's own errors
+            with pytest.raises(InputError, match="token"):
+                plan(bad, state)
     learned = tiny("attention", position="learned", max_positions=6)
     plan = DecodePlan.build(learned)
     with torch.inference_mode():
@@ -108,3 +111,19 @@ def test_one_query_attention_equals_sdpa_in_every_dtype_and_head_grouping():
         k, v = (torch.randn(3, 2, 9, 8, generator=gen).to(dtype) for _ in range(2))
         ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True).reshape(3, -1)
         torch.testing.assert_close(attn._attend_one(q, k, v), ref, atol=tol, rtol=tol)
+
+
+def test_a_stream_decodes_through_one_plan_and_still_checks_its_input():
+    model = tiny("mamba")
+    stream = seqlab.Stream(model)
+    stream.feed([1, 2, 3])
+    logits = stream.feed([4])
+    plan = stream._plan
+    assert isinstance(plan, DecodePlan)
+    stream.generate(5)
+    assert stream._plan is plan  # built once, kept
+    with torch.inference_mode():
+        ref, _ = model(torch.tensor([[1, 2, 3, 4]]))
+    torch.testing.assert_close(logits[:, -1], ref[:, -1], atol=1e-5, rtol=1e-5)
+    with pytest.raises(InputError, match="out of range"):
+        stream.feed([99])

@@ -17,9 +17,9 @@ What a plan covers, and what it does not:
   module, and so is any linear layer that is not a plain `nn.Linear` (int8 layers, for one).
 - It is built for one run of decoding: it holds the parameters, not copies, so in-place updates are seen, but a
   module or parameter replaced after `build` (another device, `quantize`, `load_state_dict(assign=True)`) is not.
-  `generate` builds one per call (microseconds).
-- Token ids are not checked (the caller samples them from the model's own logits), and module hooks do not run
-  per token; `generate(..., plan=False)` decodes through `model(...)` instead.
+  `generate` builds one per call (well under a millisecond); a `Stream` builds one on its first one-token feed.
+- Token ids are checked as the model checks them (one clear error); module hooks do not run per token
+  (`generate(..., plan=False)` decodes through `model(...)` instead).
 """
 
 from __future__ import annotations
@@ -63,9 +63,11 @@ class DecodePlan:
         return cls(model)
 
     def __call__(self, tokens: torch.Tensor, state: ModelState) -> tuple[torch.Tensor, ModelState]:
-        if (state is None or tokens.dim() != 2 or tokens.shape[1] != 1 or torch.is_grad_enabled()
+        if (state is None or not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.shape[1] != 1
+                or torch.is_grad_enabled()
                 or (self.pos_embed is not None and state.pos >= self.max_positions)):
             return self.model(tokens, state)  # not a decode step (or out of positions: the model says why)
+        self.model.check_tokens(tokens)  # ids out of range: the model's own error
         pos = state.pos
         x = self.embed[tokens[:, 0]]  # (B, D)
         if self.pos_embed is not None:

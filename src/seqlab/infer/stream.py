@@ -51,6 +51,10 @@ class Stream:
     temperature, top_k, top_p, seed: how `sample` picks tokens (greedy at temperature 0); the draw at position p
     depends on (seed, p) only. reserve: room for this many tokens in the KV caches after the first feed, so
     decoding up to that length never reallocates (caches grow by 25% when they fill up otherwise).
+
+    One token at a time goes through the model's decode plan (`seqlab.infer.plan.DecodePlan`), built on first use
+    and kept: it sees in-place weight updates, but a stream is bound to its model as it was (its device, its
+    modules); after moving, quantizing or reloading the model with new tensors, start a new stream.
     """
 
     def __init__(self, model: torch.nn.Module, *, temperature: float = 0.0, top_k: int | None = None,
@@ -62,6 +66,7 @@ class Stream:
         self._reserve = reserve
         self._device = next(model.parameters()).device
         self._generator = None if self.sampler.greedy else torch.Generator(device=self._device)
+        self._plan: DecodePlan | torch.nn.Module | None = None  # the one-token step, built on first use
 
     @property
     def pos(self) -> int:
@@ -84,7 +89,8 @@ class Stream:
             raise InputError(f"this stream holds {self.batch} sequences; got tokens of shape {tuple(tokens.shape)}: "
                              f"feed ({self.batch}, T) ids")
         with torch.inference_mode():
-            logits, state = self.model(tokens, self.state)
+            step = self._step() if tokens.shape[1] == 1 and self.state is not None else self.model
+            logits, state = step(tokens, self.state)
             if self.state is None and self._reserve > tokens.shape[1]:
                 state = reserve(self.model, state, self._reserve - tokens.shape[1])
         self.state, self.logits = state, logits[:, -1]
@@ -98,21 +104,26 @@ class Stream:
             return self.sampler(self.logits, self.pos, self._generator)[:, None]
 
     def generate(self, n: int) -> torch.Tensor:
-        """Sample and feed n tokens, one at a time, through the model's decode plan (`seqlab.infer.plan`) when it
-        has one; returns them, (B, n)."""
+        """Sample and feed n tokens, one at a time; returns them, (B, n)."""
         if not isinstance(n, int) or n < 0:
             raise InputError(f"n = {n}: must be an integer >= 0")
         if self.logits is None:
             raise InputError("nothing to sample from yet: feed the stream some tokens first")
         out = torch.empty(self.batch, n, dtype=torch.long, device=self._device)
         self.reserve(n)
-        step = DecodePlan.build(self.model) or self.model  # the per-token path `seqlab.generate` takes
+        step = self._step()
         for i in range(n):
             out[:, i:i + 1] = token = self.sample()
             with torch.inference_mode():
                 logits, self.state = step(token, self.state)
             self.logits = logits[:, -1]
         return out
+
+    def _step(self) -> DecodePlan | torch.nn.Module:
+        """The model's decode plan (the per-token path `seqlab.generate` takes), or the model where it has none."""
+        if self._plan is None:
+            self._plan = DecodePlan.build(self.model) or self.model
+        return self._plan
 
     def reserve(self, n: int) -> None:
         """Make room in the KV caches for n more tokens, so feeding them never reallocates."""
