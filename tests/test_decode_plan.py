@@ -102,17 +102,6 @@ def test_plan_sees_weight_updates_and_defers_to_the_model_off_its_path():
             plan(tokens[:, :1], state)
 
 
-def test_one_query_attention_equals_sdpa_in_every_dtype_and_head_grouping():
-    model = tiny("attention", attention={"n_heads": 4, "n_kv_heads": 2})
-    attn = model.blocks[0].mixer
-    gen = torch.Generator().manual_seed(5)
-    for dtype, tol in ((torch.float32, 1e-6), (torch.float64, 1e-12), (torch.bfloat16, 1e-2)):
-        q = torch.randn(3, 4, 1, 8, generator=gen).to(dtype)
-        k, v = (torch.randn(3, 2, 9, 8, generator=gen).to(dtype) for _ in range(2))
-        ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True).reshape(3, -1)
-        torch.testing.assert_close(attn._attend_one(q, k, v), ref, atol=tol, rtol=tol)
-
-
 def test_a_stream_decodes_through_one_plan_and_still_checks_its_input():
     model = tiny("mamba")
     stream = seqlab.Stream(model)

@@ -148,32 +148,15 @@ class Attention(nn.Module):
             k, v = buffer.k[:, :, start:end], buffer.v[:, :, start:end]  # (B, Hkv, P + T, hd), views
         P = k.shape[2] - T
         mask = self._mask(T, P, x.device)
-        if T == 1 and mask is None:  # one query that sees every key: decoding
-            y = self.wo(self._attend_one(q, k, v).unsqueeze(1))  # (B, 1, D)
-        else:
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=mask is None and P == 0 and T > 1,
-                enable_gqa=self.kv_heads != self.n_heads,
-            )  # (B, H, T, hd)
-            y = self.wo(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, H * hd)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None and P == 0 and T > 1,
+            enable_gqa=self.kv_heads != self.n_heads,
+        )  # (B, H, T, hd)
+        y = self.wo(y.reshape(B, 1, -1) if T == 1 else y.transpose(1, 2).reshape(B, T, -1))  # (B, T, H * hd)
         if self.window is not None and k.shape[2] > self.window:
             start += k.shape[2] - self.window  # only the last W keys are ever seen again
             k, v = k[:, :, -self.window:], v[:, :, -self.window:]
         return y, KVCache(k, v, pos0 + T, buffer, start)
-
-    def _attend_one(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """softmax(q k^T / sqrt(hd)) v for one query per head that may see every key: q (B, H, 1, hd), k, v (B, Hkv,
-        S, hd) -> (B, H * hd). On CPU in fp32 / fp64: two batched matrix products and a softmax; with one query,
-        `scaled_dot_product_attention` measured ~40 us more per call on CPU (torch 2.13), most of a decode step's
-        attention. Grouped-query heads need no copy of k, v: the G = H / Hkv query heads that share a kv head are
-        one (G, hd) matrix (query head h reads kv head h // G, as in `enable_gqa`). Elsewhere (a GPU, bf16 / fp16,
-        whose fused kernels accumulate in fp32): `scaled_dot_product_attention`."""
-        B, Hkv, S, hd = k.shape
-        if q.device.type != "cpu" or q.dtype not in (torch.float32, torch.float64):
-            return F.scaled_dot_product_attention(q, k, v, enable_gqa=Hkv != self.n_heads).reshape(B, -1)
-        q = q.reshape(B * Hkv, self.n_heads // Hkv, hd)  # (B Hkv, G, hd)
-        scores = torch.bmm(q, k.reshape(B * Hkv, S, hd).transpose(1, 2)).mul_(hd ** -0.5)  # (B Hkv, G, S)
-        return torch.bmm(torch.softmax(scores, -1), v.reshape(B * Hkv, S, hd)).view(B, -1)
 
     def _append(self, state: KVCache, k: torch.Tensor, v: torch.Tensor) -> tuple[KVBuffer, int]:
         """Write the new k, v (B, Hkv, T, hd) after the cache's entries: in place when `state` owns the buffer's
