@@ -292,7 +292,7 @@ def main(argv=None) -> int:
     p.add_argument("--hf-d-model", type=int, default=128)
     p.add_argument("--hf-layers", type=int, default=2)
     p.add_argument("--hf-new-tokens", type=int, default=128)
-    p.add_argument("--hf-repeats", type=int, default=7)
+    p.add_argument("--hf-repeats", type=int, default=25, help="alternating generate rounds per model (median)")
     p.add_argument("--hf-steps", type=int, default=200)
     args = p.parse_args(argv)
     args.contexts = tuple(int(c) for c in args.contexts.split(","))
