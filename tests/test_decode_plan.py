@@ -76,18 +76,38 @@ def test_plan_covers_only_what_it_can_and_calls_modules_for_the_rest():
                                    rtol=1e-5)
 
 
-def test_plan_sees_weight_updates_and_defers_to_the_model_off_its_path():
+@pytest.mark.parametrize("mixer", ["mamba", "attention"])
+def test_plan_sees_in_place_weight_updates(mixer):
+    model = tiny(mixer, mamba={"chunk_size": 8, "dt_min": 0.5, "dt_max": 1.0})  # large steps: A_log matters
+    plan = DecodePlan.build(model)
+    tokens = torch.randint(0, 37, (1, 6), generator=torch.Generator().manual_seed(4))
+
+    def step(f):
+        with torch.inference_mode():
+            _, state = model(tokens[:, :5])
+            return f(tokens[:, 5:], state)[0]
+
+    before = step(model)
+    with torch.no_grad():
+        for p in model.parameters():  # in place, as an optimizer step does: A_log, D and the biases too
+            p.mul_(1.5)
+    after = step(model)
+    assert (after - before).abs().max() > 1e-3  # the update changes the output
+    torch.testing.assert_close(step(plan), after, atol=1e-5, rtol=1e-5)
+    if mixer == "mamba":
+        with torch.no_grad():
+            for block in model.blocks:
+                block.mixer.A_log.sub_(3.0)  # A alone (20x slower decay): the plan computes -exp(A_log) again
+        torch.testing.assert_close(step(plan), step(model), atol=2e-6, rtol=1e-5)
+        assert (step(model) - after).abs().max() > 1e-4
+
+
+def test_plan_defers_to_the_model_off_its_path():
     model = tiny("mamba")
     plan = DecodePlan.build(model)
     tokens = torch.randint(0, 37, (1, 6), generator=torch.Generator().manual_seed(4))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:  # in place, as an optimizer step does (A_log is captured once per plan)
-                p.mul_(1.5)
     with torch.inference_mode():
         _, state = model(tokens[:, :5])
-        torch.testing.assert_close(plan(tokens[:, 5:], state)[0], model(tokens[:, 5:], state)[0], atol=1e-5,
-                                   rtol=1e-5)
         chunk, _ = plan(tokens[:, 3:], model(tokens[:, :3])[1])  # more than one token: the model's own call
         assert chunk.shape == (1, 3, 37)
         torch.testing.assert_close(plan(tokens[:, :1], None)[0], model(tokens[:, :1])[0])  # no state yet: the same
