@@ -136,3 +136,14 @@ def test_a_stream_decodes_through_one_plan_and_still_checks_its_input():
     torch.testing.assert_close(logits[:, -1], ref[:, -1], atol=1e-5, rtol=1e-5)
     with pytest.raises(InputError, match="out of range"):
         stream.feed([99])
+
+
+@pytest.mark.parametrize("name", ["mamba", "gpt2-like", "hybrid"])
+def test_a_model_built_under_inference_mode_decodes_through_its_plan(name):
+    """Parameters made under inference_mode are inference tensors (no version counter), as in the profiler's cells."""
+    with torch.inference_mode():
+        model = _model(name)
+        tokens = torch.randint(0, 37, (1, 6), generator=torch.Generator().manual_seed(6))
+        _, state = model(tokens[:, :5])
+        torch.testing.assert_close(DecodePlan.build(model)(tokens[:, 5:], state)[0], model(tokens[:, 5:], state)[0],
+                                   atol=1e-5, rtol=1e-5)

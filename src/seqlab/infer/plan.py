@@ -180,8 +180,9 @@ def _attention_step(a: Attention) -> Callable[[torch.Tensor, KVCache], tuple[tor
 
 def _mamba_step(m: Mamba) -> Callable[[torch.Tensor, MambaState], tuple[torch.Tensor, MambaState]]:
     """Mamba.step with its per-call constants hoisted: A = -exp(A_log) is computed again only when A_log's version
-    counter moves (an in-place update), the conv kernel is viewed as (d_inner, k), and the dt_proj bias enters
-    through addmm (softplus(dt W^T + b), as the scan's delta_bias adds it)."""
+    counter moves (an in-place update; every step for a model built under inference_mode, whose tensors have no
+    counter), the conv kernel is viewed as (d_inner, k), and the dt_proj bias enters through addmm (softplus(dt W^T
+    + b), as the scan's delta_bias adds it)."""
     in_proj, x_proj, out_proj = _linear(m.in_proj), _linear(m.x_proj), _linear(m.out_proj)
     dt_wt, dt_b, A_log, D = m.dt_proj.weight.t(), m.dt_proj.bias, m.A_log, m.D
     conv_w, conv_b = m.conv.weight.squeeze(1), m.conv.bias  # (d_inner, d_conv)
@@ -189,9 +190,12 @@ def _mamba_step(m: Mamba) -> Callable[[torch.Tensor, MambaState], tuple[torch.Te
     A_at: list[Any] = [None, None]  # [A_log's version, A]
 
     def step(x: torch.Tensor, s: MambaState) -> tuple[torch.Tensor, MambaState]:
-        if A_at[0] != A_log._version:
-            A_at[:] = A_log._version, -torch.exp(A_log.detach().float())
-        A = A_at[1]
+        if A_log.is_inference():  # made under inference_mode: no version counter, so computed every step
+            A = -torch.exp(A_log.float())
+        else:
+            if A_at[0] != A_log._version:
+                A_at[:] = A_log._version, -torch.exp(A_log.detach().float())
+            A = A_at[1]
         xs, z = in_proj(x).chunk(2, dim=-1)  # (B, d_inner) each
         window = torch.cat([s.conv, xs.unsqueeze(-1)], dim=-1)  # (B, d_inner, d_conv)
         xs = (window * conv_w).sum(-1)
