@@ -31,9 +31,10 @@ TINY = dict(d_model=32, n_layers=2, vocab_size=37, chunk=16, decode_steps=3, war
 
 @pytest.fixture(scope="module")
 def profile(tmp_path_factory):
-    """One in-process profile of three mixers at three contexts, with plots (a few seconds)."""
+    """One in-process profile of four mixers at three contexts, with plots (a few seconds); in-process, the models
+    are built under inference_mode, as in a real cell."""
     out = tmp_path_factory.mktemp("plots")
-    cfg = ProfileConfig(mixers=("attention", "sliding_attention", "gru"), contexts=(4, 24, 40), isolate=False,
+    cfg = ProfileConfig(mixers=("attention", "sliding_attention", "gru", "mamba"), contexts=(4, 24, 40), isolate=False,
                         **TINY)
     return run_profile(cfg, plot_dir=out), out
 
@@ -42,10 +43,10 @@ def test_profile_json_has_every_documented_field(profile):
     results, out = profile
     assert set(results) == set(TOP_FIELDS)
     json.loads(json.dumps(results))  # JSON-ready as it is
-    assert [m["mixer"] for m in results["models"]] == ["attention", "sliding_attention", "gru"]
+    assert [m["mixer"] for m in results["models"]] == ["attention", "sliding_attention", "gru", "mamba"]
     for m in results["models"]:
         assert set(MODEL_FIELDS) <= set(m)
-    assert len(results["cells"]) == 9
+    assert len(results["cells"]) == 12
     for c in results["cells"]:
         assert "error" not in c, c
         assert set(c) == set(CELL_FIELDS)
@@ -55,7 +56,7 @@ def test_profile_json_has_every_documented_field(profile):
         assert c["prefill_tokens_per_s"] == pytest.approx(c["context"] / c["prefill_seconds"])
         assert c["peak_memory_bytes"] == max(c["peak_memory_prefill_bytes"], c["peak_memory_decode_bytes"]) > 0
         assert c["state_allocated_bytes"] >= c["state_bytes"]
-    assert [x["mixer"] for x in results["crossover"]] == ["sliding_attention", "gru"]
+    assert [x["mixer"] for x in results["crossover"]] == ["sliding_attention", "gru", "mamba"]
     for x in results["crossover"]:
         assert set(x) == set(CROSSOVER_FIELDS)
     assert sorted(p.split("/")[-1] for p in results["plots"]) == sorted([*PLOTS, "profile.png"])
