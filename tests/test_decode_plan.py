@@ -114,6 +114,8 @@ def test_plan_defers_to_the_model_off_its_path():
         for bad in (torch.tensor([[37]]), torch.tensor([[-1]]), torch.tensor([[0.5]])):  # the model's own errors
             with pytest.raises(InputError, match="token"):
                 plan(bad, state)
+        with pytest.raises(InputError, match="state must be the ModelState"):
+            plan(tokens[:, :1], "not a state")
     learned = tiny("attention", position="learned", max_positions=6)
     plan = DecodePlan.build(learned)
     with torch.inference_mode():

@@ -61,11 +61,11 @@ class DecodePlan:
             return None
         return cls(model)
 
-    def __call__(self, tokens: torch.Tensor, state: ModelState) -> tuple[torch.Tensor, ModelState]:
-        if (state is None or not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.shape[1] != 1
-                or torch.is_grad_enabled()
-                or (self.pos_embed is not None and state.pos >= self.max_positions)):
-            return self.model(tokens, state)  # not a decode step (or out of positions: the model says why)
+    def __call__(self, tokens: torch.Tensor, state: ModelState | None) -> tuple[torch.Tensor, ModelState]:
+        if (not isinstance(state, ModelState) or len(state.layers) != len(self.layers)
+                or not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.shape[1] != 1
+                or torch.is_grad_enabled() or (self.pos_embed is not None and state.pos >= self.max_positions)):
+            return self.model(tokens, state)  # not a decode step, or bad input (the model says what is wrong)
         self.model.check_tokens(tokens)  # ids out of range: the model's own error
         pos = state.pos
         x = self.embed[tokens[:, 0]]  # (B, D)
