@@ -127,15 +127,13 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, state: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
         B, T, _ = x.shape
+        if T == 1 and state is not None and not torch.is_grad_enabled():  # decoding: one token into the cache
+            y, state = self.step(x.view(B, -1), state)
+            return y.unsqueeze(1), state
         pos0 = state.pos if state is not None else 0
-        if T == 1:  # (B, 1, H, hd) and (B, H, 1, hd) have the same layout: a view, no transpose
-            q = self.wq(x).view(B, self.n_heads, 1, self.head_dim)  # (B, H, T, hd)
-            k = self.wk(x).view(B, self.kv_heads, 1, self.head_dim)  # (B, Hkv, T, hd)
-            v = self.wv(x).view(B, self.kv_heads, 1, self.head_dim)
-        else:
-            q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-            k = self.wk(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
-            v = self.wv(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = self.wk(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = self.wv(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
         if self.rotary is not None:
             q, k = self.rotary(q, pos0), self.rotary(k, pos0)
         buffer, start = None, 0
@@ -146,13 +144,34 @@ class Attention(nn.Module):
             buffer, start = self._append(state, k, v)
             end = buffer.fill
             k, v = buffer.k[:, :, start:end], buffer.v[:, :, start:end]  # (B, Hkv, P + T, hd), views
+        y, state = self._attend(q, k, v, T, pos0, buffer, start)  # (B, H, T, hd)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1)), state  # (B, T, D)
+
+    def step(self, x: torch.Tensor, state: KVCache, proj: tuple | None = None) -> tuple[torch.Tensor, KVCache]:
+        """One token from a cache, outside autograd: x (B, D) -> (B, D). The new k, v are written into the cache's
+        buffer (`_append`), then one query attends to the cached keys. proj: the (wq, wk, wv, wo) callables, the
+        layers themselves by default (a `seqlab.infer.plan.DecodePlan` passes lighter ones)."""
+        wq, wk, wv, wo = proj or (self.wq, self.wk, self.wv, self.wo)
+        B = x.shape[0]  # (B, H * hd) is (B, H, 1, hd) as a view: no transpose
+        q, k = wq(x).view(B, self.n_heads, 1, self.head_dim), wk(x).view(B, self.kv_heads, 1, self.head_dim)
+        v = wv(x).view(B, self.kv_heads, 1, self.head_dim)
+        if self.rotary is not None:
+            q, k = self.rotary(q, state.pos), self.rotary(k, state.pos)
+        buffer, start = self._append(state, k, v)
+        k, v = buffer.k[:, :, start:buffer.fill], buffer.v[:, :, start:buffer.fill]  # (B, Hkv, P + 1, hd), views
+        y, state = self._attend(q, k, v, 1, state.pos, buffer, start)  # (B, H, 1, hd)
+        return wo(y.reshape(B, -1)), state
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, T: int, pos0: int, buffer: KVBuffer | None,
+                start: int) -> tuple[torch.Tensor, KVCache]:
+        """Attention of q (B, H, T, hd) over k, v (B, Hkv, P + T, hd), and the cache after it (only the last W keys
+        kept for a sliding window): (y (B, H, T, hd), KVCache)."""
         P = k.shape[2] - T
-        mask = self._mask(T, P, x.device)
+        mask = self._mask(T, P, q.device)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None and P == 0 and T > 1,
             enable_gqa=self.kv_heads != self.n_heads,
-        )  # (B, H, T, hd)
-        y = self.wo(y.reshape(B, 1, -1) if T == 1 else y.transpose(1, 2).reshape(B, T, -1))  # (B, T, H * hd)
+        )
         if self.window is not None and k.shape[2] > self.window:
             start += k.shape[2] - self.window  # only the last W keys are ever seen again
             k, v = k[:, :, -self.window:], v[:, :, -self.window:]
