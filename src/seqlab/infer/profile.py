@@ -295,9 +295,10 @@ def measure_cell(spec: dict[str, Any]) -> dict[str, Any]:
     mem = _Memory(device)
 
     # Warm up kernels and allocators on a short sequence, then take the baseline.
+    step = DecodePlan.build(model) or model  # the per-token path `seqlab.generate` takes
     logits, state = _prefill(model, min(context, 2 * min(chunk, 64)), batch, min(chunk, 64), 4, spec["seed"], device)
     for _ in range(3):
-        logits, state = (DecodePlan.build(model) or model)(logits[:, -1].argmax(-1, keepdim=True), state)
+        logits, state = step(logits[:, -1].argmax(-1, keepdim=True), state)
     del logits, state
     gc.collect()
     baseline = mem.now()
@@ -319,7 +320,6 @@ def measure_cell(spec: dict[str, Any]) -> dict[str, Any]:
 
     mem.reset_peak()
     token = logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
-    step = DecodePlan.build(model) or model  # the per-token path `seqlab.generate` takes
     step_times, step_cpu = [], []
     for i in range(warmup + steps):
         t0, c0 = time.perf_counter(), time.process_time()
