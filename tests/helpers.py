@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import seqlab
@@ -31,3 +32,10 @@ def assert_states_close(a: ModelState, b: ModelState, atol: float = 1e-4) -> Non
     for x, y in zip(ta, tb):
         assert x.shape == y.shape
         torch.testing.assert_close(x, y, atol=atol, rtol=0)
+
+
+def need_onnx() -> None:
+    """Skip the calling test unless onnx and onnxruntime are installed."""
+    for name in ("onnx", "onnxruntime"):
+        pytest.importorskip(name, reason=f"{name} is not installed (pip install 'seqlab[onnx]'): ONNX export "
+                                         "checks skipped")

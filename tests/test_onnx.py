@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import need_onnx
 
 import seqlab
 from seqlab.cli import main
@@ -12,12 +13,6 @@ from seqlab.errors import InputError
 from seqlab.interop.export import ExportGraph, export_onnx, verify_onnx
 
 MIXERS = ("attention", "sliding_attention", "lstm", "gru", "conv", "mamba", "gla")
-
-
-def _need_onnx() -> None:
-    for name in ("onnx", "onnxruntime"):
-        pytest.importorskip(name, reason=f"{name} is not installed (pip install 'seqlab[onnx]'): ONNX export "
-                                         "checks skipped")
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +38,7 @@ def test_graph_in_pytorch_equals_model_prefill_then_steps(hybrid):
 
 @pytest.mark.parametrize("mode", ["step", "prefill"])
 def test_onnxruntime_equals_pytorch_every_mixer(hybrid, tmp_path, mode):
-    _need_onnx()
+    need_onnx()
     info = export_onnx(hybrid, tmp_path / "m.onnx", mode=mode, length=4, cache_size=16)
     assert info["length"] == (1 if mode == "step" else 4)
     assert info["state_shapes"]["state.0.k"] == ["batch", 2, "cache", 8]  # attention: the fixed-size cache
@@ -54,7 +49,7 @@ def test_onnxruntime_equals_pytorch_every_mixer(hybrid, tmp_path, mode):
 
 
 def test_learned_positions_and_biases_export(tmp_path):
-    _need_onnx()
+    need_onnx()
     model = seqlab.build_model(mixer="attention", d_model=16, n_layers=1, vocab_size=19, position="learned",
                                max_positions=32, norm="layernorm", mlp="gelu_tanh", mlp_bias=True,
                                attention={"n_heads": 2, "bias": True, "n_kv_heads": 1}, seed=1).eval()
@@ -64,7 +59,7 @@ def test_learned_positions_and_biases_export(tmp_path):
 
 
 def test_cli_exports_and_verifies(tmp_path, capsys):
-    _need_onnx()
+    need_onnx()
     seqlab.save(seqlab.build_model(mixer="mamba", d_model=16, n_layers=1, vocab_size=11, seed=0), tmp_path / "c")
     assert main(["export-onnx", str(tmp_path / "c"), "--out", str(tmp_path / "s.onnx"), "--json"]) == 0
     out = capsys.readouterr().out

@@ -8,17 +8,12 @@ import json
 
 import pytest
 import torch
+from helpers import need_onnx
 
 import seqlab
 from seqlab.cli import main
 from seqlab.errors import InputError
 from seqlab.interop.quantize import Int8Linear, linear_bytes, quantize, save_quantized
-
-
-def _need_onnx() -> None:
-    for name in ("onnx", "onnxruntime"):
-        pytest.importorskip(name, reason=f"{name} is not installed (pip install 'seqlab[onnx]'): ONNX export "
-                                         "checks skipped")
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +86,7 @@ def test_cli_reports_size_and_task_quality(tmp_path, capsys):
 
 
 def test_quantized_model_exports_to_onnx(model, tmp_path):
-    _need_onnx()
+    need_onnx()
     from seqlab.interop.export import export_onnx, verify_onnx
 
     fp32 = seqlab.build_model(mixer="mamba", d_model=64, n_layers=1, vocab_size=16, seed=0).eval()
