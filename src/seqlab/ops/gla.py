@@ -18,6 +18,7 @@ Three entry points:
     gla(..., impl="chunked")   the chunkwise-parallel form; for training and prefill
     gla_ref(...)               the plain sequential loop; the twin the tests compare against
     gla_step(...)              one step from a state; O(1) decoding
+    gla_update(...)            the same step without checks or casts (what decoding calls)
 
 Return convention: the scans ALWAYS return a tuple `(o, final_state_or_None)`.
 
@@ -102,6 +103,14 @@ def gla_step(q, k, v, g, state, scale=None):
     cdt = torch.promote_types(q.dtype, torch.float32)
     S, o = _step(state.to(cdt), q.to(cdt) * _scale(scale, q.shape[-1]), k.to(cdt), v.to(cdt), g.to(cdt))
     return o.to(q.dtype), S
+
+
+def gla_update(state, q, k, v, g):
+    """The lean one-token update the decode steps call: no input checks, no dtype casts, q already scaled.
+    state (B, H, dk, dv) and every input in the compute dtype: q, k, g (B, H, dk), v (B, H, dv)
+    -> (o (B, H, dv), new state). `gla_step` is this with checks, casts and the scale."""
+    S, o = _step(state, q, k, v, g)
+    return o, S
 
 
 # ---------------------------------------------------------------------------------------------------------------

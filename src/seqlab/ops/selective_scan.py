@@ -20,6 +20,7 @@ Three entry points share one discretization and one step:
     selective_scan(..., impl="chunked")  parallel over chunks; for training and prefill
     selective_scan_ref(...)              the plain sequential loop; the twin the tests compare against
     selective_scan_step(...)             one step from a state; O(1) decoding
+    selective_scan_update(...)           the same step without checks or casts (what decoding calls)
 
 Return convention: the scans ALWAYS return a tuple `(y, final_state_or_None)`, so the return type never depends on
 `return_final_state`.
@@ -149,6 +150,15 @@ def _step(x, u, delta, A, B, C):
     """x (b, d, N), u and delta (b, d), A (d, N), B and C (b, N) -> (new x, y (b, d))."""
     x = torch.addcmul((delta * u).unsqueeze(-1) * B.unsqueeze(1), torch.exp(delta.unsqueeze(-1) * A), x)
     return x, (x @ C.unsqueeze(-1)).squeeze(-1)  # y = <x, C>: a batched matrix-vector product
+
+
+def selective_scan_update(state, u, delta, A, B, C, D=None, z=None):
+    """The lean one-token update the decode steps call: no input checks, no dtype casts, delta already
+    discretized (softplus and bias applied). state (b, d, N) and every input in the compute dtype (fp32 or fp64);
+    u, delta, z (b, d), A (d, N), B, C (b, N), D (d,) -> (y (b, d), new state (b, d, N)).
+    `selective_scan_step` is this with checks, casts and the discretization."""
+    x, y = _step(state, u, delta, A, B, C)
+    return _skip_and_gate(y, u, D, z), x
 
 
 def _skip_and_gate(y, u, D, z):
