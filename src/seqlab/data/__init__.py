@@ -5,23 +5,9 @@
     loss = masked_cross_entropy(logits, batch)
 """
 
+from seqlab.data.batch import Batch, Metrics, Task, accuracy_by_length, masked_cross_entropy, task_metrics
 from seqlab.data.corpus import Corpus, CorpusStream, CorpusTask, load_corpus
-from seqlab.data.tasks import (
-    MQAR,
-    Batch,
-    Copy,
-    Induction,
-    Metrics,
-    PrefixParity,
-    SelectiveCopy,
-    Task,
-    accuracy_by_length,
-    available_tasks,
-    make_task,
-    masked_cross_entropy,
-    task_class,
-    task_metrics,
-)
+from seqlab.data.tasks import MQAR, Copy, Induction, PrefixParity, SelectiveCopy, available_tasks, make_task, task_class
 
 __all__ = [
     "MQAR",

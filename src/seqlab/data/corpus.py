@@ -33,7 +33,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from seqlab.data.tasks import Batch
+from seqlab.data.batch import Batch
 from seqlab.errors import InputError
 
 SPLITS = ("train", "validation", "test")

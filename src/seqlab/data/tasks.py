@@ -9,48 +9,29 @@ Glossary (shared by the docstrings below):
     V   vocabulary size          T   sequence length (`seq_len`)
     B   batch size               .   a position whose target does not count (mask False)
 
-`make_task(name, **params)` builds a task by name; `masked_cross_entropy` and `task_metrics` (or the `Metrics`
-accumulator, for many batches) score a model's logits against a batch, the same way for every task.
+`make_task(name, **params)` builds a task by name (the synthetic ones here, "corpus" from `seqlab.data.corpus`);
+`masked_cross_entropy` and `task_metrics` (or the `Metrics` accumulator, for many batches), in
+`seqlab.data.batch`, score a model's logits against a batch, the same way for every task.
 """
 
 from __future__ import annotations
 
 import inspect
-import math
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 
+from seqlab.data.batch import (  # noqa: F401  (re-exported: seqlab.data.tasks.masked_cross_entropy etc.)
+    Batch,
+    Metrics,
+    Task,
+    accuracy_by_length,
+    masked_cross_entropy,
+    task_metrics,
+)
+from seqlab.data.corpus import CorpusTask
 from seqlab.errors import InputError
-
-
-@dataclass(frozen=True)
-class Batch:
-    """One batch of a task. `targets` may hold any value where `mask` is False."""
-
-    inputs: torch.Tensor  # (B, T) int64
-    targets: torch.Tensor  # (B, T) int64: next token / answer at each position
-    mask: torch.Tensor  # (B, T) bool: True where loss and accuracy count
-    byte_level: bool = False  # the tokens are bytes: metrics also report bits per byte
-
-    def __getitem__(self, rows: slice) -> Batch:
-        """A slice of the rows (a data-parallel rank's share of a global batch)."""
-        return Batch(self.inputs[rows], self.targets[rows], self.mask[rows], self.byte_level)
-
-    def __len__(self) -> int:
-        return self.inputs.shape[0]
-
-
-@runtime_checkable
-class Task(Protocol):
-    name: str
-    vocab_size: int
-    seq_len: int
-
-    def batch(self, batch_size: int, generator: torch.Generator) -> Batch: ...
-
 
 # ----------------------------------------------------------------------------------------------------
 # parameter checks
@@ -335,7 +316,7 @@ _TASKS: dict[str, Any] = {
     "induction": Induction,
     "copy": Copy,
     "prefix_parity": PrefixParity,
-    "corpus": None,  # seqlab.data.corpus.CorpusTask, imported when asked for (it touches the file system)
+    "corpus": CorpusTask,
 }
 
 
@@ -347,10 +328,6 @@ def task_class(name: str) -> Any:
     """The class behind a task name; `InputError` listing the available tasks for an unknown name."""
     if name not in _TASKS:
         raise InputError(f"unknown task {name!r}; available tasks: {', '.join(_TASKS)}")
-    if name == "corpus":
-        from seqlab.data.corpus import CorpusTask
-
-        return CorpusTask
     return _TASKS[name]
 
 
@@ -365,88 +342,3 @@ def make_task(name: str, **params: Any) -> Task:
     if unknown:
         raise InputError(f"task '{name}': unknown parameter {unknown[0]!r}; allowed: {', '.join(allowed)}")
     return cls(**params)
-
-
-# ----------------------------------------------------------------------------------------------------
-# loss and metrics
-
-
-def _check_logits(logits: torch.Tensor, batch: Batch) -> None:
-    if logits.dim() != 3 or logits.shape[:2] != batch.inputs.shape:
-        raise InputError(
-            f"logits of shape {tuple(logits.shape)} do not match the batch: expected "
-            f"({batch.inputs.shape[0]}, {batch.inputs.shape[1]}, vocab_size)"
-        )
-
-
-def masked_cross_entropy(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
-    """Mean cross-entropy (nats, fp32) over the masked positions; logits (B, T, V). 0 when none is masked."""
-    _check_logits(logits, batch)
-    mask = batch.mask.to(logits.device)
-    picked = logits[mask].float()  # (N, V): only the positions that count
-    if picked.shape[0] == 0:
-        return logits.float().sum() * 0.0  # keeps the graph, so backward() still works
-    return F.cross_entropy(picked, batch.targets.to(logits.device)[mask])
-
-
-class Metrics:
-    """Accumulates loss and accuracy over many batches, weighting every masked token (and sequence) equally.
-
-    `compute()` returns loss (nats per masked token), accuracy (per masked token), seq_accuracy (the fraction
-    of sequences with every masked position right; sequences with no masked position are left out), and for
-    byte-level batches bits_per_byte = loss / ln 2. """
-
-    def __init__(self) -> None:
-        self.loss_sum = 0.0
-        self.correct = 0
-        self.tokens = 0
-        self.seq_correct = 0
-        self.seqs = 0
-        self.byte_level = False
-
-    @torch.no_grad()
-    def update(self, logits: torch.Tensor, batch: Batch) -> Metrics:
-        _check_logits(logits, batch)
-        mask = batch.mask.to(logits.device)
-        targets = batch.targets.to(logits.device)
-        counted = mask.sum().item()
-        if counted:
-            loss = F.cross_entropy(logits[mask].float(), targets[mask], reduction="sum")
-            self.loss_sum += loss.item()
-        hit = (logits.argmax(dim=-1) == targets) & mask  # (B, T)
-        right = hit | ~mask  # (B, T): True where right or not counted
-        has_any = mask.any(dim=1)
-        self.correct += int(hit.sum().item())
-        self.tokens += int(counted)
-        self.seq_correct += int((right.all(dim=1) & has_any).sum().item())
-        self.seqs += int(has_any.sum().item())
-        self.byte_level = self.byte_level or batch.byte_level
-        return self
-
-    def compute(self) -> dict[str, float]:
-        tokens, seqs = max(self.tokens, 1), max(self.seqs, 1)
-        out = {
-            "loss": self.loss_sum / tokens,
-            "accuracy": self.correct / tokens,
-            "seq_accuracy": self.seq_correct / seqs,
-        }
-        if self.byte_level:
-            out["bits_per_byte"] = out["loss"] / math.log(2)
-        return out
-
-
-def task_metrics(logits: torch.Tensor, batch: Batch) -> dict[str, float]:
-    """loss, accuracy, seq_accuracy (and bits_per_byte for the corpus) of one batch; see `Metrics`."""
-    return Metrics().update(logits, batch).compute()
-
-
-@torch.no_grad()
-def accuracy_by_length(logits: torch.Tensor, batch: Batch) -> dict[int, float]:
-    """Sequence accuracy grouped by the number of masked positions per sequence (`copy`: string length)."""
-    _check_logits(logits, batch)
-    mask = batch.mask.to(logits.device)
-    right = ((logits.argmax(dim=-1) == batch.targets.to(logits.device)) | ~mask).all(dim=1)
-    lengths = mask.sum(dim=1)
-    return {
-        int(n): right[lengths == n].float().mean().item() for n in lengths.unique().tolist() if n > 0
-    }
