@@ -25,6 +25,8 @@ from safetensors.torch import load_file, save_file
 
 from seqlab.config import ModelConfig
 from seqlab.errors import InputError
+from seqlab.models import build_model
+from seqlab.models.int8 import apply_layout, check_dtypes
 
 FORMAT = "seqlab-checkpoint"
 VERSION = 1
@@ -157,16 +159,12 @@ def load_config(path: str | Path) -> ModelConfig:
 def load(path: str | Path, *, map_location: str | torch.device = "cpu"):
     """Load a model saved with `save`. Every problem (missing file, corrupt data, shapes that do not match the
     config) raises one InputError that names the file or tensor."""
-    from seqlab.models import build_model
-
     path = Path(path)
     cfg = load_config(path)
     weights = read_tensors(path)
     model = build_model(cfg)
     quantized = "quantization.json" in _manifest(path)["sha256"]  # written by seqlab quantize
     if quantized:
-        from seqlab.interop.quantize import apply_layout
-
         model = apply_layout(model, read_json(path, "quantization.json"), f"checkpoint '{path}'")
     expected = model.state_dict()
     missing = sorted(set(expected) - set(weights))
@@ -182,8 +180,6 @@ def load(path: str | Path, *, map_location: str | torch.device = "cpu"):
             raise InputError(f"checkpoint '{path}': tensor '{name}' has shape {tuple(t.shape)} but config.json "
                              f"implies {tuple(expected[name].shape)}")
     if quantized:
-        from seqlab.interop.quantize import check_dtypes
-
         check_dtypes(model, weights, f"checkpoint '{path}'")
     model.load_state_dict(weights)
     return model.to(map_location)
