@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from seqlab.config import ModelConfig, RunConfig, TrainConfig
+from seqlab.config import MIXERS, ModelConfig, RunConfig, TrainConfig, layer_plan
 from seqlab.errors import InputError
 from seqlab.models import as_config
 
@@ -74,3 +74,35 @@ def test_missing_and_malformed_files(tmp_path):
 def test_configs_are_frozen():
     with pytest.raises(AttributeError):
         ModelConfig().d_model = 3  # type: ignore[misc]
+
+
+def test_layer_plan_plus_form_cycles_the_names_over_the_layers():
+    assert layer_plan("gru", 3) == ("gru", "gru", "gru")
+    assert layer_plan("lstm+attention", 4) == ("lstm", "attention", "lstm", "attention")
+    assert layer_plan("lstm+attention", 3) == ("lstm", "attention", "lstm")
+    assert layer_plan("mamba+gla+attention", 2) == ("mamba", "gla")
+
+
+def test_layer_plan_ratio_form_repeats_the_pattern():
+    assert layer_plan("3:1 mamba:attention", 8) == ("mamba",) * 3 + ("attention",) + ("mamba",) * 3 + ("attention",)
+    assert layer_plan("3:1 mamba:attention", 5) == ("mamba", "mamba", "mamba", "attention", "mamba")
+    assert layer_plan("1:2 gru:conv", 3) == ("gru", "conv", "conv")
+    assert layer_plan("2 gla", 3) == ("gla", "gla", "gla")
+    assert layer_plan(":".join("1" * len(MIXERS)) + " " + ":".join(MIXERS), len(MIXERS)) == MIXERS
+
+
+@pytest.mark.parametrize("spec, says", [
+    ("transformer", "mixer 'transformer' is not available"),
+    ("lstm+", "mixer '' is not available"),
+    ("3:1 mamba:transformer", "mixer 'transformer' is not available"),
+    ("3:1 mamba", "one count >= 1 per name"),
+    ("3:0 mamba:attention", "one count >= 1 per name"),
+    ("x:1 mamba:attention", "one count >= 1 per name"),
+    ("3:1 mamba attention", "counts and names joined by ':'"),
+    ("", "expected a mixer name"),
+])
+def test_layer_plan_bad_spec_names_the_spec_and_what_was_expected(spec, says):
+    with pytest.raises(InputError) as err:
+        layer_plan(spec, 4)
+    assert f"layer spec {spec!r}" in str(err.value) and says in str(err.value)
+    assert "'3:1 mamba:attention'" in str(err.value)  # the ratio form is shown as an example

@@ -285,6 +285,43 @@ class RecurrentDepthConfig(_Section):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# layer specs: which mixer each layer of a hybrid gets
+
+
+def layer_plan(spec: str, n_layers: int) -> tuple[str, ...]:
+    """The mixer of each of `n_layers` layers, from a layer spec (the profiler's and the lab's mixer entries):
+
+        "gru"                      every layer gru
+        "lstm+attention"           the names cycle over the layers: lstm, attention, lstm, attention, ...
+        "3:1 mamba:attention"      ratio form: 3 mamba layers then 1 attention layer, the pattern repeated
+                                   (8 layers: mamba x3, attention, mamba x3, attention); truncated at n_layers
+
+    One InputError names the bad spec and what was expected.
+    """
+    expected = (f"expected a mixer name ({', '.join(MIXERS)}), names joined by '+' (e.g. 'lstm+attention'), or "
+                "counts and names joined by ':' (e.g. '3:1 mamba:attention')")
+    if not isinstance(spec, str) or not spec.strip():
+        raise InputError(f"layer spec {spec!r}: {expected}")
+    if not isinstance(n_layers, int) or n_layers < 1:
+        raise InputError(f"layer spec {spec!r} for n_layers = {n_layers!r}: n_layers must be an integer >= 1")
+    words = spec.split()
+    if len(words) == 2:  # ratio form
+        counts, names = words[0].split(":"), words[1].split(":")
+        if len(counts) != len(names) or not all(c.isdigit() and int(c) >= 1 for c in counts):
+            raise InputError(f"layer spec {spec!r}: the ratio form needs one count >= 1 per name, e.g. "
+                             f"'3:1 mamba:attention'; {expected}")
+        pattern = [name for c, name in zip(counts, names) for _ in range(int(c))]
+    elif len(words) == 1:
+        names = pattern = spec.split("+")
+    else:
+        raise InputError(f"layer spec {spec!r}: {expected}")
+    for name in names:
+        if name not in MIXERS:
+            raise InputError(f"layer spec {spec!r}: mixer {name!r} is not available; {expected}")
+    return tuple(pattern[i % len(pattern)] for i in range(n_layers))
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # the model
 
 

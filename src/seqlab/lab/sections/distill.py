@@ -18,7 +18,7 @@ from typing import Any
 
 import matplotlib.pyplot as plt
 
-from seqlab.config import TrainConfig, _check_types, _Section
+from seqlab.config import TrainConfig, _check_types, _Section, layer_plan
 from seqlab.errors import InputError
 from seqlab.lab import report
 from seqlab.lab.sections.quality import check_entry, split_task, task_label
@@ -75,11 +75,9 @@ def _tasks(cfg: Config):
 def student_config(cfg: Config, teacher_cfg: Any, mixer: str) -> dict:
     """The student: the teacher's config with its mixers replaced, widths kept so the weight maps apply (GLA with
     key and value widths equal to the attention width and the same heads)."""
-    from seqlab.lab.sections.quality import hybrid_layers
-
     t = teacher_cfg.to_dict()
     fields = {k: t[k] for k in ("vocab_size", "d_model", "n_layers", "mlp", "norm", "tie_embeddings", "attention")}
-    fields["layers"] = list(hybrid_layers(mixer, teacher_cfg.n_layers))
+    fields["layers"] = list(layer_plan(mixer, teacher_cfg.n_layers))
     fields["gla"] = {"n_heads": teacher_cfg.attention.n_heads, "expand_k": 1.0, "expand_v": 1.0}
     return {**fields, **cfg.student_model}
 

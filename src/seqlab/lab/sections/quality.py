@@ -4,7 +4,8 @@ A task entry is a task name with its parameters, an optional `label` (its name i
 `eval` dict of parameters that differ at test time, e.g. a longer `seq_len` for length extrapolation or the test
 split of the corpus: {"name": "induction", "seq_len": 64, "eval": {"seq_len": 256}}.
 
-A mixer entry is a mixer name, a hybrid "a+b" (layers cycle a, b, a, ...), or "recurrent_depth" /
+A mixer entry is a mixer name, a hybrid "a+b" (layers cycle a, b, a, ...) or "3:1 a:b" (the ratio form of
+`seqlab.config.layer_plan`), or "recurrent_depth" /
 "recurrent_depth:MIXER": the recurrent-depth model (prelude, core iterated r times, coda; `depth` holds its
 settings) whose blocks use MIXER (default attention). Its parameter count counts each real block once, so at a
 matched count it spends r times the core's compute per token.
@@ -19,7 +20,7 @@ from typing import Any
 import matplotlib.pyplot as plt
 
 from seqlab.checkpoint import save
-from seqlab.config import MIXERS, ModelConfig, TrainConfig, _check_types, _choice, _positive, _Section
+from seqlab.config import MIXERS, ModelConfig, TrainConfig, _check_types, _choice, _positive, _Section, layer_plan
 from seqlab.data import make_task
 from seqlab.errors import InputError
 from seqlab.lab import report
@@ -67,20 +68,16 @@ RD = "recurrent_depth"
 
 
 def check_entry(prefix: str, i: int, entry: str) -> None:
-    """InputError unless `entry` is a mixer, a hybrid "a+b" or "recurrent_depth[:MIXER]"."""
+    """InputError unless `entry` is a layer spec (a mixer, a hybrid "a+b" or "3:1 a:b") or "recurrent_depth[:MIXER]"."""
     if entry == RD or entry.startswith(RD + ":"):
         _choice(prefix, f"mixers[{i}]", entry.partition(":")[2] or "attention", MIXERS)
         return
-    for part in entry.split("+"):
-        if part not in MIXERS:
-            raise InputError(f"config field '{prefix}mixers[{i}]' = {entry!r}: expected a mixer ("
-                             f"{', '.join(MIXERS)}), a hybrid such as 'lstm+attention', or 'recurrent_depth[:MIXER]'")
-
-
-def hybrid_layers(entry: str, n_layers: int) -> tuple[str, ...]:
-    """"lstm+attention" with 4 layers -> (lstm, attention, lstm, attention)."""
-    parts = entry.split("+")
-    return tuple(parts[i % len(parts)] for i in range(n_layers))
+    try:
+        layer_plan(entry, 1)
+    except InputError:
+        raise InputError(f"config field '{prefix}mixers[{i}]' = {entry!r}: expected a mixer ({', '.join(MIXERS)}), "
+                         "a hybrid such as 'lstm+attention' or '3:1 mamba:attention', or 'recurrent_depth[:MIXER]'"
+                         ) from None
 
 
 def entry_fields(base: dict, entry: str, depth: dict | None = None) -> dict:
@@ -89,7 +86,7 @@ def entry_fields(base: dict, entry: str, depth: dict | None = None) -> dict:
         fields = {k: v for k, v in base.items() if k not in ("n_layers", "layers")}
         return {**fields, "arch": RD, "mixer": entry.partition(":")[2] or "attention", "depth": dict(depth or {})}
     n_layers = base.get("n_layers", ModelConfig.n_layers)
-    return {**base, "layers": hybrid_layers(entry, n_layers), "n_layers": n_layers}
+    return {**base, "layers": layer_plan(entry, n_layers), "n_layers": n_layers}
 
 
 def matched_config(base: dict, entry: str, target: int | None, depth: dict | None = None) -> ModelConfig:
