@@ -22,12 +22,9 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import gc
-import json
 import math
-import re
-import resource
-import statistics
-import subprocess
+import os
+import platform
 import sys
 import time
 from dataclasses import dataclass, field
@@ -35,9 +32,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
-from seqlab.config import ModelConfig
+import seqlab
+from seqlab import models
+from seqlab.config import ModelConfig, layer_plan
 from seqlab.errors import InputError
+from seqlab.infer.decode import allocated_nbytes, reserve
+from seqlab.infer.plan import DecodePlan
+from seqlab.measure import PeakMemory, Timer, run_fresh, serve
+from seqlab.models import available_mixers, build_model, matched_width
 
 # Every field of the JSON that `run_profile` returns (and `seqlab profile --json` prints), with its meaning.
 TOP_FIELDS = {
@@ -142,13 +146,8 @@ class ProfileConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        from seqlab.models import available_mixers
-
         for entry in self.mixers:
-            for part in entry.split("+"):
-                if part not in available_mixers():
-                    raise InputError(f"mixer {part!r} is not available; available mixers: "
-                                     f"{', '.join(available_mixers())}")
+            layer_plan(entry, self.n_layers)  # InputError for a mixer that is not available
         if not self.contexts or any(not isinstance(c, int) or c < 1 for c in self.contexts):
             raise InputError(f"contexts = {list(self.contexts)}: expected one or more integers >= 1")
         for name in ("d_model", "n_layers", "vocab_size", "batch", "chunk", "decode_steps", "repeats"):
@@ -168,8 +167,6 @@ class ProfileConfig:
 
     @property
     def mixer_list(self) -> tuple[str, ...]:
-        from seqlab.models import available_mixers
-
         return self.mixers or tuple(available_mixers())
 
     def to_dict(self) -> dict[str, Any]:
@@ -178,19 +175,14 @@ class ProfileConfig:
 
 def count_parameters(cfg: ModelConfig) -> int:
     """Parameters of a model with this config, the embedding excluded."""
-    from seqlab import models
-
     return models.count_parameters(cfg, exclude_embeddings=True)
 
 
 def matched_config(base: dict[str, Any], entry: str, target: int) -> ModelConfig:
-    """The config for mixer `entry` ("gru", or a hybrid "lstm+attention" alternating per layer) whose parameter
-    count (embedding excluded) is closest to `target`, varying d_model only, in steps of 2 x attention heads."""
-    n_layers = base["n_layers"]
-    parts = entry.split("+")
-    fields = {**base, "layers": tuple(parts[i % len(parts)] for i in range(n_layers))}
-    from seqlab.models import matched_width
-
+    """The config for mixer `entry` ("gru", a hybrid "lstm+attention" or "3:1 mamba:attention"; see
+    `seqlab.config.layer_plan`) whose parameter count (embedding excluded) is closest to `target`, varying d_model
+    only, in steps of 2 x attention heads."""
+    fields = {**base, "layers": layer_plan(entry, base["n_layers"])}
     step = 2 * base.get("attention", {}).get("n_heads", 4)
     return matched_width(fields, target, step, exclude_embeddings=True, name=entry)
 
@@ -206,53 +198,6 @@ def resolve_models(cfg: ProfileConfig) -> dict[str, ModelConfig]:
 # one cell, in this process
 
 
-class _Memory:
-    """Process memory: peak RSS with a resettable high-water mark on Linux, CUDA allocator stats on a GPU."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.can_reset = self.cuda or self._clear_refs()
-        self.method = ("cuda max_memory_allocated" if self.cuda else
-                       "peak RSS (VmHWM, reset per phase)" if self.can_reset else "peak RSS (ru_maxrss, not reset)")
-
-    @staticmethod
-    def _clear_refs() -> bool:
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # resets VmHWM to the current RSS
-            return "VmHWM" in Path("/proc/self/status").read_text()
-        except OSError:
-            return False
-
-    def reset_peak(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        elif self.can_reset:
-            self._clear_refs()
-
-    def now(self) -> int:
-        if self.cuda:
-            return torch.cuda.memory_allocated()
-        try:
-            return self._status("VmRSS")
-        except (OSError, AttributeError):
-            return self.peak()
-
-    def peak(self) -> int:
-        if self.cuda:
-            torch.cuda.synchronize()
-            return torch.cuda.max_memory_allocated()
-        if self.can_reset:
-            return self._status("VmHWM")
-        scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is in bytes on macOS, KiB on Linux
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
-
-    @staticmethod
-    def _status(key: str) -> int:
-        return int(re.search(rf"{key}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -262,8 +207,6 @@ def _prefill(model: torch.nn.Module, context: int, batch: int, chunk: int, extra
              device: torch.device):
     """Feed `context` random tokens in chunks, carrying the state; room for `extra` more tokens is reserved once
     the first chunk has made the caches. Returns the last logits and the state."""
-    from seqlab.infer.decode import reserve
-
     gen = torch.Generator().manual_seed(seed)
     vocab = model.config.vocab_size
     logits, state = None, None
@@ -280,10 +223,6 @@ def _prefill(model: torch.nn.Module, context: int, batch: int, chunk: int, extra
 def measure_cell(spec: dict[str, Any]) -> dict[str, Any]:
     """Measure one cell in this process. spec: {"model": config dict, "context", "batch", "chunk",
     "decode_steps", "warmup", "repeats", "long_prefill_s", "threads", "device", "seed"}."""
-    from seqlab.infer.decode import allocated_nbytes
-    from seqlab.infer.plan import DecodePlan
-    from seqlab.models import build_model
-
     cell_start = time.perf_counter()
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
@@ -292,7 +231,7 @@ def measure_cell(spec: dict[str, Any]) -> dict[str, Any]:
     model = build_model(cfg, seed=spec["seed"]).to(device).eval()
     context, batch, chunk = spec["context"], spec["batch"], spec["chunk"]
     steps, warmup = spec["decode_steps"], spec["warmup"]
-    mem = _Memory(device)
+    mem = PeakMemory(device)
 
     # Warm up kernels and allocators on a short sequence, then take the baseline.
     step = DecodePlan.build(model) or model  # the per-token path `seqlab.generate` takes
@@ -303,37 +242,30 @@ def measure_cell(spec: dict[str, Any]) -> dict[str, Any]:
     gc.collect()
     baseline = mem.now()
 
-    mem.reset_peak()
-    times: list[float] = []
-    cpu_times: list[float] = []
+    mem.reset()
+    prefill = Timer()
     for r in range(spec["repeats"]):
         logits = state = None  # the previous run's cache is freed here (reference counting), before timing
-        t0, c0 = time.perf_counter(), time.process_time()
-        logits, state = _prefill(model, context, batch, chunk, warmup + steps, spec["seed"] + r, device)
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-        cpu_times.append(time.process_time() - c0)
-        if times[-1] > spec["long_prefill_s"]:
+        with prefill:
+            logits, state = _prefill(model, context, batch, chunk, warmup + steps, spec["seed"] + r, device)
+            _sync(device)
+        if prefill.last_wall > spec["long_prefill_s"]:
             break
     peak_prefill = mem.peak()
     state_bytes, allocated = state.nbytes, allocated_nbytes(state)
 
-    mem.reset_peak()
+    mem.reset()
     token = logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
-    step_times, step_cpu = [], []
+    decode = Timer()
     for i in range(warmup + steps):
-        t0, c0 = time.perf_counter(), time.process_time()
-        logits, state = step(token, state)
-        token = logits[:, -1].argmax(-1, keepdim=True)
-        _sync(device)
-        if i >= warmup:
-            step_times.append(time.perf_counter() - t0)
-            step_cpu.append(time.process_time() - c0)
+        with decode if i >= warmup else Timer():  # the warm-up steps' times are thrown away
+            logits, state = step(token, state)
+            token = logits[:, -1].argmax(-1, keepdim=True)
+            _sync(device)
     peak_decode = mem.peak()
 
-    step_times.sort()
-    latency = statistics.median(step_times)
-    prefill_s = statistics.median(times)
+    latency = decode.median_wall
+    prefill_s = prefill.median_wall
     return {
         "mixer": spec["mixer"], "context": context,
         "params": model.num_parameters(exclude_embeddings=True), "state_bytes": state_bytes,
@@ -342,20 +274,14 @@ def measure_cell(spec: dict[str, Any]) -> dict[str, Any]:
         "state_allocated_bytes": allocated, "baseline_memory_bytes": baseline,
         "peak_memory_prefill_bytes": peak_prefill, "peak_memory_decode_bytes": peak_decode,
         "peak_memory_bytes": max(peak_prefill, peak_decode), "prefill_seconds": prefill_s,
-        "prefill_cpu_seconds": statistics.median(cpu_times),
-        "prefill_tokens_per_s": batch * context / prefill_s, "prefill_repeats": len(times), "prefill_chunk": chunk,
-        "decode_latency_s": latency, "decode_latency_p10_s": step_times[int(0.1 * (len(step_times) - 1))],
-        "decode_latency_p90_s": step_times[int(0.9 * (len(step_times) - 1))], "decode_steps": steps,
-        "decode_cpu_s": statistics.median(step_cpu),
+        "prefill_cpu_seconds": prefill.median_cpu,
+        "prefill_tokens_per_s": batch * context / prefill_s, "prefill_repeats": len(prefill), "prefill_chunk": chunk,
+        "decode_latency_s": latency, "decode_latency_p10_s": decode.wall_percentile(0.1),
+        "decode_latency_p90_s": decode.wall_percentile(0.9), "decode_steps": steps,
+        "decode_cpu_s": decode.median_cpu,
         "decode_tokens_per_s": batch / latency, "seconds": time.perf_counter() - cell_start,
         "memory_method": mem.method,
     }
-
-
-def _cell_main() -> None:
-    """Entry point of a cell's process: spec JSON on stdin, result JSON as the last line of stdout."""
-    spec = json.loads(sys.stdin.read())
-    print(json.dumps(measure_cell(spec)))
 
 
 def run_cell(spec: dict[str, Any], isolate: bool, timeout_s: float) -> dict[str, Any]:
@@ -365,17 +291,10 @@ def run_cell(spec: dict[str, Any], isolate: bool, timeout_s: float) -> dict[str,
             return measure_cell(spec)
         except Exception as e:  # a failing cell is recorded and the profile goes on
             return {"error": f"{type(e).__name__}: {e}"}
-    code = "from seqlab.infer.profile import _cell_main; _cell_main()"
-    try:
-        r = subprocess.run([sys.executable, "-c", code], input=json.dumps(spec), capture_output=True, text=True,
-                           timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout_s:.0f} s"}
-    if r.returncode != 0:
-        why = "killed (likely out of memory)" if r.returncode in (-9, 137) else f"exit status {r.returncode}"
-        last = (r.stderr.strip().splitlines() or [""])[-1]
-        return {"error": f"cell process failed: {why}: {last}"}
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    out = run_fresh(["-m", "seqlab.infer.profile"], spec, timeout_s)
+    if "error" in out and not out["error"].startswith("timed out"):
+        out["error"] = f"cell process failed: {out['error']}"
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -413,9 +332,6 @@ def crossovers(cells: list[dict[str, Any]], baseline: str = "attention") -> list
 
 
 def machine(device: str, threads: int | None) -> dict[str, Any]:
-    import os
-    import platform
-
     info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
             "device": device, "torch_threads": threads or torch.get_num_threads()}
@@ -426,12 +342,10 @@ def machine(device: str, threads: int | None) -> dict[str, Any]:
 
 def run_profile(cfg: ProfileConfig, plot_dir: str | Path | None = None, progress: bool = False) -> dict[str, Any]:
     """Measure every (mixer, context) cell; returns the JSON-ready results (fields: TOP_FIELDS, CELL_FIELDS...)."""
-    from seqlab import __version__
-
     start = time.perf_counter()
     models = resolve_models(cfg)
     results: dict[str, Any] = {
-        "meta": {"seqlab": __version__, "machine": machine(cfg.device, cfg.threads),
+        "meta": {"seqlab": seqlab.__version__, "machine": machine(cfg.device, cfg.threads),
                  "started": dt.datetime.now().isoformat(timespec="seconds"), "isolated": cfg.isolate},
         "config": cfg.to_dict(),
         "models": [
@@ -476,8 +390,6 @@ def run_profile(cfg: ProfileConfig, plot_dir: str | Path | None = None, progress
 def _bar(total: int, enabled: bool):
     if not enabled:
         return None
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, desc="profile", dynamic_ncols=True, file=sys.stderr)
 
 
@@ -493,7 +405,7 @@ PLOTS = {  # file name: (cell field, y label)
 def plot_profile(results: dict[str, Any], out: str | Path) -> list[Path]:
     """Log-log plots against context, one line per mixer: one file per figure in PLOTS, and all of them together in
     profile.png."""
-    import matplotlib
+    import matplotlib  # lazy on purpose: a cell's fresh process imports this module and never plots
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -570,5 +482,5 @@ def format_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":  # pragma: no cover
-    _cell_main()
+if __name__ == "__main__":  # pragma: no cover  (a cell's fresh process: see run_cell)
+    serve(measure_cell)
