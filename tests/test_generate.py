@@ -29,15 +29,23 @@ def test_preallocated_cache_equals_concatenation(mixer):
     model = tiny(mixer)  # window 5, so the sliding cache is compacted many times
     tokens = torch.randint(0, 37, (2, 90))
     cuts = [7, 8, 9, 30, *range(31, 90)]  # chunks, then one token at a time
-    ref, ref_state = feed(model, tokens, cuts)  # autograd on: concatenation
+    ref, ref_state = feed(model, tokens, cuts)  # a plain cache: concatenation, autograd on
+    assert ref_state.layers[0].buffer is None
     with torch.inference_mode():
-        fast, fast_state = feed(model, tokens, cuts)  # in place, growing by 25%
+        head, state = feed(model, tokens[:, :30], [7, 8, 9])
+        assert state.layers[0].buffer is None  # forward from no state makes a plain cache, grad mode or not
+        grown, grown_state = feed(model, tokens[:, 30:], list(range(1, 60)), reserve(model, state, 1))
+        steps, step_state = [], state  # Attention.step makes a buffer and grows it by 25% when full
+        for t in range(30, 90):
+            logits, step_state = model.step(tokens[:, t], step_state)
+            steps.append(logits)
         reserved, reserved_state = feed(model, tokens[:, 9:], [1, 2, 3], reserve(model, model(tokens[:, :9])[1], 90))
-    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.cat([head, grown], 1), ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.stack(steps, 1), ref[:, 30:], atol=1e-5, rtol=0)
     torch.testing.assert_close(reserved, ref[:, 9:], atol=1e-5, rtol=0)
-    assert_states_close(fast_state, ref_state, atol=1e-5)
-    assert_states_close(reserved_state, ref_state, atol=1e-5)
-    assert fast_state.layers[0].buffer is not None  # really the preallocated path
+    for s in (grown_state, step_state, reserved_state):
+        assert_states_close(s, ref_state, atol=1e-5)
+        assert s.layers[0].buffer is not None  # really the preallocated path
 
 
 def test_cache_stays_a_value_when_branched():

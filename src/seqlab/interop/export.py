@@ -10,16 +10,14 @@ Both graphs have the same signature, so a runtime alternates between them freely
 then n % length step calls). The batch B is dynamic in both. A fresh sequence starts from pos = 0 and an all-zero
 state, which every mixer treats exactly as "no state".
 
-Attention gets a fixed-size cache: k, v (B, Hkv, S, hd), S slots; the T new keys are written at
-positions pos .. pos + T - 1 (a scatter) and a query at position p sees the slots <= p (and, for
+Both graphs are `LanguageModel.step` traced token by token (T steps unrolled into the graph), with the weights
+bound by `model.bind(portable=True)` (RMSNorm written out, which the exporter can translate): every mixer runs its
+own `step`, so nothing of any mixer is re-implemented here. A state that grows with the context (attention's KV
+cache) gets a fixed size instead: k, v (B, Hkv, S, hd), S slots, through the mixer's `step_slots`; the new key
+of the token at position p is written at slot p (a scatter) and its query sees the slots <= p (and, for
 sliding_attention, >= p - W). S is a dynamic axis like the batch: the runtime allocates the cache at the
 longest context it will decode (`cache_size` is only the size traced with) and must keep pos + T <= S. Sliding
 attention uses the same linear cache (so its memory grows with S; a ring buffer of W slots is not exported).
-
-Every other mixer's step is its own forward from `seqlab.models` (conv window, LSTM/GRU cells, Mamba's and GLA's
-O(1) updates), so nothing is re-implemented for them. In the prefill graph, Mamba's and GLA's scans run their
-sequential reference form (`impl="ref"`, unrolled over the graph's T steps): the chunked forms use ops the
-exporter cannot translate.
 
 The graphs are written with torch's TorchScript-based ONNX exporter (opset 17), which exports a tiny model in about
 a second (the dynamo exporter takes ~30 s); it needs the `onnx` package, and verifying needs `onnxruntime` (both
@@ -28,10 +26,7 @@ in the `onnx` extra: pip install 'seqlab[onnx]').
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import json
-import math
 import warnings
 from pathlib import Path
 from typing import Any
@@ -41,81 +36,22 @@ from torch import nn
 
 from seqlab.errors import InputError
 from seqlab.interop.quantize import Int8Linear
-from seqlab.models.state import ModelState
+from seqlab.models.attention import SlotCache
+from seqlab.models.blocks import residual
+from seqlab.models.state import ModelState, State
 
 MODES = ("step", "prefill")
 OPSET = 17
-_ATTENTION = ("attention", "sliding_attention")
-
-
-def _rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding of x (B, H, T, hd) at absolute `positions` (T,), "rotate half" layout as in
-    `seqlab.models.blocks.Rotary` (which takes a Python int start; here the start is a graph input)."""
-    angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # (T, hd/2)
-    cos = torch.cat([angles.cos(), angles.cos()], dim=-1).to(x.dtype)
-    sin = torch.cat([angles.sin(), angles.sin()], dim=-1).to(x.dtype)
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
-
-
-def attend_fixed_cache(attn: nn.Module, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                       pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`seqlab.models.attention.Attention` on x (B, T, D) with a fixed-size cache k, v (B, Hkv, S, hd) whose slot
-    i holds position i; `pos` (1,) is the position of x's first token. Returns y (B, T, D) and the new cache."""
-    B, T, _ = x.shape
-    H, Hkv, hd = attn.n_heads, attn.kv_heads, attn.head_dim
-    S = k_cache.shape[2]
-    positions = pos + torch.arange(T, device=x.device)  # (T,)
-    q = attn.wq(x).view(B, T, H, hd).transpose(1, 2)  # (B, H, T, hd)
-    k = attn.wk(x).view(B, T, Hkv, hd).transpose(1, 2)  # (B, Hkv, T, hd)
-    v = attn.wv(x).view(B, T, Hkv, hd).transpose(1, 2)
-    if attn.rotary is not None:
-        q, k = _rotate(q, positions, attn.rotary.inv_freq), _rotate(k, positions, attn.rotary.inv_freq)
-    index = positions.view(1, 1, T, 1).expand(B, Hkv, T, hd)
-    k_cache = k_cache.scatter(2, index, k)  # slot pos + t <- new key t
-    v_cache = v_cache.scatter(2, index, v)
-    slots = torch.arange(S, device=x.device)[None, :]  # (1, S)
-    visible = slots <= positions[:, None]  # (T, S): causal, and never an unwritten slot
-    if attn.window is not None:
-        visible = visible & (positions[:, None] - slots <= attn.window)
-    G = H // Hkv  # query heads per key/value head
-    qg = q.reshape(B, Hkv, G * T, hd)  # (B, Hkv, G*T, hd): heads h = g_kv * G + j
-    scores = qg @ k_cache.transpose(-1, -2) / math.sqrt(hd)  # (B, Hkv, G*T, S)
-    scores = scores.view(B, Hkv, G, T, S).masked_fill(~visible, float("-inf"))
-    y = (scores.softmax(dim=-1).view(B, Hkv, G * T, S) @ v_cache).view(B, H, T, hd)
-    return attn.wo(y.transpose(1, 2).reshape(B, T, H * hd)), k_cache, v_cache
-
-
-class _RMSNorm(nn.Module):
-    """nn.RMSNorm written out (x * rsqrt(mean(x^2) + eps) * w), which the TorchScript exporter can translate."""
-
-    def __init__(self, norm: nn.RMSNorm):
-        super().__init__()
-        self.weight, self.eps = norm.weight, norm.eps if norm.eps is not None else torch.finfo(torch.float32).eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
-
-
-def _exportable(model: nn.Module) -> nn.Module:
-    """A copy of `model` (sharing its weights) with every nn.RMSNorm replaced by `_RMSNorm` and every scan set to
-    impl="ref" (traced, it unrolls over the graph's T steps)."""
-    model = copy.copy(model)
-    model._modules = dict(model._modules)
-    if dataclasses.is_dataclass(getattr(model, "cfg", None)) and hasattr(model.cfg, "impl"):
-        model.cfg = dataclasses.replace(model.cfg, impl="ref")
-    for name, child in list(model._modules.items()):
-        if isinstance(child, nn.RMSNorm):
-            model._modules[name] = _RMSNorm(child)
-        elif child is not None:
-            model._modules[name] = _exportable(child)
-    return model
 
 
 class ExportGraph(nn.Module):
     """The model as a function of plain tensors: (tokens, pos, *state) -> (logits, *new_state); see the module doc.
 
-    `layout` lists, per layer, the state's field names; `state_class` rebuilds a mixer's state from its tensors.
+    It binds the model's weights once (`model.bind(portable=True)`: norms in elementary ops) and runs
+    `LanguageModel.step` for each of the T tokens, through every block's and mixer's own step; a mixer whose state
+    grows with the context (`State.time_axis`, a KV cache) runs its fixed-size-cache step `step_slots` with the
+    position as a tensor. Nothing of any mixer is re-implemented here.
+    `layout` lists, per layer, the state's field names; `state_class` rebuilds a layer's state from its tensors.
     """
 
     def __init__(self, model: nn.Module, cache_size: int):
@@ -124,25 +60,30 @@ class ExportGraph(nn.Module):
         if cfg is None or cfg.arch != "lm" or not hasattr(model, "blocks"):
             raise InputError("ONNX export supports language models (arch 'lm'); recurrent-depth models iterate a "
                              "data-dependent number of times and are not exported")
-        self.model = _exportable(model)
+        self.model = model
         self.cache_size = cache_size
         with torch.no_grad():
             probe = model(torch.zeros(1, 1, dtype=torch.long, device=_device(model)))[1]
-        self.state_class = [type(s) for s in probe.layers]
+        self.state_class = [_slots_class(s) for s in probe.layers]
         self.layout = [list(s.tensors()) for s in probe.layers]
         self._shapes = [{k: tuple(t.shape) for k, t in s.tensors().items()} for s in probe.layers]
 
     def zero_state(self, batch: int) -> list[torch.Tensor]:
         """The all-zero state (a fresh sequence) as the flat list of graph inputs, fp32."""
         out = []
-        for name, shapes in zip(self.model.config.layer_mixers, self._shapes):
+        for cls, shapes in zip(self.state_class, self._shapes):
             for shape in shapes.values():
                 shape = list(shape)
-                if name in _ATTENTION:
-                    shape[2] = self.cache_size
-                shape[_batch_axis(name)] = batch
+                if cls.time_axis is not None:
+                    shape[cls.time_axis] = self.cache_size
+                shape[cls.batch_axis] = batch
                 out.append(torch.zeros(shape, device=_device(self.model)))
         return out
+
+    def axes(self) -> list[dict[int, str]]:
+        """Per flat state tensor, its dynamic axes: the batch, and the cache's slots for a growing state."""
+        return [{cls.batch_axis: "batch", **({cls.time_axis: "cache"} if cls.time_axis is not None else {})}
+                for cls, fields in zip(self.state_class, self.layout) for _ in fields]
 
     def names(self) -> tuple[list[str], list[str]]:
         ins = [f"state.{i}.{f}" for i, fields in enumerate(self.layout) for f in fields]
@@ -150,34 +91,40 @@ class ExportGraph(nn.Module):
 
     def forward(self, tokens: torch.Tensor, pos: torch.Tensor, *state: torch.Tensor):
         m = self.model
-        T = tokens.shape[1]
-        x = m.embed(tokens)  # (B, T, D)
-        if m.pos_embed is not None:
-            x = x + m.pos_embed(pos + torch.arange(T, device=tokens.device))
-        new_state: list[torch.Tensor] = []
-        i = 0
-        for block, cls, fields in zip(m.blocks, self.state_class, self.layout):
-            tensors = state[i:i + len(fields)]
+        w = m.bind(portable=True)
+        states, i = [], 0
+        for cls, fields in zip(self.state_class, self.layout):
+            states.append(cls(**dict(zip(fields, state[i:i + len(fields)]))))
             i += len(fields)
-            h = block.norm1(x)
-            if block.mixer_name in _ATTENTION:
-                h, k, v = attend_fixed_cache(block.mixer, h, tensors[0], tensors[1], pos)
-                new_state += [k, v]
-            else:
-                h, s = block.mixer(h, cls(**dict(zip(fields, tensors))))
-                new_state += list(s.tensors().values())
-            x = x + block.post_norm1(h)  # the rest of `Block.forward`
-            if block.mlp is not None:
-                x = x + block.post_norm2(block.mlp(block.norm2(x)))
-        return (m.logits(m.norm(x)), *new_state)
+        growing = [(n, block.mixer, block.mixer.bind(portable=True)) for n, (block, cls) in
+                   enumerate(zip(m.blocks, self.state_class)) if cls.time_axis is not None]
+        logits = []
+        for t in range(tokens.shape[1]):  # T steps, unrolled into the graph
+            p = pos + t
+            blocks = list(w.blocks)
+            for n, mixer, mw in growing:  # the cache's step at the tensor position p
+                blocks[n] = blocks[n]._replace(mixer=_slot_step(mixer, mw, p))
+            x = w.embed[tokens[:, t]]  # (B, D)
+            if w.pos_embed is not None:
+                x = x + w.pos_embed[p]
+            for n, (b, s) in enumerate(zip(blocks, states)):
+                x, states[n] = residual(x, s, *b)
+            logits.append(w.head(w.norm(x)))
+        return (torch.stack(logits, 1), *(t for s in states for t in s.tensors().values()))
+
+
+def _slots_class(state: State) -> type:
+    """The class a layer's state has in the graph: a growing cache becomes the fixed-size `SlotCache`."""
+    return SlotCache if type(state).time_axis is not None else type(state)
+
+
+def _slot_step(mixer: nn.Module, w: Any, pos: torch.Tensor) -> Any:
+    """A mixer's step on a fixed-size cache at the tensor position `pos` ((1,) tensor), weights `w` bound."""
+    return lambda x, s: mixer.step_slots(x, s, pos, w)
 
 
 def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
-
-
-def _batch_axis(mixer: str) -> int:
-    return 1 if mixer in ("lstm", "gru") else 0  # torch.nn.LSTM/GRU lay their state out as (1, B, Dh)
 
 
 def export_onnx(model: nn.Module, out: str | Path, *, mode: str = "step", length: int = 64,
@@ -194,7 +141,7 @@ def export_onnx(model: nn.Module, out: str | Path, *, mode: str = "step", length
             raise InputError(f"{name} = {value!r}: must be a positive integer")
     T = 1 if mode == "step" else length
     graph = ExportGraph(model.eval(), cache_size)
-    if any(m in _ATTENTION for m in model.config.layer_mixers) and T > cache_size:
+    if any(cls.time_axis is not None for cls in graph.state_class) and T > cache_size:
         raise InputError(f"length = {T} is larger than cache_size = {cache_size}: the prefill chunk must fit the "
                          "attention cache")
     try:
@@ -207,12 +154,8 @@ def export_onnx(model: nn.Module, out: str | Path, *, mode: str = "step", length
     state = graph.zero_state(batch)
     in_names, out_names = graph.names()
     axes: dict[str, dict[int, str]] = {"tokens": {0: "batch"}, "logits": {0: "batch"}}
-    k = 0
-    for name, fields in zip(model.config.layer_mixers, graph.layout):
-        for _ in fields:
-            dims = {_batch_axis(name): "batch", **({2: "cache"} if name in _ATTENTION else {})}
-            axes[in_names[2 + k]] = axes[out_names[1 + k]] = dims
-            k += 1
+    for k, dims in enumerate(graph.axes()):
+        axes[in_names[2 + k]] = axes[out_names[1 + k]] = dims
     # int8 weights (seqlab quantize) stay int8 in the file: constant folding would store Cast(weight) as fp32
     quantized = any(isinstance(m, Int8Linear) for m in model.modules())
     out = Path(out)
@@ -288,7 +231,7 @@ def verify_onnx(model: nn.Module, path: str | Path, info: dict, *, batch: int = 
     ort_state: list = graph.zero_state(batch)
     torch_state: ModelState | None = None
     pos, logit_diff, state_diff = 0, 0.0, 0.0
-    has_cache = any(m in _ATTENTION for m in model.config.layer_mixers)
+    has_cache = any(cls.time_axis is not None for cls in graph.state_class)
     calls = 2 if not has_cache or 2 * T <= cache_size else 1  # the second call continues from a state
     for _ in range(calls):
         tokens = torch.randint(0, V, (batch, T), generator=g)
@@ -302,13 +245,15 @@ def verify_onnx(model: nn.Module, path: str | Path, info: dict, *, batch: int = 
 
 
 def _state_diff(model: nn.Module, state: ModelState, flat: list) -> float:
-    """Largest difference between a PyTorch ModelState and the graph's flat state (attention: the used slots)."""
+    """Largest difference between a PyTorch ModelState and the graph's flat state (a cache: the slots it holds,
+    the last S positions before `pos`)."""
     worst, i = 0.0, 0
-    for name, s in zip(model.config.layer_mixers, state.layers):
+    for s in state.layers:
+        axis = type(s).time_axis
         for t in s.tensors().values():
             got = torch.as_tensor(flat[i])
             i += 1
-            if name in _ATTENTION:
-                got = got[:, :, :t.shape[2]] if name == "attention" else got[:, :, state.pos - t.shape[2]:state.pos]
+            if axis is not None:
+                got = got.narrow(axis, state.pos - t.shape[axis], t.shape[axis])
             worst = max(worst, float((got - t.detach().cpu().float()).abs().max()))
     return worst

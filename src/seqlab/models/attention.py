@@ -14,14 +14,14 @@ Glossary
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from seqlab.config import ModelConfig
-from seqlab.models.blocks import Rotary
+from seqlab.models.blocks import Fn, Rotary, linear_fn
 from seqlab.models.registry import register_mixer
 from seqlab.models.state import State
 
@@ -60,16 +60,18 @@ class KVCache(State):
     S == pos for full attention; S == min(pos, W) for sliding-window attention. `nbytes` counts these S entries
     (the used part of the cache): 2 x Hkv x hd x S x element size per sequence.
 
-    Memory: outside autograd (`torch.no_grad` / `torch.inference_mode`, i.e. decoding), k and v are views into a
-    preallocated `KVBuffer` and a new token is written in place after the last entry instead of concatenating the
-    whole cache. The buffer holds S entries plus room to grow: it is allocated at S + max(S // 4, 64) entries when
+    Two kinds, chosen by who made the cache, never by the grad mode. Decoding (`Attention.step`, and
+    `Attention.reserve`, which `generate` and `Stream` call): k and v are views into a preallocated `KVBuffer` and a
+    new token is written in place after the last entry instead of concatenating the whole cache; such a cache is
+    for inference (a later in-place write would invalidate what autograd saved). Training (`Attention.forward` from
+    no state or from a plain cache): plain tensors joined by concatenation, differentiable. The buffer holds S entries plus room to grow: it is allocated at S + max(S // 4, 64) entries when
     it fills up (so appending costs O(1) amortized and the allocation is at most 25% + 64 entries above S), or at
     exactly the size asked for by `Attention.reserve`; `capacity` and `allocated_nbytes` report it.
 
     Aliasing: a cache returned by a later step may share the buffer with this one, but it only ever writes past
     this cache's last entry, and only when nobody wrote there before (else it copies), so this cache stays a value:
-    it can be reused, branched from or serialized at any time. `map` (and so `to`, `detach`) returns a compact copy
-    with no spare room. With autograd on (training), caches are plain tensors joined by concatenation.
+    it can be reused, branched from or serialized at any time. `map` (and so `to`, `detach`) returns a compact plain
+    copy with no spare room.
     """
 
     k: torch.Tensor
@@ -101,8 +103,25 @@ class KVCache(State):
         b = self.buffer
         return b is not None and b.fill == self.end and self.end + n <= b.capacity
 
+    time_axis: ClassVar[int] = 2  # grows with the context (the ONNX export gives it a dynamic axis)
+
     def map(self, fn: Any) -> KVCache:
         return KVCache(fn(self.k), fn(self.v), self.pos)
+
+    def trim(self, n: int) -> KVCache:
+        """A plain copy keeping the last n entries (a bounded context to carry between training segments)."""
+        if self.k.shape[2] <= n:
+            return self
+        return KVCache(self.k[:, :, -n:], self.v[:, :, -n:], self.pos)
+
+
+@dataclass(frozen=True)
+class SlotCache(State):
+    """A fixed-size cache for `Attention.step_slots`: k, v (B, Hkv, S, hd), slot i holds position i."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    time_axis: ClassVar[int] = 2
 
 
 def _room(n: int) -> int:
@@ -125,11 +144,20 @@ class Attention(nn.Module):
         # position="learned": positions enter once, at the embedding (GPT-2), so no rotation here
         self.rotary = Rotary(cfg.head_dim, a.rope_theta) if cfg.position == "rope" else None
 
+    STATE_FORMULA = "2 x kv_heads x head_dim x T (sliding: x min(T, window)) x batch x element size"
+
+    def state_bytes(self, T: int, batch: int = 1, dtype: torch.dtype = torch.float32) -> int:
+        """Bytes of the cache after T tokens (`KVCache.nbytes`): 2 x Hkv x hd x T' x batch x element size, with
+        T' = T, or min(T, W) for a sliding window. Keys and values are kept in the activations' dtype."""
+        used = T if self.window is None else min(T, self.window)
+        return 2 * self.kv_heads * self.head_dim * used * batch * dtype.itemsize
+
     def forward(self, x: torch.Tensor, state: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
+        """x (B, T, D), any T, continuing from `state`. How the new keys join the cache is the cache's own kind:
+        a cache that holds a preallocated buffer (made by `step` or `reserve`: decoding, outside autograd) is
+        appended to in place; a plain one (made by `forward`, or a copy made by `map` / `detach` / `to`) is
+        concatenated with, which autograd can differentiate through (training with a carried state)."""
         B, T, _ = x.shape
-        if T == 1 and state is not None and not torch.is_grad_enabled():  # decoding: one token into the cache
-            y, state = self.step(x.view(B, -1), state)
-            return y.unsqueeze(1), state
         pos0 = state.pos if state is not None else 0
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = self.wk(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
@@ -137,7 +165,7 @@ class Attention(nn.Module):
         if self.rotary is not None:
             q, k = self.rotary(q, pos0), self.rotary(k, pos0)
         buffer, start = None, 0
-        if state is not None and torch.is_grad_enabled():
+        if state is not None and state.buffer is None:
             k = torch.cat([state.k, k], dim=2)  # (B, Hkv, P + T, hd), differentiable
             v = torch.cat([state.v, v], dim=2)
         elif state is not None:
@@ -147,11 +175,15 @@ class Attention(nn.Module):
         y, state = self._attend(q, k, v, T, pos0, buffer, start)  # (B, H, T, hd)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1)), state  # (B, T, D)
 
-    def step(self, x: torch.Tensor, state: KVCache, proj: tuple | None = None) -> tuple[torch.Tensor, KVCache]:
-        """One token from a cache, outside autograd: x (B, D) -> (B, D). The new k, v are written into the cache's
-        buffer (`_append`), then one query attends to the cached keys. proj: the (wq, wk, wv, wo) callables, the
-        layers themselves by default (a `seqlab.infer.plan.DecodePlan` passes lighter ones)."""
-        wq, wk, wv, wo = proj or (self.wq, self.wk, self.wv, self.wo)
+    def bind(self, portable: bool = False) -> tuple[Fn, Fn, Fn, Fn]:
+        """The projections (wq, wk, wv, wo) as lean callables for `step` (see `seqlab.models.blocks`)."""
+        return linear_fn(self.wq), linear_fn(self.wk), linear_fn(self.wv), linear_fn(self.wo)
+
+    def step(self, x: torch.Tensor, state: KVCache, w: tuple | None = None) -> tuple[torch.Tensor, KVCache]:
+        """One token from a cache, for decoding (outside autograd): x (B, D) -> (B, D). The new k, v are written
+        into the cache's buffer (`_append`, which makes one with spare room if the cache has none), then one
+        query attends to the cached keys. w: `bind()`'s projections (made here when not given)."""
+        wq, wk, wv, wo = w or self.bind()
         B = x.shape[0]  # (B, H * hd) is (B, H, 1, hd) as a view: no transpose
         q, k = wq(x).view(B, self.n_heads, 1, self.head_dim), wk(x).view(B, self.kv_heads, 1, self.head_dim)
         v = wv(x).view(B, self.kv_heads, 1, self.head_dim)
@@ -161,6 +193,29 @@ class Attention(nn.Module):
         k, v = buffer.k[:, :, start:buffer.fill], buffer.v[:, :, start:buffer.fill]  # (B, Hkv, P + 1, hd), views
         y, state = self._attend(q, k, v, 1, state.pos, buffer, start)  # (B, H, 1, hd)
         return wo(y.reshape(B, -1)), state
+
+    def step_slots(self, x: torch.Tensor, state: SlotCache, pos: torch.Tensor,
+                   w: tuple | None = None) -> tuple[torch.Tensor, SlotCache]:
+        """`step` on a fixed-size cache, for a graph whose sizes cannot grow (the ONNX export): k, v (B, Hkv, S,
+        hd), slot i holds position i; `pos` (1,) is a tensor, the token's position. The new key goes to slot pos
+        (a scatter) and the query sees slots <= pos (and >= pos - W with a window): the same attention as `step`
+        over the same keys, written with elementary ops (grouped heads by a reshape, an explicit softmax)."""
+        wq, wk, wv, wo = w or self.bind()
+        B, H, Hkv, hd = x.shape[0], self.n_heads, self.kv_heads, self.head_dim
+        S = state.k.shape[2]
+        q, k, v = wq(x).view(B, H, 1, hd), wk(x).view(B, Hkv, 1, hd), wv(x).view(B, Hkv, 1, hd)
+        if self.rotary is not None:
+            q, k = self.rotary.at(q, pos), self.rotary.at(k, pos)
+        index = pos.view(1, 1, 1, 1).expand(B, Hkv, 1, hd)
+        k_cache, v_cache = state.k.scatter(2, index, k), state.v.scatter(2, index, v)  # slot pos <- the new key
+        slots = torch.arange(S, device=x.device)
+        visible = slots <= pos  # (S,): causal, and never an unwritten slot
+        if self.window is not None:
+            visible = visible & (pos - slots <= self.window)
+        qg = q.reshape(B, Hkv, H // Hkv, hd)  # (B, Hkv, G, hd): heads h = g_kv * G + j
+        scores = (qg @ k_cache.transpose(-1, -2)) * hd ** -0.5  # (B, Hkv, G, S)
+        y = scores.masked_fill(~visible, float("-inf")).softmax(dim=-1) @ v_cache  # (B, Hkv, G, hd)
+        return wo(y.reshape(B, H * hd)), SlotCache(k_cache, v_cache)
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, T: int, pos0: int, buffer: KVBuffer | None,
                 start: int) -> tuple[torch.Tensor, KVCache]:

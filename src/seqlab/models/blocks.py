@@ -4,9 +4,21 @@ Glossary
     D      d_model, the residual stream width
     F      the MLP hidden width (`ModelConfig.ff_dim`)
     theta  the RoPE base (`attention.rope_theta`)
+
+Two paths through every module, one formula each:
+    forward(x, state)        x (B, T, D): training, prefill; any T
+    step(x, state, w)        x (B, D): one token, decoding. `w = module.bind()` captures the weights once as lean
+                             callables (`linear_fn`: one addmm on a transposed view, no nn.Module call around it),
+                             which is what a decode plan (`seqlab.infer.plan`) and the ONNX export hold on to.
+At batch 1 on a CPU, a step is a few dozen tiny ops and an nn.Module call around each linear costs about as much
+as the product itself, hence `bind`. `bind(portable=True)` spells RMSNorm out (x * rsqrt(mean(x^2) + eps) * w),
+which the TorchScript ONNX exporter can translate and `F.rms_norm` it cannot.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +26,37 @@ from torch import nn
 
 from seqlab.config import ModelConfig
 from seqlab.models.registry import build_mixer
+
+Fn = Callable[[torch.Tensor], torch.Tensor]
+StepFn = Callable[[torch.Tensor, Any], tuple[torch.Tensor, Any]]  # (x (B, D), state) -> (y (B, D), state)
+
+
+def linear_fn(m: nn.Module) -> Fn:
+    """y = x W^T + b as one addmm on a transposed view of the weight (x 2-D); any other layer type (an int8
+    layer, say) is returned as itself and called as a module. Holds the parameters, not copies."""
+    if type(m) is not nn.Linear:
+        return m
+    wt, b = m.weight.t(), m.bias
+    if b is None:
+        return lambda x: torch.mm(x, wt)
+    return lambda x: torch.addmm(b, x, wt)
+
+
+def norm_fn(m: nn.Module, portable: bool = False) -> Fn | None:
+    """The functional form of a LayerNorm / RMSNorm module (None for Identity: a sandwich norm that is off).
+    portable: RMSNorm written out in elementary ops (for the ONNX exporter)."""
+    if isinstance(m, nn.Identity):
+        return None
+    if type(m) is nn.LayerNorm:
+        shape, w, b, eps = m.normalized_shape, m.weight, m.bias, m.eps
+        return lambda x: F.layer_norm(x, shape, w, b, eps)
+    if type(m) is nn.RMSNorm:
+        shape, w, eps = m.normalized_shape, m.weight, m.eps
+        if portable:
+            eps = eps if eps is not None else torch.finfo(torch.float32).eps
+            return lambda x: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+        return lambda x: F.rms_norm(x, shape, w, eps)
+    return m
 
 
 def make_norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
@@ -37,9 +80,19 @@ class MLP(nn.Module):
         self.w3 = nn.Linear(cfg.d_model, cfg.ff_dim, bias=cfg.mlp_bias) if cfg.mlp == "swiglu" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (B, T, D)
-        if self.w3 is not None:
-            return self.w2(F.silu(self.w1(x)) * self.w3(x))
-        return self.w2(F.gelu(self.w1(x), approximate="tanh" if self.kind == "gelu_tanh" else "none"))
+        return _mlp(x, self.w1, self.w2, self.w3, self.kind)
+
+    def bind(self) -> Fn:
+        """The MLP on (B, D) activations with lean linears."""
+        w1, w2, kind = linear_fn(self.w1), linear_fn(self.w2), self.kind
+        w3 = linear_fn(self.w3) if self.w3 is not None else None
+        return lambda x: _mlp(x, w1, w2, w3, kind)
+
+
+def _mlp(x: torch.Tensor, w1: Fn, w2: Fn, w3: Fn | None, kind: str) -> torch.Tensor:
+    if w3 is not None:
+        return w2(F.silu(w1(x)) * w3(x))
+    return w2(F.gelu(w1(x), approximate="tanh" if kind == "gelu_tanh" else "none"))
 
 
 class Rotary(nn.Module):
@@ -70,20 +123,31 @@ class Rotary(nn.Module):
         return cos, sin
 
     def _build(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        f = self.inv_freq
-        angles = torch.outer(torch.arange(n, device=f.device, dtype=torch.float32), f)  # (n, hd/2)
-        cos = torch.cat([angles.cos(), angles.cos()], dim=-1)  # (n, hd)
-        sin = torch.cat([-angles.sin(), angles.sin()], dim=-1)
-        return cos, sin
+        return _cos_sin(torch.arange(n, device=self.inv_freq.device, dtype=torch.float32), self.inv_freq)
 
     def forward(self, x: torch.Tensor, pos0: int) -> torch.Tensor:  # x (B, H, T, hd)
         T = x.shape[-2]
         cos, sin = self._tables(pos0 + T)
-        cos, sin = cos[pos0:pos0 + T], sin[pos0:pos0 + T]  # (T, hd)
-        if cos.dtype != x.dtype:
-            cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-        # x * cos + rotate_half(x) * sin, with rotate_half(x) = [-x2, x1] = roll(x, hd/2) * [-1, 1]
-        return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
+        return _rotate(x, cos[pos0:pos0 + T], sin[pos0:pos0 + T])  # tables (T, hd)
+
+    def at(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x (B, H, T, hd) rotated at the absolute `positions` (T,), a tensor: angles computed, not looked up (the
+        ONNX export, whose position is a graph input). Equals `forward(x, p0)` for positions p0 .. p0 + T - 1."""
+        cos, sin = _cos_sin(positions.to(torch.float32), self.inv_freq)
+        return _rotate(x, cos, sin)
+
+
+def _cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos(angle) twice and -sin(angle) then sin(angle), (n, hd), for angles positions x inv_freq (n, hd/2)."""
+    angles = torch.outer(positions, inv_freq)
+    return torch.cat([angles.cos(), angles.cos()], dim=-1), torch.cat([-angles.sin(), angles.sin()], dim=-1)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin, with rotate_half(x) = [-x2, x1] = roll(x, hd/2) * [-1, 1] (sin signed)."""
+    if cos.dtype != x.dtype:
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
 
 
 class Block(nn.Module):
@@ -105,9 +169,39 @@ class Block(nn.Module):
         self.sandwich = cfg.sandwich_norm  # post norms are Identity otherwise: not called at all (fewer calls/token)
 
     def forward(self, x: torch.Tensor, state=None):  # x (B, T, D)
-        h, state = self.mixer(self.norm1(x), state)
-        x = x + (self.post_norm1(h) if self.sandwich else h)
-        if self.mlp is not None:
-            h = self.mlp(self.norm2(x))
-            x = x + (self.post_norm2(h) if self.sandwich else h)
-        return x, state
+        post1, post2 = (self.post_norm1, self.post_norm2) if self.sandwich else (None, None)
+        return residual(x, state, self.norm1, self.mixer, post1, self.mlp, self.norm2, post2)
+
+    def bind(self, portable: bool = False) -> BlockWeights:
+        """The block's weights for `step`: lean norms, the mixer's bound step, the bound MLP."""
+        mixer, w = self.mixer, self.mixer.bind(portable)
+        return BlockWeights(norm_fn(self.norm1, portable), lambda x, s: mixer.step(x, s, w),
+                            norm_fn(self.post_norm1, portable), self.mlp.bind() if self.mlp is not None else None,
+                            norm_fn(self.norm2, portable) if self.norm2 is not None else None,
+                            norm_fn(self.post_norm2, portable))
+
+    def step(self, x: torch.Tensor, state: Any, w: BlockWeights | None = None) -> tuple[torch.Tensor, Any]:
+        """One token, x (B, D), from the mixer's state: the same residual formula as `forward`."""
+        return residual(x, state, *(w or self.bind()))
+
+
+class BlockWeights(NamedTuple):
+    """What `Block.bind` captures; post norms are None when off."""
+
+    norm1: Fn
+    mixer: StepFn
+    post1: Fn | None
+    mlp: Fn | None
+    norm2: Fn | None
+    post2: Fn | None
+
+
+def residual(x: torch.Tensor, state: Any, norm1: Fn, mixer: StepFn, post1: Fn | None, mlp: Fn | None,
+              norm2: Fn | None, post2: Fn | None) -> tuple[torch.Tensor, Any]:
+    """x + mixer(norm1(x)), then x + mlp(norm2(x)); each branch through its post norm when sandwiched."""
+    h, state = mixer(norm1(x), state)
+    x = x + (post1(h) if post1 is not None else h)
+    if mlp is not None:
+        h = mlp(norm2(x))
+        x = x + (post2(h) if post2 is not None else h)
+    return x, state

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from seqlab.config import ModelConfig
+from seqlab.models.blocks import linear_fn
 from seqlab.models.registry import register_mixer
 from seqlab.models.state import State
 
@@ -54,9 +55,27 @@ class Conv(nn.Module):
         self.conv = nn.Conv1d(D, D, k, groups=D, bias=True)
         self.out_proj = nn.Linear(D, D, bias=False)
 
+    STATE_FORMULA = "d_model x (kernel_size - 1) x batch x element size"
+
+    def state_bytes(self, T: int, batch: int = 1, dtype: torch.dtype = torch.float32) -> int:
+        """Bytes of the state, whatever T: the last k - 1 inputs, (B, D, k - 1), in the activations' dtype."""
+        return batch * self.conv.in_channels * (self.conv.kernel_size[0] - 1) * dtype.itemsize
+
     def forward(self, x: torch.Tensor, state: ConvState | None = None) -> tuple[torch.Tensor, ConvState]:
         xs, g = self.in_proj(x).chunk(2, dim=-1)  # (B, T, D) each
         y, window = causal_conv1d(xs.transpose(1, 2), self.conv.weight, self.conv.bias,
                                   None if state is None else state.window)  # (B, D, T)
         y = y.transpose(1, 2) * F.silu(g)  # (B, T, D)
         return self.out_proj(y), ConvState(window)
+
+    def bind(self, portable: bool = False) -> tuple:
+        """(in_proj, kernel (D, k), bias, out_proj) for `step`."""
+        return linear_fn(self.in_proj), self.conv.weight.squeeze(1), self.conv.bias, linear_fn(self.out_proj)
+
+    def step(self, x: torch.Tensor, state: ConvState, w: tuple | None = None) -> tuple[torch.Tensor, ConvState]:
+        """One token, x (B, D) -> (B, D): the convolution as a dot product with the window of past inputs."""
+        in_proj, kernel, bias, out_proj = w or self.bind()
+        xs, g = in_proj(x).chunk(2, dim=-1)  # (B, D) each
+        window = torch.cat([state.window.to(xs.dtype), xs.unsqueeze(-1)], dim=-1)  # (B, D, k)
+        y = (window * kernel).sum(-1) + bias  # (B, D)
+        return out_proj(y * F.silu(g)), ConvState(window[..., 1:])

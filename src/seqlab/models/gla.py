@@ -10,21 +10,23 @@ Glossary (code name: paper symbol)
     S_t = diag(alpha_t) S_{t-1} + k_t^T v_t,     o_t = q_t S_t / sqrt(dk)
     out = out_proj(rmsnorm_per_head(o) * silu(W_r x))        (the output gate)
 
-A call with T == 1 takes the step path: one O(dk * dv) update per head, no scan machinery.
+A call with T == 1 from a state takes `step`: one O(dk * dv) update per head, no scan machinery.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from seqlab.config import ModelConfig
+from seqlab.models.blocks import Fn, linear_fn, norm_fn
 from seqlab.models.registry import register_mixer
 from seqlab.models.state import State
-from seqlab.ops import gla, gla_step
+from seqlab.ops import gla, gla_update
 
 
 @dataclass(frozen=True)
@@ -49,23 +51,57 @@ class GatedLinearAttention(nn.Module):
         self.norm = nn.RMSNorm(self.dv, eps=cfg.norm_eps)
         self.out_proj = nn.Linear(cfg.gla_d_value, cfg.d_model, bias=False)
 
+    STATE_FORMULA = "n_heads x d_key/n_heads x d_value/n_heads fp32 x batch"
+
+    def state_bytes(self, T: int, batch: int = 1, dtype: torch.dtype = torch.float32) -> int:
+        """Bytes of the state, whatever T: one (dk, dv) matrix per head, (B, H, dk, dv), in fp32."""
+        return batch * self.H * self.dk * self.dv * torch.promote_types(dtype, torch.float32).itemsize
+
     def _heads(self, t: torch.Tensor, d: int) -> torch.Tensor:  # (B, T, H * d) -> (B, H, T, d)
         B, T, _ = t.shape
         return t.view(B, T, self.H, d).transpose(1, 2)
 
     def forward(self, x: torch.Tensor, state: GLAState | None = None) -> tuple[torch.Tensor, GLAState]:
         B, T, _ = x.shape
+        if T == 1 and state is not None:  # one token from a state: the O(1) recurrent update
+            y, state = self.step(x[:, 0], state)
+            return y.unsqueeze(1), state
         q = self._heads(self.q_proj(x), self.dk)
         k = self._heads(self.k_proj(x), self.dk)
         v = self._heads(self.v_proj(x), self.dv)
         gk = F.logsigmoid(self.gk_up(self.gk_down(x))) / self.cfg.gate_logit_normalizer
         gk = self._heads(gk, self.dk)  # (B, H, T, dk), log forget gate <= 0
-        S0 = None if state is None else state.S
-        if T == 1 and S0 is not None:  # decoding: the O(1) recurrent update
-            o, S = gla_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], gk[:, :, 0], S0)
-            o = o[:, :, None]  # (B, H, 1, dv)
-        else:
-            o, S = gla(q, k, v, gk, initial_state=S0, return_final_state=True, impl=self.cfg.impl,
-                       chunk_size=self.cfg.chunk_size)
+        o, S = gla(q, k, v, gk, initial_state=None if state is None else state.S, return_final_state=True,
+                   impl=self.cfg.impl, chunk_size=self.cfg.chunk_size)
         o = self.norm(o).transpose(1, 2).reshape(B, T, -1)  # (B, T, H * dv)
         return self.out_proj(o * F.silu(self.gate_proj(x))), GLAState(S)
+
+    def bind(self, portable: bool = False) -> GLAWeights:
+        """The weights `step` uses, captured once as lean callables."""
+        return GLAWeights(*(linear_fn(m) for m in (self.q_proj, self.k_proj, self.v_proj, self.gate_proj,
+                                                    self.gk_down, self.gk_up, self.out_proj)),
+                          norm_fn(self.norm, portable))
+
+    def step(self, x: torch.Tensor, state: GLAState, w: GLAWeights | None = None) -> tuple[torch.Tensor, GLAState]:
+        """One token, x (B, D) -> (B, D): one O(dk * dv) update per head, in fp32 (fp64 for fp64)."""
+        w = w or self.bind()
+        B, H, cdt = x.shape[0], self.H, state.S.dtype
+        q = w.q_proj(x).view(B, H, self.dk)
+        k = w.k_proj(x).view(B, H, self.dk)
+        v = w.v_proj(x).view(B, H, self.dv)
+        gk = (F.logsigmoid(w.gk_up(w.gk_down(x))) / self.cfg.gate_logit_normalizer).view(B, H, self.dk)
+        q = q.to(cdt) * self.dk ** -0.5
+        o, S = gla_update(state.S, q, k.to(cdt), v.to(cdt), gk.to(cdt))  # o (B, H, dv)
+        o = w.norm(o.to(x.dtype)).reshape(B, -1)  # (B, H * dv)
+        return w.out_proj(o * F.silu(w.gate_proj(x))), GLAState(S)
+
+
+class GLAWeights(NamedTuple):
+    q_proj: Fn
+    k_proj: Fn
+    v_proj: Fn
+    gate_proj: Fn
+    gk_down: Fn
+    gk_up: Fn
+    out_proj: Fn
+    norm: Fn

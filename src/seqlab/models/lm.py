@@ -3,12 +3,17 @@
     logits, state = model(tokens)                  # parallel over the whole sequence
     logits, state = model(tokens[:, -1:], state)   # continue from a state, one token or a chunk
 
+    logits, state = model.step(tokens[:, -1], state)   # one token per sequence, (B,) -> logits (B, V)
+
 Feeding a sequence in one call, in chunks, or token by token gives the same logits and the same final state.
+`step` is the lean one-token path (each block's and mixer's `step`, weights bound once by `bind`) that decoding
+and the ONNX export run.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +21,7 @@ from torch import nn
 
 from seqlab.config import ModelConfig
 from seqlab.errors import InputError
-from seqlab.models.blocks import Block, make_norm
+from seqlab.models.blocks import Block, BlockWeights, Fn, residual, linear_fn, make_norm, norm_fn
 from seqlab.models.state import ModelState
 
 
@@ -82,6 +87,35 @@ class LanguageModel(nn.Module):
         pos = (state.pos if state is not None else 0) + tokens.shape[1]
         return self.logits(self.norm(x)), ModelState(tuple(new_states), pos)
 
+    def bind(self, portable: bool = False) -> LMWeights:
+        """Every weight `step` uses, captured once (no copies): what a decode plan holds for a run of decoding.
+        portable: elementary-op norms, for the ONNX export (see `seqlab.models.blocks`)."""
+        return LMWeights(self.embed.weight, self.pos_embed.weight if self.pos_embed is not None else None,
+                         tuple(block.bind(portable) for block in self.blocks), norm_fn(self.norm, portable),
+                         linear_fn(self.head) if self.head is not None else _tied_head(self.embed.weight))
+
+    def step(self, tokens: torch.Tensor, state: ModelState, w: LMWeights | None = None) -> tuple[torch.Tensor,
+                                                                                                 ModelState]:
+        """One token per sequence from a state: tokens (B,) int64 -> logits (B, V) and the next state; the same
+        logits and state as `model(tokens[:, None], state)`, through every block's lean `step`. w: `bind()`'s
+        weights (made here when not given; a decode plan passes the ones it holds)."""
+        self.check_tokens(tokens.view(-1, 1) if isinstance(tokens, torch.Tensor) and tokens.dim() == 1 else tokens)
+        self.check_state(state, tokens.shape[0])
+        w = w or self.bind()
+        x = w.embed[tokens]  # (B, D)
+        if w.pos_embed is not None:
+            x = x + self.positions(state.pos, 1)[0]
+        new = []
+        for block, s in zip(w.blocks, state.layers):
+            x, s = residual(x, s, *block)
+            new.append(s)
+        return w.head(w.norm(x)), ModelState(tuple(new), state.pos + 1)
+
+    def state_bytes(self, T: int, batch: int = 1, dtype: torch.dtype = torch.float32) -> int:
+        """Bytes of the state after T tokens by each mixer's formula (`mixer.state_bytes`); `state.nbytes` of a
+        real state equals it. dtype: the activations' dtype (recurrent states are fp32 whatever it is)."""
+        return sum(block.mixer.state_bytes(T, batch, dtype) for block in self.blocks)
+
     def positions(self, pos0: int, T: int) -> torch.Tensor:
         """The learned position embeddings of positions pos0 .. pos0 + T - 1, (T, D)."""
         if pos0 + T > self.config.max_positions:
@@ -94,6 +128,21 @@ class LanguageModel(nn.Module):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:  # h (B, T, D) -> (B, T, V)
         return self.head(h) if self.head is not None else F.linear(h, self.embed.weight)
+
+
+class LMWeights(NamedTuple):
+    """What `LanguageModel.bind` captures."""
+
+    embed: torch.Tensor  # (V, D)
+    pos_embed: torch.Tensor | None  # (max_positions, D), learned positions only
+    blocks: tuple[BlockWeights, ...]
+    norm: Fn
+    head: Fn
+
+
+def _tied_head(embed: torch.Tensor) -> Fn:
+    et = embed.t()
+    return lambda x: torch.mm(x, et)
 
 
 def init_weights(model: nn.Module, cfg: ModelConfig) -> None:

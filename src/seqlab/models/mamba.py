@@ -23,16 +23,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from seqlab.config import ModelConfig
+from seqlab.models.blocks import Fn, linear_fn
 from seqlab.models.conv import causal_conv1d
 from seqlab.models.registry import register_mixer
 from seqlab.models.state import State
-from seqlab.ops import selective_scan, selective_scan_step
+from seqlab.ops import selective_scan, selective_scan_update
 
 
 @dataclass(frozen=True)
@@ -72,10 +74,19 @@ class Mamba(nn.Module):
         dt = dt.clamp(min=m.dt_init_floor)
         self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus(bias) == dt
 
+    STATE_FORMULA = "(d_inner x d_state fp32 SSM + d_inner x (d_conv - 1) conv window) x batch"
+
+    def state_bytes(self, T: int, batch: int = 1, dtype: torch.dtype = torch.float32) -> int:
+        """Bytes of the state, whatever T: the SSM state h (B, d_inner, N) in fp32 and the convolution's last
+        d_conv - 1 inputs (B, d_inner, d_conv - 1) in the activations' dtype."""
+        ssm = self.d_inner * self.N * torch.promote_types(dtype, torch.float32).itemsize
+        return batch * (ssm + self.d_inner * (self.conv.kernel_size[0] - 1) * dtype.itemsize)
+
     def forward(self, x: torch.Tensor, state: MambaState | None = None) -> tuple[torch.Tensor, MambaState]:
         B, T, _ = x.shape
-        if T == 1 and state is not None:  # decoding: the O(1) recurrent update
-            return self.step(x, state)
+        if T == 1 and state is not None:  # one token from a state: the O(1) recurrent update
+            y, state = self.step(x[:, 0], state)
+            return y.unsqueeze(1), state
         xs, z = self.in_proj(x).transpose(1, 2).chunk(2, dim=1)  # (B, d_inner, T) each
         xs, conv_window = causal_conv1d(xs, self.conv.weight, self.conv.bias, None if state is None else state.conv)
         xs = F.silu(xs)
@@ -88,18 +99,45 @@ class Mamba(nn.Module):
                               impl=self.cfg.impl, chunk_size=self.cfg.chunk_size)
         return self.out_proj(y.transpose(1, 2)), MambaState(conv_window, h)
 
-    def step(self, x: torch.Tensor, state: MambaState) -> tuple[torch.Tensor, MambaState]:
-        """One token, x (B, 1, D): the convolution as a dot product with its window and one `selective_scan_step`;
-        nothing in here depends on how many tokens came before."""
-        xs, z = self.in_proj(x.select(1, 0)).chunk(2, dim=-1)  # (B, d_inner) each
+    def bind(self, portable: bool = False) -> MambaWeights:
+        """The weights `step` uses, captured once: lean projections, the conv kernel as (d_inner, d_conv), dt_proj
+        transposed for an addmm that adds its bias (the bias the scan adds as delta_bias)."""
+        return MambaWeights(linear_fn(self.in_proj), linear_fn(self.x_proj), linear_fn(self.out_proj),
+                            self.dt_proj.weight.t(), self.dt_proj.bias, self.A_log, self.D,
+                            self.conv.weight.squeeze(1), self.conv.bias)
+
+    def step(self, x: torch.Tensor, state: MambaState, w: MambaWeights | None = None) -> tuple[torch.Tensor, MambaState]:
+        """One token, x (B, D) -> (B, D): the convolution as a dot product with its window, then one update of h;
+        nothing in here depends on how many tokens came before. The recurrence runs in fp32 (fp64 for fp64)
+        whatever the weights' dtype."""
+        w = w or self.bind()
+        xs, z = w.in_proj(x).chunk(2, dim=-1)  # (B, d_inner) each
         conv = state.conv if state.conv.dtype == xs.dtype else state.conv.to(xs.dtype)
         window = torch.cat([conv, xs.unsqueeze(-1)], dim=-1)  # (B, d_inner, d_conv)
-        xs = (window * self.conv.weight.squeeze(1)).sum(-1)  # (B, d_inner)
-        if self.conv.bias is not None:
-            xs = xs + self.conv.bias
+        xs = (window * w.conv_w).sum(-1)  # (B, d_inner)
+        if w.conv_b is not None:
+            xs = xs + w.conv_b
         xs = F.silu(xs)
-        dt, Bm, Cm = self.x_proj(xs).split([self.dt_rank, self.N, self.N], dim=-1)  # (B, .)
-        y, h = selective_scan_step(xs, F.linear(dt, self.dt_proj.weight), -torch.exp(self.A_log.float()), Bm, Cm,
-                                   state.ssm, D=self.D.float(), z=z, delta_bias=self.dt_proj.bias.float(),
-                                   delta_softplus=True)
-        return self.out_proj(y).unsqueeze(1), MambaState(window[..., 1:], h)
+        dt, Bm, Cm = w.x_proj(xs).split([self.dt_rank, self.N, self.N], dim=-1)  # (B, .)
+        cdt = state.ssm.dtype  # fp32 (fp64 for an fp64 model)
+        if xs.dtype == cdt:
+            delta = F.softplus(torch.addmm(w.dt_b, dt, w.dt_wt))  # (B, d_inner)
+            y, h = selective_scan_update(state.ssm, xs, delta, -torch.exp(w.A_log), Bm, Cm, w.D, z)
+        else:  # a bf16 / fp16 model: the discretization and the update in fp32, the output in the model's dtype
+            delta = F.softplus(torch.mm(dt, w.dt_wt).to(cdt) + w.dt_b.to(cdt))
+            y, h = selective_scan_update(state.ssm, xs.to(cdt), delta, -torch.exp(w.A_log.to(cdt)), Bm.to(cdt),
+                                         Cm.to(cdt), w.D.to(cdt), z.to(cdt))
+            y = y.to(xs.dtype)
+        return w.out_proj(y), MambaState(window[..., 1:], h)
+
+
+class MambaWeights(NamedTuple):
+    in_proj: Fn
+    x_proj: Fn
+    out_proj: Fn
+    dt_wt: torch.Tensor  # (dt_rank, d_inner)
+    dt_b: torch.Tensor  # (d_inner,)
+    A_log: torch.Tensor  # (d_inner, N)
+    D: torch.Tensor  # (d_inner,)
+    conv_w: torch.Tensor  # (d_inner, d_conv)
+    conv_b: torch.Tensor | None

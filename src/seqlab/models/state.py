@@ -9,13 +9,21 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 
 class State:
-    """Mixin for frozen dataclasses whose tensor fields make up a recurrent state or a cache."""
+    """Mixin for frozen dataclasses whose tensor fields make up a recurrent state or a cache.
+
+    Layout, for code that handles states of any mixer without naming it (the ONNX export, training's carried state):
+    `batch_axis`, the axis of the batch in every tensor field; `time_axis`, the axis that grows with the context
+    (a KV cache), None for a fixed-size state.
+    """
+
+    batch_axis: ClassVar[int] = 0
+    time_axis: ClassVar[int | None] = None
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The state's tensors by field name (non-tensor fields such as positions are left out)."""
@@ -34,6 +42,10 @@ class State:
 
     def detach(self) -> Any:
         return self.map(torch.Tensor.detach)
+
+    def trim(self, n: int) -> Any:
+        """The state with at most the last n tokens of context kept; a fixed-size state is returned as it is."""
+        return self
 
     def to(self, *args: Any, **kwargs: Any) -> Any:
         return self.map(lambda t: t.to(*args, **kwargs))
