@@ -1,4 +1,5 @@
-"""Pure tensor ops, each fast one next to its `*_ref` twin (a plain sequential loop, same signature).
+"""Pure tensor ops: each fast one beside its `*_ref` twin, a plain loop over time in ops/naive.py that shares no
+helper with it (same signature; `impl="ref"` runs the twin).
 
     selective_scan / selective_scan_ref / selective_scan_step / selective_scan_update   Mamba's selective scan
     gla / gla_ref / gla_step / gla_update                                               gated linear attention
@@ -6,8 +7,9 @@
 Every scan returns `(output, final_state_or_None)`; every step returns `(output, new_state)`. States are fp32.
 """
 
-from seqlab.ops.gla import gla, gla_ref, gla_step, gla_update
-from seqlab.ops.selective_scan import selective_scan, selective_scan_ref, selective_scan_step, selective_scan_update
+from seqlab.ops.gla import gla, gla_step, gla_update
+from seqlab.ops.naive import gla_ref, selective_scan_ref
+from seqlab.ops.selective_scan import selective_scan, selective_scan_step, selective_scan_update
 
 __all__ = ["gla", "gla_ref", "gla_step", "gla_update", "selective_scan", "selective_scan_ref", "selective_scan_step",
            "selective_scan_update"]

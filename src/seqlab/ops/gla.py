@@ -14,9 +14,10 @@ Recurrence, per head:
     S_t = diag(exp g_t) S_{t-1} + k_t^T v_t          (k_t^T v_t is the (dk, dv) outer product)
     o_t = (q_t * scale) S_t
 
-Three entry points:
+Entry points:
     gla(..., impl="chunked")   the chunkwise-parallel form; for training and prefill
-    gla_ref(...)               the plain sequential loop; the twin the tests compare against
+    gla(..., impl="ref")       runs `gla_ref` (ops/naive.py): the plain loop over time, written apart from this file
+                               (no shared helper), the twin the tests compare against
     gla_step(...)              one step from a state; O(1) decoding
     gla_update(...)            the same step without checks or casts (what decoding calls)
 
@@ -35,13 +36,12 @@ Limits, honestly:
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
 from seqlab.errors import InputError
-from seqlab.ops.checks import expect
+from seqlab.ops.checks import check_gla, check_scale
+from seqlab.ops.naive import gla_ref
 
 IMPLS = ("ref", "chunked")
 
@@ -53,7 +53,7 @@ def gla(q, k, v, g, initial_state=None, return_final_state=False, impl="chunked"
         q, k, g: (B, H, L, dk), any L >= 1; g is the log forget gate (<= 0). v: (B, H, L, dv).
         initial_state: (B, H, dk, dv) or None (zeros); differentiable.
         return_final_state: also return the state after the last step (differentiable).
-        impl: "chunked" (chunkwise parallel) or "ref" (sequential loop).
+        impl: "chunked" (chunkwise parallel) or "ref" (the naive twin `gla_ref`, a loop).
         chunk_size: steps per chunk for impl="chunked" (ignored by "ref"). 16 is fastest on CPU.
         scale: query scale; None means dk ** -0.5.
 
@@ -63,31 +63,17 @@ def gla(q, k, v, g, initial_state=None, return_final_state=False, impl="chunked"
     """
     if impl not in IMPLS:
         raise InputError(f"gla: unknown impl {impl!r}; expected one of {', '.join(map(repr, IMPLS))}")
-    if impl == "chunked" and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+    if impl == "ref":  # the naive twin, which checks its own inputs
+        return gla_ref(q, k, v, g, initial_state=initial_state, return_final_state=return_final_state, scale=scale)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise InputError(f"gla: chunk_size must be a positive int, got {chunk_size!r}")
-    _check_shapes("gla", q, k, v, g, initial_state, ("B", "H", "L"))
+    check_gla("gla", q, k, v, g, initial_state, ("B", "H", "L"))
     cdt = torch.promote_types(q.dtype, torch.float32)
-    q_s = q.to(cdt) * _scale(scale, q.shape[-1])
+    q_s = q.to(cdt) * _scale("gla", scale, q.shape[-1])
     k, v, g = k.to(cdt), v.to(cdt), g.to(cdt)
     S0 = None if initial_state is None else initial_state.to(cdt)
-    if impl == "ref":
-        o, S = _gla_loop(q_s, k, v, g, S0)
-    else:
-        o, S = _gla_chunked(q_s, k, v, g, S0, chunk_size)
+    o, S = _gla_chunked(q_s, k, v, g, S0, chunk_size)
     return o.to(q.dtype), (S if return_final_state else None)
-
-
-def gla_ref(q, k, v, g, initial_state=None, return_final_state=False, impl="ref", chunk_size=16, scale=None):
-    """The reference twin of `gla`: same signature, impl fixed to "ref" (chunk_size is unused).
-
-    A plain loop over time, one `gla_step` per step, state in fp32:
-        S_t = diag(exp g_t) S_{t-1} + k_t^T v_t
-        o_t = (q_t * scale) S_t
-    """
-    if impl != "ref":
-        raise InputError(f"gla_ref always runs impl='ref', got impl={impl!r}; call gla(..., impl=...) to choose")
-    return gla(q, k, v, g, initial_state=initial_state, return_final_state=return_final_state, impl="ref",
-               scale=scale)
 
 
 def gla_step(q, k, v, g, state, scale=None):
@@ -99,9 +85,10 @@ def gla_step(q, k, v, g, state, scale=None):
     Returns:
         (o, new_state): o (B, H, dv) in q's dtype, new_state (B, H, dk, dv) in fp32.
     """
-    _check_shapes("gla_step", q, k, v, g, state, ("B", "H"))
+    check_gla("gla_step", q, k, v, g, state, ("B", "H"))
     cdt = torch.promote_types(q.dtype, torch.float32)
-    S, o = _step(state.to(cdt), q.to(cdt) * _scale(scale, q.shape[-1]), k.to(cdt), v.to(cdt), g.to(cdt))
+    S, o = _step(state.to(cdt), q.to(cdt) * _scale("gla_step", scale, q.shape[-1]), k.to(cdt), v.to(cdt),
+                 g.to(cdt))
     return o.to(q.dtype), S
 
 
@@ -114,31 +101,19 @@ def gla_update(state, q, k, v, g):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Math shared by the chunked scan, the step and the update (not by the naive twin: it writes its own)
 
 
-def _scale(scale, dk):
-    if scale is None:
-        return dk ** -0.5
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise InputError(f"gla: scale must be a finite number or None, got {scale!r}")
-    return float(scale)
+def _scale(where, scale, dk):
+    """The query scale: dk ** -0.5 when scale is None."""
+    check_scale(where, scale)
+    return dk ** -0.5 if scale is None else float(scale)
 
 
 def _step(S, q, k, v, g):
     """S (B, H, dk, dv), q (already scaled), k, g (B, H, dk), v (B, H, dv) -> (new S, o (B, H, dv))."""
     S = torch.exp(g)[..., None] * S + k[..., :, None] * v[..., None, :]
     return S, (q[..., None, :] @ S).squeeze(-2)
-
-
-def _gla_loop(q, k, v, g, S0):
-    """The sequential loop: L calls of `_step` (unbind, not indexing, keeps backward linear in L)."""
-    B, H, L, dk = q.shape
-    S = S0 if S0 is not None else q.new_zeros(B, H, dk, v.shape[-1])
-    os = []
-    for q_t, k_t, v_t, g_t in zip(q.unbind(2), k.unbind(2), v.unbind(2), g.unbind(2)):
-        S, o_t = _step(S, q_t, k_t, v_t, g_t)
-        os.append(o_t)
-    return torch.stack(os, 2), S  # (B, H, L, dv), (B, H, dk, dv)
 
 
 def _gla_chunked(q, k, v, g, S0, chunk_size):
@@ -212,16 +187,3 @@ def _after(g):
         parts.append(acc)
         acc = acc + g_r
     return torch.stack(parts[::-1], -2)
-
-
-def _check_shapes(where, q, k, v, g, state, lead):
-    """lead names the leading dims: ("B", "H", "L") for the scan, ("B", "H") for the step."""
-    expect(where, "q", q, (*lead, "dk"))
-    if len(lead) == 3 and q.shape[2] < 1:
-        raise InputError(f"{where}: q must have length L >= 1, got shape {tuple(q.shape)}")
-    dims, dk = tuple(q.shape[:-1]), q.shape[-1]
-    expect(where, "k", k, (*dims, dk))
-    expect(where, "g", g, (*dims, dk))
-    expect(where, "v", v, (*dims, "dv"))
-    if state is not None or len(lead) == 2:
-        expect(where, "initial_state" if len(lead) == 3 else "state", state, (*dims[:2], dk, v.shape[-1]))

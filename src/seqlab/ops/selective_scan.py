@@ -16,9 +16,10 @@ Recurrence, for every channel d and state index n:
     x_l = exp(Delta_l A) * x_{l-1} + Delta_l B_l u_l          (state, elementwise over (d, n))
     y_l = <x_l, C_l> + D u_l,   then   y_l *= silu(z_l)        (output, summed over n)
 
-Three entry points share one discretization and one step:
+Entry points:
     selective_scan(..., impl="chunked")  parallel over chunks; for training and prefill
-    selective_scan_ref(...)              the plain sequential loop; the twin the tests compare against
+    selective_scan(..., impl="ref")      runs `selective_scan_ref` (ops/naive.py): the plain loop over time, written
+                                         apart from this file (no shared helper), the twin the tests compare against
     selective_scan_step(...)             one step from a state; O(1) decoding
     selective_scan_update(...)           the same step without checks or casts (what decoding calls)
 
@@ -33,7 +34,7 @@ Limits, honestly:
   of magnitude, over the loop, less as batch * d_inner grows (benchmarks/bench_scans.py measures it).
 - Memory for forward+backward: one (batch, d_inner, L, N) fp32 tensor of states is kept for backward (1 GiB for
   batch 4, d_inner 512, N 16, L 8192), plus the (batch, d_inner, L) inputs.
-- The chunked form's backward is first-order only (no double backward); the ref loop supports any order.
+- The chunked form's backward is first-order only (no double backward); the naive twin supports any order.
 - A must be negative (Mamba parametrizes A = -exp(A_log)). With A > 0 the recurrence itself grows without bound,
   and overflow is then a property of the input, not of the algorithm. Values are not checked (that would force a
   device sync).
@@ -46,7 +47,8 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from seqlab.errors import InputError
-from seqlab.ops.checks import expect
+from seqlab.ops.checks import check_selective_scan, check_selective_scan_step
+from seqlab.ops.naive import selective_scan_ref
 
 IMPLS = ("ref", "chunked")
 SLAB = 2**17  # values in one step of all chunks (512 KiB in fp32) above which chunk_size=None takes longer chunks
@@ -62,7 +64,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         delta_softplus: apply softplus to delta (after adding delta_bias).
         initial_state: (batch, d_inner, N) or None (zeros); differentiable.
         return_final_state: also return the state after the last step (differentiable).
-        impl: "chunked" (parallel over chunks) or "ref" (sequential loop).
+        impl: "chunked" (parallel over chunks) or "ref" (the naive twin `selective_scan_ref`, a loop).
         chunk_size: steps per chunk for impl="chunked" (ignored by "ref"). None picks it: 64, doubled while one
             step of all chunks (batch * chunks * d_inner * N values) exceeds SLAB, so the sequential passes work on
             cache-sized tensors whatever the length (measured fastest on CPU by benchmarks/bench_scans.py).
@@ -73,36 +75,19 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     """
     if impl not in IMPLS:
         raise InputError(f"selective_scan: unknown impl {impl!r}; expected one of {', '.join(map(repr, IMPLS))}")
-    if impl == "chunked" and chunk_size is not None and (isinstance(chunk_size, bool)
-                                                          or not isinstance(chunk_size, int) or chunk_size < 1):
+    if impl == "ref":  # the naive twin, which checks its own inputs
+        return selective_scan_ref(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
+                                  initial_state=initial_state, return_final_state=return_final_state)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise InputError(f"selective_scan: chunk_size must be a positive int or None, got {chunk_size!r}")
-    _check_scan_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    check_selective_scan("selective_scan", u, delta, A, B, C, D, z, delta_bias, initial_state)
     cdt = _compute_dtype(u)
     delta = _discretize_delta(delta.to(cdt), delta_bias, delta_softplus)
     u_c, A, B, C = u.to(cdt), A.to(cdt), B.to(cdt), C.to(cdt)
     x0 = None if initial_state is None else initial_state.to(cdt)
-    if impl == "ref":
-        y, x = _scan_loop(u_c, delta, A, B, C, x0)
-    else:
-        y, x = _scan_chunked(u_c, delta, A, B, C, x0, chunk_size)
+    y, x = _scan_chunked(u_c, delta, A, B, C, x0, chunk_size)
     y = _skip_and_gate(y, u_c, D, z)
     return y.to(u.dtype), (x if return_final_state else None)
-
-
-def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, initial_state=None,
-                       return_final_state=False, impl="ref", chunk_size=None):
-    """The reference twin of `selective_scan`: same signature, impl fixed to "ref" (chunk_size is unused).
-
-    A plain fp32 loop over time, one `selective_scan_step` per step:
-        x_l = exp(delta_l * A) * x_{l-1} + delta_l * B_l * u_l
-        y_l = <x_l, C_l> + D * u_l;   y_l *= silu(z_l) if z is given
-    with delta_l = softplus(delta_l + delta_bias) when delta_softplus (else without the softplus).
-    """
-    if impl != "ref":
-        raise InputError(f"selective_scan_ref always runs impl='ref', got impl={impl!r}; "
-                         "call selective_scan(..., impl=...) to choose")
-    return selective_scan(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
-                          initial_state=initial_state, return_final_state=return_final_state, impl="ref")
 
 
 def selective_scan_step(u, delta, A, B, C, state, D=None, z=None, delta_bias=None, delta_softplus=False):
@@ -115,7 +100,7 @@ def selective_scan_step(u, delta, A, B, C, state, D=None, z=None, delta_bias=Non
     Returns:
         (y, new_state): y (batch, d_inner) in u's dtype, new_state (batch, d_inner, N) in fp32.
     """
-    _check_step_shapes(u, delta, A, B, C, state, D, z, delta_bias)
+    check_selective_scan_step("selective_scan_step", u, delta, A, B, C, state, D, z, delta_bias)
     cdt = _compute_dtype(u)
     delta = _discretize_delta(_to(delta, cdt), delta_bias, delta_softplus)
     u_c = _to(u, cdt)
@@ -125,7 +110,7 @@ def selective_scan_step(u, delta, A, B, C, state, D=None, z=None, delta_bias=Non
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Shared math
+# Math shared by the chunked scan, the step and the update (not by the naive twin: it writes its own)
 
 
 def _to(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -169,18 +154,6 @@ def _skip_and_gate(y, u, D, z):
     if z is not None:
         y = y * F.silu(_to(z, y.dtype))
     return y
-
-
-def _scan_loop(u, delta, A, B, C, x0):
-    """The sequential loop: L calls of `_step`. unbind (not indexing) keeps backward linear in L: the backward of
-    `t[..., l]` allocates a zero tensor of t's full size per step, which makes an indexed loop O(L^2)."""
-    b, d, L = u.shape
-    x = x0 if x0 is not None else u.new_zeros(b, d, A.shape[1])
-    ys = []
-    for u_l, d_l, B_l, C_l in zip(u.unbind(-1), delta.unbind(-1), B.unbind(-1), C.unbind(-1)):
-        x, y_l = _step(x, u_l, d_l, A, B_l, C_l)
-        ys.append(y_l)
-    return torch.stack(ys, -1), x  # (b, d, L), (b, d, N)
 
 
 def _scan_chunked(u, delta, A, B, C, x0, chunk_size):
@@ -322,59 +295,3 @@ class _ChunkedScan(torch.autograd.Function):
         gw = gw.squeeze(3)
         gA = gA.sum((0, 1)).t()  # (d, N)
         return _unchunk(gdelta, L), _unchunk(gw, L), gA, _unchunk(gB, L), _unchunk(gC, L), gx0, None, None
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Input checks: one clear InputError naming the tensor, the expected shape and the one given
-
-
-def _check_scan_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state):
-    w = "selective_scan"
-    expect(w, "u", u, ("batch", "d_inner", "L"))
-    b, d, L = u.shape
-    if L < 1:
-        raise InputError(f"{w}: u must have length L >= 1, got shape {tuple(u.shape)}")
-    expect(w, "A", A, (d, "N"))
-    N = A.shape[1]
-    expect(w, "delta", delta, (b, d, L))
-    expect(w, "B", B, (b, N, L))
-    expect(w, "C", C, (b, N, L))
-    for name, t, shape in (("D", D, (d,)), ("z", z, (b, d, L)), ("delta_bias", delta_bias, (d,)),
-                           ("initial_state", initial_state, (b, d, N))):
-        if t is not None:
-            expect(w, name, t, shape)
-
-
-def _step_shapes_ok(u, delta, A, B, C, state, D, z, delta_bias) -> bool:
-    """True when every check of `_check_step_shapes` passes: the same conditions as plain comparisons (no string
-    building, no generator per tensor), run on every decoding step; a False leads to the checks that explain it."""
-    T = torch.Tensor
-    if not (isinstance(u, T) and isinstance(A, T) and u.dim() == 2 and A.dim() == 2):
-        return False
-    b, d = u.shape
-    N = A.shape[1]
-    bd, bN = (b, d), (b, N)
-    if not (A.shape[0] == d and isinstance(delta, T) and delta.shape == bd and isinstance(B, T) and B.shape == bN
-            and isinstance(C, T) and C.shape == bN and isinstance(state, T) and state.shape == (b, d, N)):
-        return False
-    if not (D is None or (isinstance(D, T) and D.shape == (d,))) or not (z is None or (isinstance(z, T) and
-                                                                                         z.shape == bd)):
-        return False
-    if not (delta_bias is None or (isinstance(delta_bias, T) and delta_bias.shape == (d,))):
-        return False
-    return all(t is None or t.is_floating_point() for t in (u, delta, A, B, C, state, D, z, delta_bias))
-
-
-def _check_step_shapes(u, delta, A, B, C, state, D, z, delta_bias):
-    if _step_shapes_ok(u, delta, A, B, C, state, D, z, delta_bias):
-        return
-    w = "selective_scan_step"
-    expect(w, "u", u, ("batch", "d_inner"))
-    b, d = u.shape
-    expect(w, "A", A, (d, "N"))
-    N = A.shape[1]
-    for name, t, shape in (("delta", delta, (b, d)), ("B", B, (b, N)), ("C", C, (b, N)), ("state", state, (b, d, N))):
-        expect(w, name, t, shape)
-    for name, t, shape in (("D", D, (d,)), ("z", z, (b, d)), ("delta_bias", delta_bias, (d,))):
-        if t is not None:
-            expect(w, name, t, shape)

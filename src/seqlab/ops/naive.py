@@ -1,0 +1,104 @@
+"""The reference twins: each scan as a plain loop over time, written from its equation alone.
+
+    selective_scan_ref   Mamba-1's selective scan (the twin of `selective_scan` in ops/selective_scan.py)
+    gla_ref              gated linear attention (the twin of `gla` in ops/gla.py)
+
+Nothing here is imported from the fast files, and the fast files' math imports nothing from here: the
+discretization, the gating, the skip connection and the step are written a second time, on purpose, so that a bug
+in one form shows up as a difference the tests can see. Only the input checks (ops/checks.py) are shared.
+
+Each twin has its fast op's signature (`impl` and `chunk_size` are accepted and unused), returns
+`(output, final_state_or_None)`, computes in fp32 (fp64 for fp64 inputs) and keeps the state in that dtype.
+Both are differentiable in every input, initial state included, to any order (plain autograd), and traceable by
+`torch.jit.trace` (a Python loop over the known length, no branch on tensor values): ONNX export unrolls them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from seqlab.errors import InputError
+from seqlab.ops.checks import check_gla, check_scale, check_selective_scan
+
+
+def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, initial_state=None,
+                       return_final_state=False, impl="ref", chunk_size=None):
+    """Mamba-1's selective scan, one time step at a time. For every channel d and state index n:
+
+        delta_l = softplus(delta_l + delta_bias)         (bias and softplus each optional)
+        x_l     = exp(delta_l A) * x_{l-1} + delta_l B_l u_l
+        y_l     = <x_l, C_l> + D u_l,   then   y_l *= silu(z_l)
+
+    Args (as `selective_scan`): u, delta, z (batch, d_inner, L); A (d_inner, N); B, C (batch, N, L);
+        D, delta_bias (d_inner,); initial_state (batch, d_inner, N) or None (zeros).
+
+    Returns:
+        (y, final_state): y (batch, d_inner, L) in u's dtype; final_state (batch, d_inner, N) in fp32 (fp64 for fp64
+        inputs) when return_final_state, else None.
+    """
+    if impl != "ref":
+        raise InputError(f"selective_scan_ref always runs impl='ref', got impl={impl!r}; "
+                         "call selective_scan(..., impl=...) to choose")
+    check_selective_scan("selective_scan_ref", u, delta, A, B, C, D, z, delta_bias, initial_state)
+    dtype = torch.promote_types(u.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
+    u_c, delta, A, B, C = (t.to(dtype) for t in (u, delta, A, B, C))
+    if delta_bias is not None:
+        delta = delta + delta_bias.to(dtype)[:, None]  # one bias per channel
+    if delta_softplus:
+        delta = F.softplus(delta)
+
+    batch, d_inner, L = u.shape
+    if initial_state is None:
+        x = torch.zeros(batch, d_inner, A.shape[1], dtype=dtype, device=u.device)
+    else:
+        x = initial_state.to(dtype)
+    ys = []
+    # unbind, not indexing: the backward of t[..., l] allocates a zero tensor of t's size per step (O(L^2) in all)
+    for u_l, delta_l, B_l, C_l in zip(u_c.unbind(-1), delta.unbind(-1), B.unbind(-1), C.unbind(-1)):
+        decay = torch.exp(delta_l[:, :, None] * A[None])  # (batch, d_inner, N): exp(delta_l A)
+        drive = (delta_l * u_l)[:, :, None] * B_l[:, None, :]  # (batch, d_inner, N): delta_l B_l u_l
+        x = decay * x + drive
+        ys.append((x * C_l[:, None, :]).sum(-1))  # (batch, d_inner): <x_l, C_l>
+    y = torch.stack(ys, dim=-1)  # (batch, d_inner, L)
+
+    if D is not None:
+        y = y + D.to(dtype)[:, None] * u_c  # the skip connection
+    if z is not None:
+        y = y * F.silu(z.to(dtype))  # the gate
+    return y.to(u.dtype), (x if return_final_state else None)
+
+
+def gla_ref(q, k, v, g, initial_state=None, return_final_state=False, impl="ref", chunk_size=16, scale=None):
+    """Gated linear attention, one time step at a time. Per head, with S_t a (dk, dv) matrix:
+
+        S_t = diag(exp g_t) S_{t-1} + k_t^T v_t          (k_t^T v_t: the outer product)
+        o_t = (q_t * scale) S_t
+
+    Args (as `gla`): q, k, g (B, H, L, dk), g the log forget gate (<= 0); v (B, H, L, dv);
+        initial_state (B, H, dk, dv) or None (zeros); scale None means dk ** -0.5.
+
+    Returns:
+        (o, final_state): o (B, H, L, dv) in q's dtype; final_state (B, H, dk, dv) in fp32 (fp64 for fp64 inputs)
+        when return_final_state, else None.
+    """
+    if impl != "ref":
+        raise InputError(f"gla_ref always runs impl='ref', got impl={impl!r}; call gla(..., impl=...) to choose")
+    check_gla("gla_ref", q, k, v, g, initial_state, ("B", "H", "L"))
+    check_scale("gla_ref", scale)
+    dtype = torch.promote_types(q.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
+    q_c, k, v, g = (t.to(dtype) for t in (q, k, v, g))
+    dk = q.shape[-1]
+    q_c = q_c * (dk ** -0.5 if scale is None else float(scale))
+
+    Bn, H, L, _ = q.shape
+    if initial_state is None:
+        S = torch.zeros(Bn, H, dk, v.shape[-1], dtype=dtype, device=q.device)
+    else:
+        S = initial_state.to(dtype)
+    os = []
+    for q_t, k_t, v_t, g_t in zip(q_c.unbind(2), k.unbind(2), v.unbind(2), g.unbind(2)):
+        # decay row i of S by exp(g_t[i]), then add the outer product k_t^T v_t
+        S = torch.exp(g_t)[..., :, None] * S + k_t[..., :, None] * v_t[..., None, :]  # (B, H, dk, dv)
+        os.append((q_t[..., :, None] * S).sum(-2))  # (B, H, dv): the row vector q_t S_t
+    return torch.stack(os, dim=2).to(q.dtype), (S if return_final_state else None)
