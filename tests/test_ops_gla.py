@@ -1,5 +1,8 @@
-"""gla: chunked vs the reference loop (outputs, final state, every gradient), carried states, the step function,
-bf16, strong decay, and bad input."""
+"""gla: the chunked scan and the step against the naive twin (ops/naive.py, which shares no helper with them:
+outputs, final state, every gradient), the naive twin against the equation in plain Python floats, carried states,
+bf16, strong decay, tracing, and bad input."""
+
+import math
 
 import pytest
 import torch
@@ -8,7 +11,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from seqlab.errors import InputError
-from seqlab.ops import gla, gla_ref, gla_step
+from seqlab.ops import gla, gla_ref, gla_step, gla_update
 
 
 def make_inputs(B, H, L, dk, dv, seed, *, init=True, strong=False, dtype=torch.float32):
@@ -28,9 +31,13 @@ def make_inputs(B, H, L, dk, dv, seed, *, init=True, strong=False, dtype=torch.f
 
 
 def run(x, impl, chunk_size=64, scale=None, seed=1):
-    """o, final state and the gradient of every input for a fixed random cotangent."""
+    """o, final state and the gradient of every input for a fixed random cotangent. impl "ref" calls the naive twin
+    itself, "chunked" the fast scan."""
     x = {k: v.detach().clone().requires_grad_() for k, v in x.items()}
-    o, s = gla(**x, return_final_state=True, impl=impl, chunk_size=chunk_size, scale=scale)
+    if impl == "ref":
+        o, s = gla_ref(**x, return_final_state=True, scale=scale)
+    else:
+        o, s = gla(**x, return_final_state=True, chunk_size=chunk_size, scale=scale)
     gen = torch.Generator().manual_seed(seed)
     go = torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.dtype)
     gs = torch.randn(s.shape, generator=gen, dtype=torch.float64).to(s.dtype)
@@ -66,6 +73,68 @@ def test_chunked_matches_ref_fp32(B, H, L, dk, dv, chunk, init, seed):
     got = run(x, "chunked", chunk_size=chunk)
     assert got[0].dtype == torch.float32 and got[1].dtype == torch.float32
     assert_matches(got, want, 1e-4)
+
+
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(B=st.integers(1, 2), H=st.integers(1, 2), L=st.integers(1, 40), dk=st.integers(1, 4), dv=st.integers(1, 3),
+       chunk=st.sampled_from([1, 3, 4, 8, 16]), init=st.booleans(), strong=st.booleans(),
+       scale=st.sampled_from([None, 0.3]), seed=st.integers(0, 2**16))
+@example(B=1, H=2, L=1, dk=3, dv=2, chunk=16, init=True, strong=False, scale=None, seed=0)  # length 1
+@example(B=2, H=1, L=37, dk=4, dv=3, chunk=16, init=True, strong=False, scale=None, seed=1)  # 37 = 2 * 16 + 5
+@example(B=1, H=2, L=29, dk=3, dv=2, chunk=8, init=True, strong=True, scale=None, seed=2)  # strong decay
+@example(B=1, H=1, L=6, dk=2, dv=2, chunk=4, init=False, strong=False, scale=0.3, seed=3)  # scale given
+def test_chunked_matches_the_naive_twin_fp64(B, H, L, dk, dv, chunk, init, strong, scale, seed):
+    """In fp64 the two forms differ only by rounding, so a tight tolerance sees any difference in the math: the
+    decays, the scale, the initial state, and every gradient."""
+    x = make_inputs(B, H, L, dk, dv, seed, init=init, strong=strong, dtype=torch.float64)
+    got, want = run(x, "chunked", chunk_size=chunk, scale=scale), run(x, "ref", scale=scale)
+    assert got[0].dtype == torch.float64 and got[1].dtype == torch.float64
+    assert set(got[2]) == set(x)
+    assert_matches(got, want, 1e-10)
+
+
+def naive_by_hand(x, scale):
+    """The equation in plain Python floats (math.exp, nested loops over batch, head, time and the state matrix)."""
+    v = {n: t.tolist() for n, t in x.items()}
+    B, H, L, dk = x["q"].shape
+    dv = x["v"].shape[-1]
+    o = [[[[0.0] * dv for _ in range(L)] for _ in range(H)] for _ in range(B)]
+    S = [[[list(row) for row in v["initial_state"][b][h]] for h in range(H)] for b in range(B)]
+    for b in range(B):
+        for h in range(H):
+            for t in range(L):
+                for i in range(dk):
+                    for j in range(dv):
+                        S[b][h][i][j] = (math.exp(v["g"][b][h][t][i]) * S[b][h][i][j]
+                                         + v["k"][b][h][t][i] * v["v"][b][h][t][j])
+                for j in range(dv):
+                    o[b][h][t][j] = sum(v["q"][b][h][t][i] * scale * S[b][h][i][j] for i in range(dk))
+    return torch.tensor(o, dtype=torch.float64), torch.tensor(S, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("scale", [None, 0.3])
+def test_naive_twin_follows_the_equation(scale):
+    """The twin itself, and gla(impl="ref") (which must run it), against a third form that shares nothing with
+    either: what catches a mistake the fast path and the naive twin would make alike."""
+    x = make_inputs(2, 2, 5, 3, 2, seed=16, dtype=torch.float64)
+    o0, s0 = naive_by_hand(x, 3 ** -0.5 if scale is None else scale)
+    for f in (gla_ref, lambda **kw: gla(**kw, impl="ref")):
+        o, s = f(**x, return_final_state=True, scale=scale)
+        assert rel_err(o, o0) <= 1e-12 and rel_err(s, s0) <= 1e-12
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")
+def test_naive_twin_is_traceable():
+    """ONNX export traces impl="ref" (unrolled over T): a trace must replay on new values of the same shapes."""
+    x, x2 = make_inputs(2, 2, 6, 3, 2, seed=17), make_inputs(2, 2, 6, 3, 2, seed=18)
+    names = list(x)
+
+    def f(*t):
+        return gla(**dict(zip(names, t)), return_final_state=True, impl="ref")
+
+    traced = torch.jit.trace(f, tuple(x[n] for n in names))
+    for got, want in zip(traced(*(x2[n] for n in names)), f(*(x2[n] for n in names))):
+        assert torch.equal(got, want)
 
 
 def test_gradcheck_float64():
@@ -135,12 +204,33 @@ def step_args(x, t):
     return {n: x[n][:, :, t] for n in ("q", "k", "v", "g")}
 
 
-def test_step_equals_scan_of_length_one():
-    x = make_inputs(2, 3, 1, 4, 5, seed=9)
-    o, s = gla_ref(**x, return_final_state=True)
-    o1, s1 = gla_step(**step_args(x, 0), state=x["initial_state"])
-    assert o1.shape == (2, 3, 5) and s1.dtype == torch.float32
-    assert torch.allclose(o1, o[:, :, 0], atol=1e-6) and torch.allclose(s1, s, atol=1e-6)
+def test_step_equals_naive_scan_of_length_one():
+    """The step (its own scale and `_step`) against the naive twin at L = 1, in fp64: output, new state and every
+    gradient."""
+    x = make_inputs(2, 3, 1, 4, 5, seed=9, dtype=torch.float64)
+    want = run(x, "ref", scale=0.7)
+    xs = {k: v.detach().clone().requires_grad_() for k, v in x.items()}
+    o1, s1 = gla_step(**step_args(xs, 0), state=xs["initial_state"], scale=0.7)
+    assert o1.shape == (2, 3, 5) and s1.dtype == torch.float64
+    gen = torch.Generator().manual_seed(1)  # the cotangents `run` uses
+    go = torch.randn(o1.shape, generator=gen, dtype=torch.float64)
+    gs = torch.randn(s1.shape, generator=gen, dtype=torch.float64)
+    grads = torch.autograd.grad((o1 * go).sum() + (s1 * gs).sum(), list(xs.values()))
+    assert_matches((o1[:, :, None].detach(), s1.detach(), dict(zip(xs, grads))), want, 1e-12)
+    o2, _ = gla_step(**step_args(x, 0), state=x["initial_state"])  # the default scale, dk ** -0.5
+    assert rel_err(o2, gla_ref(**x)[0][:, :, 0]) <= 1e-12
+
+
+def test_update_equals_naive_scan():
+    """The lean update (q already scaled, no checks, no casts), iterated, against the naive twin."""
+    x = make_inputs(2, 2, 6, 4, 3, seed=19, dtype=torch.float64)
+    o0, s0 = gla_ref(**x, return_final_state=True)
+    state, os_ = x["initial_state"], []
+    for t in range(6):
+        a = step_args(x, t)
+        o_t, state = gla_update(state, a["q"] * 4 ** -0.5, a["k"], a["v"], a["g"])
+        os_.append(o_t)
+    assert rel_err(torch.stack(os_, 2), o0) <= 1e-12 and rel_err(state, s0) <= 1e-12
 
 
 def test_iterating_the_step_equals_the_scan():

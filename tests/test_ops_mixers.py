@@ -1,5 +1,6 @@
-"""The mamba and gla mixers built on the scan ops: published init, the O(1) step path, chunked prefill from a
-carried state (values and gradients), the output gate and per-head norm, fp32 states under bf16 weights."""
+"""The mamba and gla mixers built on the scan ops: published init, impl="ref" (the naive twins) against the chunked
+scans, the O(1) step path, chunked prefill from a carried state (values and gradients), the output gate and per-head
+norm, fp32 states under bf16 weights."""
 
 import math
 
@@ -29,6 +30,27 @@ def test_mamba_published_init():
     below = (dt < math.sqrt(0.002 * 0.05)).float().mean()
     assert 0.3 < below < 0.7 and dt.min() < 0.004 and dt.max() > 0.025
     assert m.dt_proj.weight.abs().max() <= m.dt_rank ** -0.5
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_impl_ref_model_matches_the_chunked_model(mixer):
+    """A model configured with impl="ref" runs the naive twins (what ONNX export traces): the same logits, final
+    state and parameter gradients as the chunked scans, from a carried state too (fp64, so only rounding differs)."""
+    cfg = {"chunk_size": 8} if mixer == "mamba" else {"n_heads": 2, "chunk_size": 8}
+    models = [tiny(mixer, **{mixer: {**cfg, "impl": impl}}).double() for impl in ("chunked", "ref")]
+    tokens = torch.randint(0, 37, (2, 21), generator=torch.Generator().manual_seed(5))
+    results = []
+    for model in models:
+        _, state = model(tokens[:, :4])  # a carried state, so the scans start from a nonzero one
+        logits, state = model(tokens[:, 4:], state)
+        logits.square().mean().backward()
+        results.append((logits, state, {n: p.grad for n, p in model.named_parameters()}))
+    (fast, fast_state, fast_grads), (ref, ref_state, ref_grads) = results
+    assert models[1].blocks[0].mixer.cfg.impl == "ref"
+    torch.testing.assert_close(fast, ref, atol=1e-10, rtol=1e-10)
+    assert_states_close(fast_state, ref_state, atol=1e-10)
+    for n, g in ref_grads.items():
+        torch.testing.assert_close(fast_grads[n], g, atol=1e-10, rtol=1e-8, msg=n)
 
 
 @pytest.mark.parametrize("mixer", MIXERS)

@@ -1,7 +1,9 @@
-"""selective_scan: chunked vs the reference loop (outputs, final state, every gradient), carried states, the step
-function, bf16, strong decay, and bad input."""
+"""selective_scan: the chunked scan and the step against the naive twin (ops/naive.py, which shares no helper with
+them: outputs, final state, every gradient), the naive twin against the equation in plain Python floats, carried
+states, bf16, strong decay, tracing, and bad input."""
 
 import importlib
+import math
 
 import pytest
 import torch
@@ -9,7 +11,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from seqlab.errors import InputError
-from seqlab.ops import selective_scan, selective_scan_ref, selective_scan_step
+from seqlab.ops import selective_scan, selective_scan_ref, selective_scan_step, selective_scan_update
 
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
 
@@ -34,9 +36,13 @@ def make_inputs(b, d, N, L, seed, *, optional=True, strong=False, dtype=torch.fl
 
 
 def run(x, impl, softplus=True, chunk_size=64, seed=1):
-    """y, final state and the gradient of every input for a fixed random cotangent."""
+    """y, final state and the gradient of every input for a fixed random cotangent. impl "ref" calls the naive twin
+    itself, "chunked" the fast scan."""
     x = {k: v.detach().clone().requires_grad_() for k, v in x.items()}
-    y, s = selective_scan(**x, delta_softplus=softplus, return_final_state=True, impl=impl, chunk_size=chunk_size)
+    if impl == "ref":
+        y, s = selective_scan_ref(**x, delta_softplus=softplus, return_final_state=True)
+    else:
+        y, s = selective_scan(**x, delta_softplus=softplus, return_final_state=True, chunk_size=chunk_size)
     gen = torch.Generator().manual_seed(seed)
     gy = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(y.dtype)
     gs = torch.randn(s.shape, generator=gen, dtype=torch.float64).to(s.dtype)
@@ -76,6 +82,66 @@ def test_chunked_matches_ref_fp32(b, d, N, L, chunk, optional, softplus, seed):
     got = run(x, "chunked", softplus, chunk_size=chunk)
     assert got[0].dtype == torch.float32 and got[1].dtype == torch.float32
     assert_matches(got, want, 1e-4)
+
+
+OPTIONAL = ("D", "z", "delta_bias", "initial_state")
+
+
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(b=st.integers(1, 2), d=st.integers(1, 3), N=st.integers(1, 3), L=st.integers(1, 30),
+       chunk=st.sampled_from([1, 3, 4, 8, 64]), present=st.sets(st.sampled_from(OPTIONAL)), softplus=st.booleans(),
+       strong=st.booleans(), seed=st.integers(0, 2**16))
+@example(b=1, d=2, N=3, L=1, chunk=64, present=set(OPTIONAL), softplus=True, strong=False, seed=0)  # length 1
+@example(b=2, d=3, N=2, L=19, chunk=8, present=set(OPTIONAL), softplus=True, strong=False, seed=1)  # 19 = 2 * 8 + 3
+@example(b=2, d=2, N=3, L=23, chunk=4, present=set(OPTIONAL), softplus=True, strong=True, seed=2)  # strong decay
+@example(b=1, d=2, N=2, L=9, chunk=4, present={"delta_bias"}, softplus=False, strong=False, seed=3)  # bias alone
+def test_chunked_matches_the_naive_twin_fp64(b, d, N, L, chunk, present, softplus, strong, seed):
+    """In fp64 the two forms differ only by rounding, so a tight tolerance sees any difference in the math: the
+    discretization (bias, softplus), the skip, the gate, the initial state, and every gradient."""
+    x = make_inputs(b, d, N, L, seed, strong=strong, dtype=torch.float64)
+    x = {k: v for k, v in x.items() if k not in OPTIONAL or k in present}
+    if not softplus:  # a step size must be positive when it is used as given
+        x["delta"] = x["delta"].abs() + 0.01
+    got, want = run(x, "chunked", softplus, chunk_size=chunk), run(x, "ref", softplus)
+    assert got[0].dtype == torch.float64 and got[1].dtype == torch.float64
+    assert set(got[2]) == set(x)
+    assert_matches(got, want, 1e-10)
+
+
+def naive_by_hand(x, softplus):
+    """The equation in plain Python floats (math.exp, nested loops over batch, channel, state and time)."""
+    v = {k: t.tolist() for k, t in x.items()}
+    b, d, L = x["u"].shape
+    N = x["A"].shape[1]
+    y = [[[0.0] * L for _ in range(d)] for _ in range(b)]
+    state = [[list(v["initial_state"][i][c]) for c in range(d)] for i in range(b)]
+    for i in range(b):
+        for c in range(d):
+            for l in range(L):
+                dt = v["delta"][i][c][l] + v["delta_bias"][c]
+                if softplus:
+                    dt = math.log1p(math.exp(dt))
+                acc = 0.0
+                for n in range(N):
+                    h = math.exp(dt * v["A"][c][n]) * state[i][c][n] + dt * v["B"][i][n][l] * v["u"][i][c][l]
+                    state[i][c][n] = h
+                    acc += h * v["C"][i][n][l]
+                zz = v["z"][i][c][l]
+                y[i][c][l] = (acc + v["D"][c] * v["u"][i][c][l]) * zz / (1 + math.exp(-zz))
+    return torch.tensor(y, dtype=torch.float64), torch.tensor(state, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("softplus", [True, False])
+def test_naive_twin_follows_the_equation(softplus):
+    """The twin itself, and selective_scan(impl="ref") (which must run it), against a third form that shares
+    nothing with either: what catches a mistake the fast path and the naive twin would make alike."""
+    x = make_inputs(2, 2, 3, 5, seed=16, dtype=torch.float64)
+    if not softplus:
+        x["delta"] = x["delta"].abs() + 0.01
+    y0, s0 = naive_by_hand(x, softplus)
+    for f in (selective_scan_ref, lambda **kw: selective_scan(**kw, impl="ref")):
+        y, s = f(**x, delta_softplus=softplus, return_final_state=True)
+        assert rel_err(y, y0) <= 1e-12 and rel_err(s, s0) <= 1e-12
 
 
 def test_gradcheck_float64():
@@ -124,11 +190,18 @@ def test_returns_a_tuple_always():
         assert out[1].shape == (1, 2, 2)
 
 
-def test_ref_twin_is_the_ref_impl():
-    x = make_inputs(2, 3, 2, 9, seed=6)
-    y0, s0 = selective_scan(**x, delta_softplus=True, return_final_state=True, impl="ref")
-    y1, s1 = selective_scan_ref(**x, delta_softplus=True, return_final_state=True)
-    assert torch.equal(y0, y1) and torch.equal(s0, s1)
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")
+def test_naive_twin_is_traceable():
+    """ONNX export traces impl="ref" (unrolled over T): a trace must replay on new values of the same shapes."""
+    x, x2 = make_inputs(2, 3, 2, 6, seed=6), make_inputs(2, 3, 2, 6, seed=17)
+    names = list(x)
+
+    def f(*t):
+        return selective_scan(**dict(zip(names, t)), delta_softplus=True, return_final_state=True, impl="ref")
+
+    traced = torch.jit.trace(f, tuple(x[n] for n in names))
+    for got, want in zip(traced(*(x2[n] for n in names)), f(*(x2[n] for n in names))):
+        assert torch.equal(got, want)
 
 
 def test_bf16_inputs_fp32_state():
@@ -165,12 +238,32 @@ def step_args(x, l):
                 D=x["D"], z=x["z"][..., l], delta_bias=x["delta_bias"])
 
 
-def test_step_equals_scan_of_length_one():
-    x = make_inputs(2, 3, 4, 1, seed=9)
-    y, s = selective_scan_ref(**x, delta_softplus=True, return_final_state=True)
-    y1, s1 = selective_scan_step(**step_args(x, 0), state=x["initial_state"], delta_softplus=True)
-    assert y1.shape == (2, 3) and s1.dtype == torch.float32
-    assert torch.allclose(y1, y[..., 0], atol=1e-6) and torch.allclose(s1, s, atol=1e-6)
+def test_step_equals_naive_scan_of_length_one():
+    """The step (its own discretization, skip, gate and `_step`) against the naive twin at L = 1, in fp64: output,
+    new state and every gradient."""
+    x = make_inputs(2, 3, 4, 1, seed=9, dtype=torch.float64)
+    want = run(x, "ref")
+    xs = {k: v.detach().clone().requires_grad_() for k, v in x.items()}
+    y1, s1 = selective_scan_step(**step_args(xs, 0), state=xs["initial_state"], delta_softplus=True)
+    assert y1.shape == (2, 3) and s1.dtype == torch.float64
+    gen = torch.Generator().manual_seed(1)  # the cotangents `run` uses
+    gy = torch.randn(y1.shape, generator=gen, dtype=torch.float64)
+    gs = torch.randn(s1.shape, generator=gen, dtype=torch.float64)
+    grads = torch.autograd.grad((y1 * gy).sum() + (s1 * gs).sum(), list(xs.values()))
+    assert_matches((y1[..., None].detach(), s1.detach(), dict(zip(xs, grads))), want, 1e-12)
+
+
+def test_update_equals_naive_scan():
+    """The lean update (delta already discretized, no checks, no casts), iterated, against the naive twin."""
+    x = make_inputs(2, 3, 4, 6, seed=18, dtype=torch.float64)
+    y0, s0 = selective_scan_ref(**x, delta_softplus=True, return_final_state=True)
+    delta = torch.nn.functional.softplus(x["delta"] + x["delta_bias"][:, None])
+    state, ys = x["initial_state"], []
+    for l in range(6):
+        y_l, state = selective_scan_update(state, x["u"][..., l], delta[..., l], x["A"], x["B"][..., l],
+                                           x["C"][..., l], x["D"], x["z"][..., l])
+        ys.append(y_l)
+    assert rel_err(torch.stack(ys, -1), y0) <= 1e-12 and rel_err(state, s0) <= 1e-12
 
 
 def test_iterating_the_step_equals_the_scan():
