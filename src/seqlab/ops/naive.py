@@ -48,7 +48,7 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     if delta_softplus:
         delta = F.softplus(delta)
 
-    batch, d_inner, L = u.shape
+    batch, d_inner, _ = u.shape
     if initial_state is None:
         x = torch.zeros(batch, d_inner, A.shape[1], dtype=dtype, device=u.device)
     else:
@@ -88,17 +88,16 @@ def gla_ref(q, k, v, g, initial_state=None, return_final_state=False, impl="ref"
     check_scale("gla_ref", scale)
     dtype = torch.promote_types(q.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
     q_c, k, v, g = (t.to(dtype) for t in (q, k, v, g))
-    dk = q.shape[-1]
+    Bn, H, _, dk = q.shape
     q_c = q_c * (dk ** -0.5 if scale is None else float(scale))
 
-    Bn, H, L, _ = q.shape
     if initial_state is None:
         S = torch.zeros(Bn, H, dk, v.shape[-1], dtype=dtype, device=q.device)
     else:
         S = initial_state.to(dtype)
-    os = []
+    outs = []
     for q_t, k_t, v_t, g_t in zip(q_c.unbind(2), k.unbind(2), v.unbind(2), g.unbind(2)):
         # decay row i of S by exp(g_t[i]), then add the outer product k_t^T v_t
         S = torch.exp(g_t)[..., :, None] * S + k_t[..., :, None] * v_t[..., None, :]  # (B, H, dk, dv)
-        os.append((q_t[..., :, None] * S).sum(-2))  # (B, H, dv): the row vector q_t S_t
-    return torch.stack(os, dim=2).to(q.dtype), (S if return_final_state else None)
+        outs.append((q_t[..., :, None] * S).sum(-2))  # (B, H, dv): the row vector q_t S_t
+    return torch.stack(outs, dim=2).to(q.dtype), (S if return_final_state else None)
