@@ -7,12 +7,15 @@ import json
 import re
 import shutil
 import subprocess
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from seqlab.cli import main
+from seqlab.document import to_html
 from seqlab.lab import LabConfig, load_preset
+from seqlab.lab.report import lab_document
 from seqlab.lab.sections import SECTIONS
 
 TINY_TRAIN = {"steps": 2, "batch_size": 4, "warmup_steps": 1, "log_every": 1, "eval_batches": 1}
@@ -122,38 +125,29 @@ def test_smoke_run_writes_every_report_file_and_section(lab_run):
 
 
 def numbers(text: str) -> list[str]:
-    return re.findall(r"(?<![\w.])-?\d[\d,]*(?:\.\d+)?", text)
+    return re.findall(r"(?<![\w.])-?\d(?:[\d,]*\d)?(?:\.\d+)?", text)  # 1,234.5 whole; no trailing comma
 
 
-def test_every_number_in_the_html_tables_comes_from_results_json(lab_run):
+def test_every_number_in_the_report_is_one_results_json_field_formatted(lab_run, tmp_path):
+    """The renderer records, for each value it formats, the results.json field it read and the text it printed,
+    section by section: each record must reproduce from the plain JSON, and every number a section prints (its
+    paragraphs, table cells and captions) must be one of its own records (a number computed from two fields, or
+    written into the code, is not)."""
     results = json.loads((lab_run / "results.json").read_text())
-    values: list[float] = []
-
-    def collect(x):
-        if isinstance(x, bool):
-            return
-        if isinstance(x, (int, float)):
-            values.append(float(x))
-        elif isinstance(x, dict):
-            for v in x.values():
-                collect(v)
-        elif isinstance(x, list):
-            for v in x:
-                collect(v)
-        elif isinstance(x, str):
-            values.extend(float(n.replace(",", "")) for n in numbers(x))
-
-    collect(results)
-    html = (lab_run / "report.html").read_text()
-    cells = re.findall(r"<td>(.*?)</td>", html)
-    texts = re.findall(r"<(?:p|figcaption)[^>]*>(.*?)</(?:p|figcaption)>", html)
-    assert cells and len(texts) > 10
-    derived = values + [v * k for v in values for k in (100, 1000)] + [v / 1024 ** k for v in values for k in (1, 2, 3)]
-    for cell in cells + texts:
-        for n in numbers(cell):
-            x = float(n.replace(",", ""))
-            decimals = len(n.split(".")[1]) if "." in n else 0
-            assert any(abs(round(v, decimals) - x) <= 10 ** -decimals for v in derived), (cell, n)
+    doc = lab_document(results, tmp_path)
+    assert to_html(doc, tmp_path) == (lab_run / "report.html").read_text()  # the document is the report
+    checked = 0
+    for texts, sources in [([doc.note], doc.sources)] + [(s.texts(), s.sources) for s in doc.sections]:
+        for source in sources:
+            assert source.expected(results) == source.text, source
+        printed = Counter(n for source in sources for n in numbers(source.text))
+        shown = Counter(n for text in texts for n in numbers(text))
+        assert not shown - printed, (texts[0][:60], shown - printed)  # each number shown is a distinct record
+        checked += sum(shown.values())
+    assert checked > 200
+    fields = {source.path for s in doc.sections for source in s.sources}
+    assert ("sections", "inference", "cells", 0, "points", 1, "decode_latency_s") in fields  # scaled to ms
+    assert ("sections", "quality", "cells", 0, "test", "accuracy") in fields
 
 
 def test_html_is_self_contained(lab_run):
@@ -193,16 +187,15 @@ def test_resume_skips_finished_cells_and_retries_failed_ones(lab_run, tmp_path, 
 
 
 def test_a_failing_cell_is_recorded_and_the_rest_goes_on(tmp_path, capsys, monkeypatch):
-    import seqlab.train
-
-    real = seqlab.train.fit
+    quality = SECTIONS["quality"]
+    real = quality.fit
 
     def flaky(model, task, cfg, **kw):
         if kw.get("desc") == "mqar/gru":
             raise RuntimeError("injected failure")
         return real(model, task, cfg, **kw)
 
-    monkeypatch.setattr(seqlab.train, "fit", flaky)
+    monkeypatch.setattr(quality, "fit", flaky)
     cfg = {**TINY_LAB, "sections": ["quality"],
            "quality": {**TINY_LAB["quality"], "tasks": TINY_LAB["quality"]["tasks"][:1], "mixers": ["gru", "conv"]}}
     assert main(["lab", "--config", str(write_config(tmp_path, cfg)), "--out", str(tmp_path / "r"),

@@ -18,10 +18,16 @@ from typing import Any
 
 import matplotlib.pyplot as plt
 
+from seqlab.checkpoint import load, save
 from seqlab.config import TrainConfig, _check_types, _Section, layer_plan
+from seqlab.data import make_task
+from seqlab.distill import DistillConfig, distill_and_compare
+from seqlab.document import Section, save_figure
 from seqlab.errors import InputError
-from seqlab.lab import report
+from seqlab.lab.cell import Cell, run_dir
 from seqlab.lab.sections.quality import check_entry, split_task, task_label
+from seqlab.models import build_model
+from seqlab.train import evaluate, fit
 
 TITLE = "Distillation"
 
@@ -53,21 +59,15 @@ class Config(_Section):
         self.distill_config()  # a bad loss setting is an error now, not after training the teacher
 
     def distill_config(self, seed: int = 0):
-        from seqlab.distill import DistillConfig
-
         return DistillConfig.from_dict({**self.distill, "train": self.train.replace(seed=seed).to_dict()})
 
 
 def plan(cfg: Config, lab: Any) -> list:
-    from seqlab.lab.sections import Cell
-
     return [Cell("teacher", {"task": cfg.task, "model": cfg.teacher})] + [
         Cell(f"student-{m}", {"task": cfg.task, "student": m}) for m in cfg.students]
 
 
 def _tasks(cfg: Config):
-    from seqlab.data import make_task
-
     train_params, eval_params = split_task(cfg.task)
     return make_task(cfg.task["name"], **train_params), make_task(cfg.task["name"], **eval_params)
 
@@ -83,12 +83,6 @@ def student_config(cfg: Config, teacher_cfg: Any, mixer: str) -> dict:
 
 
 def run(cell: Any, cfg: Config, lab: Any, cell_dir: Path, progress: bool) -> dict[str, Any]:
-    from seqlab.checkpoint import load, save
-    from seqlab.distill import distill_and_compare
-    from seqlab.lab.sections import run_dir
-    from seqlab.models import build_model
-    from seqlab.train import evaluate, fit
-
     task, eval_task = _tasks(cfg)
     if cell.id == "teacher":
         model = build_model({"vocab_size": task.vocab_size, **cfg.teacher}, seed=lab.seed)
@@ -122,8 +116,8 @@ def run(cell: Any, cfg: Config, lab: Any, cell_dir: Path, progress: bool) -> dic
     return {"student": mixer, **rep, "gain": gain}
 
 
-def render(results: dict[str, Any], out: Path) -> report.Section:
-    sec = report.Section(TITLE)
+def render(results: dict[str, Any], out: Path) -> Section:
+    sec = Section(TITLE)
     cfg = results["config"]
     cells = results["cells"]
     teacher = next((c for c in cells if c["cell"] == "teacher" and "error" not in c), None)
@@ -134,7 +128,7 @@ def render(results: dict[str, Any], out: Path) -> report.Section:
               f"{task_label(cfg['task'])}. Each student has the teacher's width and depth with its mixers replaced, "
               f"takes the teacher's weights where shapes allow, and is distilled for {cfg['train']['steps']} steps "
               f"(temperature {cfg['distill'].get('temperature', 2.0):g}); its from-scratch twin trains the same "
-              f"steps on the data. Decode cost after {cfg['context']:,} tokens, batch 1.")
+              f"steps on the data. Decode cost after {cfg['context']:,} tokens, for one sequence.")
     if students:
         metric = students[0]["metric"]
         label = "bits per byte" if metric == "bits_per_byte" else "accuracy"
@@ -190,9 +184,7 @@ def _plot(students: list[dict], metric: str, label: str, path: Path) -> None:
     ax1.invert_yaxis()
     ax2.set(xlabel="step", ylabel="loss (distilled: KL + CE; scratch: CE)")
     ax2.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def highlight(results: dict[str, Any]) -> str | None:

@@ -13,6 +13,7 @@ reported as growth over the baseline.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,8 +21,10 @@ from typing import Any
 import matplotlib.pyplot as plt
 
 from seqlab.config import _check_types, _positive, _Section
+from seqlab.document import Section, fmt_bytes, save_figure
 from seqlab.errors import InputError
-from seqlab.lab import report
+from seqlab.infer.profile import ProfileConfig, crossovers, run_profile
+from seqlab.lab.cell import Cell, error_rows
 from seqlab.lab.sections.quality import check_entry
 
 TITLE = "Inference"
@@ -57,14 +60,10 @@ class Config(_Section):
 
 
 def plan(cfg: Config, lab: Any) -> list:
-    from seqlab.lab.sections import Cell
-
     return [Cell(m, {"mixer": m}) for m in cfg.mixers]
 
 
 def profile_config(cfg: Config, mixer: str, lab: Any):
-    from seqlab.infer.profile import ProfileConfig
-
     return ProfileConfig(mixers=(mixer,), contexts=tuple(sorted(cfg.contexts)), n_layers=cfg.n_layers,
                          vocab_size=256, params=cfg.params, model=dict(cfg.model), batch=cfg.batch, chunk=cfg.chunk,
                          decode_steps=cfg.decode_steps, warmup=cfg.warmup, repeats=cfg.repeats,
@@ -72,10 +71,6 @@ def profile_config(cfg: Config, mixer: str, lab: Any):
 
 
 def run(cell: Any, cfg: Config, lab: Any, cell_dir: Path, progress: bool) -> dict[str, Any]:
-    import json
-
-    from seqlab.infer.profile import run_profile
-
     prof = run_profile(profile_config(cfg, cell.spec["mixer"], lab))
     model = prof["models"][0]
     (cell_dir / "model_config.json").write_text(json.dumps(model["config"], indent=2) + "\n")
@@ -93,8 +88,6 @@ def run(cell: Any, cfg: Config, lab: Any, cell_dir: Path, progress: bool) -> dic
 
 def summarize(cells: list[dict], cfg: Config) -> dict[str, Any]:
     """Crossovers against attention, and the ratios at the largest context that the report quotes."""
-    from seqlab.infer.profile import crossovers
-
     points = [p for c in cells if "error" not in c for p in c["points"] if "error" not in p]
     out: dict[str, Any] = {"crossover": crossovers(points)}
     if points:
@@ -112,8 +105,8 @@ def summarize(cells: list[dict], cfg: Config) -> dict[str, Any]:
     return out
 
 
-def render(results: dict[str, Any], out: Path) -> report.Section:
-    sec = report.Section(TITLE)
+def render(results: dict[str, Any], out: Path) -> Section:
+    sec = Section(TITLE)
     cfg = results["config"]
     ok = [c for c in results["cells"] if "error" not in c]
     method = ok[0]["memory_method"] if ok else "?"
@@ -135,9 +128,9 @@ def render(results: dict[str, Any], out: Path) -> report.Section:
                 continue
             formula = "-" if p["state_bytes_formula"] is None else f"{p['state_bytes_formula']:,}"
             rows.append([c["mixer"], f"{c['params']:,}", str(p["context"]), f"{p['state_bytes']:,}", formula,
-                         report.fmt_bytes(p["peak_growth_bytes"]), f"{p['prefill_tokens_per_s']:,.0f}",
+                         fmt_bytes(p["peak_growth_bytes"]), f"{p['prefill_tokens_per_s']:,.0f}",
                          f"{1000 * p['decode_latency_s']:.3f}"])
-    sec.table(headers, rows + report.error_rows(results["cells"], len(headers)))
+    sec.table(headers, rows + error_rows(results["cells"], len(headers)))
     summary = results.get("summary") or {}
     if summary.get("crossover"):
         sec.p("Crossover: the context beyond which a mixer decodes faster than attention, interpolated on the "
@@ -164,8 +157,8 @@ def render(results: dict[str, Any], out: Path) -> report.Section:
             big = max(at, key=lambda m: at[m]["state_bytes"])
             small = min(at, key=lambda m: at[m]["state_bytes"])
             caption = (f"State bytes (log), peak memory growth and decode latency (log) against context; at "
-                       f"{largest:,} tokens {big} holds the largest state ({report.fmt_bytes(at[big]['state_bytes'])}) "
-                       f"and {small} the smallest ({report.fmt_bytes(at[small]['state_bytes'])}), and {fast} "
+                       f"{largest:,} tokens {big} holds the largest state ({fmt_bytes(at[big]['state_bytes'])}) "
+                       f"and {small} the smallest ({fmt_bytes(at[small]['state_bytes'])}), and {fast} "
                        f"decodes fastest ({1000 * at[fast]['decode_latency_s']:.3f} ms per token) while {slow} is "
                        f"slowest ({1000 * at[slow]['decode_latency_s']:.3f} ms).")
         else:
@@ -188,9 +181,7 @@ def _plot(points: list[dict], path: Path) -> None:
         ax.set(yscale=yscale, xlabel="context (tokens)", ylabel=label)
         ax.grid(True, which="both", alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def highlight(results: dict[str, Any]) -> str | None:

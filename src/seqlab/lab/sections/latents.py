@@ -16,9 +16,24 @@ from typing import Any
 
 import torch
 
+from seqlab.analysis.latents import (
+    LABELS,
+    Rules,
+    analyze,
+    capture,
+    fit_pca,
+    plot_classes,
+    plot_distance_to_final,
+    plot_pc_pairs,
+)
+from seqlab.checkpoint import load
 from seqlab.config import _check_types, _positive, _Section
-from seqlab.lab import report
+from seqlab.data import make_task
+from seqlab.document import Section, count
+from seqlab.errors import InputError
+from seqlab.lab.cell import Cell, run_dir
 from seqlab.lab.sections.quality import split_task, task_label
+from seqlab.lab.sections.thinking import checkpoint_of, train_model
 
 TITLE = "Latent trajectories"
 MAX_GREY = 400  # tokens whose distance curves are kept for the grey background of the distance plot
@@ -36,20 +51,14 @@ class Config(_Section):
         _check_types(self, "latents.")
         _positive(self, "latents.", "steps", "rows", "components", "digits")
         if self.steps < 2:
-            from seqlab.errors import InputError
-
             raise InputError(f"config field 'latents.steps' = {self.steps}: the classifier needs at least 2 steps")
         self.classifier_rules()  # a bad threshold is an error now, not after training
 
     def classifier_rules(self):
-        from seqlab.analysis.latents import Rules
-
         return Rules(**(self.rules or {}))
 
 
 def plan(cfg: Config, lab: Any) -> list:
-    from seqlab.lab.sections import Cell
-
     return [Cell("trajectories", {"task": lab.thinking.task, "steps": cfg.steps})]
 
 
@@ -58,16 +67,11 @@ def _round(x: torch.Tensor, digits: int) -> list:
 
 
 def run(cell: Any, cfg: Config, lab: Any, cell_dir: Path, progress: bool) -> dict[str, Any]:
-    from seqlab.analysis.latents import LABELS, analyze, capture, fit_pca
-    from seqlab.checkpoint import load
-    from seqlab.data import make_task
-    from seqlab.lab.sections import run_dir, thinking
-
-    ckpt = thinking.checkpoint_of(run_dir(cell_dir))
+    ckpt = checkpoint_of(run_dir(cell_dir))
     if (ckpt / "model.safetensors").is_file():
         model, source = load(ckpt), "thinking/train"
     else:
-        model = thinking.train_model(lab.thinking, lab.seed, cell_dir / "checkpoint", progress,
+        model = train_model(lab.thinking, lab.seed, cell_dir / "checkpoint", progress,
                                      desc="latents/train")["model"]
         source = "latents/trajectories (trained here: no thinking/train checkpoint in this run)"
     _, eval_params = split_task(lab.thinking.task)
@@ -98,10 +102,8 @@ def run(cell: Any, cfg: Config, lab: Any, cell_dir: Path, progress: bool) -> dic
     }
 
 
-def render(results: dict[str, Any], out: Path) -> report.Section:
-    from seqlab.analysis.latents import plot_classes, plot_distance_to_final, plot_pc_pairs
-
-    sec = report.Section(TITLE)
+def render(results: dict[str, Any], out: Path) -> Section:
+    sec = Section(TITLE)
     for c in results["cells"]:
         if "error" in c:
             sec.table(["cell", "error"], [[c["cell"], f"failed: {c['error']}"]])
@@ -109,7 +111,7 @@ def render(results: dict[str, Any], out: Path) -> report.Section:
         s = c["summary"]
         sec.p(f"The recurrent-depth model from {c['model_source']}, run for {c['steps']} core steps on {c['rows']} "
               f"rows of {c['task']} ({c['positions']} positions each, {s['tokens']} tokens). One PCA over every "
-              f"latent of every step; PC1-PC{len(c['pca']['explained_ratio'])} explain "
+              f"latent of every step; PC1-PC{count(c['pca']['explained_ratio'])} explain "
               f"{c['pca']['explained_total']:.1%} of the variance.")
         headers = ["class", "share", "tokens", "mean loss (nats)"]
         loss_by = s.get("loss_by_class", {})
@@ -128,8 +130,8 @@ def render(results: dict[str, Any], out: Path) -> report.Section:
         plot_pc_pairs(z, names, out / "plots" / "latents-pcs.png", ratio)
         top = max(s["shares"], key=lambda k: s["shares"][k])
         sec.figure("plots/latents-pcs.png",
-                   f"Trajectories of {len(names)} tokens of row 0 in the first principal planes (circle: s_0, star: "
-                   f"s_{c['steps']}); PC1 and PC2 explain {ratio[0]:.1%} and "
+                   f"Trajectories of {count(c['chosen'])} tokens of row 0 in the first principal planes (circle: s_0, "
+                   f"star: s_{c['steps']}); PC1 and PC2 explain {ratio[0]:.1%} and "
                    f"{ratio[1] if len(ratio) > 1 else 0.0:.1%} of the variance.")
         dist = torch.tensor(c["distance"]).reshape(c["distance_shape"])  # (S + 1, grey tokens + chosen tokens)
         n_grey = dist.shape[1] - len(names)

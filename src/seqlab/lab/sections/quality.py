@@ -22,9 +22,11 @@ import matplotlib.pyplot as plt
 from seqlab.checkpoint import save
 from seqlab.config import MIXERS, ModelConfig, TrainConfig, _check_types, _choice, _positive, _Section, layer_plan
 from seqlab.data import make_task
+from seqlab.document import Section, save_figure
 from seqlab.errors import InputError
-from seqlab.lab import report
+from seqlab.lab.cell import Cell, error_rows
 from seqlab.models import build_model, matched_width
+from seqlab.train import evaluate, fit
 
 TITLE = "Quality"
 
@@ -101,14 +103,10 @@ def matched_config(base: dict, entry: str, target: int | None, depth: dict | Non
 
 
 def plan(cfg: Config, lab: Any) -> list:
-    from seqlab.lab.sections import Cell
-
     return [Cell(f"{task_label(t)}/{m}", {"task": t, "mixer": m}) for t in cfg.tasks for m in cfg.mixers]
 
 
 def run(cell: Any, cfg: Config, lab: Any, cell_dir: Path, progress: bool) -> dict[str, Any]:
-    from seqlab.train import evaluate, fit
-
     task_entry, mixer = cell.spec["task"], cell.spec["mixer"]
     train_params, eval_params = split_task(task_entry)
     task = make_task(task_entry["name"], **train_params)
@@ -134,8 +132,8 @@ def headline(task: str, cells: list[dict]) -> tuple[str, str, bool]:
     return "accuracy", "accuracy (test)", True
 
 
-def render(results: dict[str, Any], out: Path) -> report.Section:
-    sec = report.Section(TITLE)
+def render(results: dict[str, Any], out: Path) -> Section:
+    sec = Section(TITLE)
     cfg = results["config"]
     sec.p(f"Every model trained {cfg['train']['steps']} steps of batch {cfg['train']['batch_size']}"
           + (f" at about {cfg['target_params']:,} parameters" if cfg["target_params"] else "")
@@ -161,7 +159,7 @@ def render(results: dict[str, Any], out: Path) -> report.Section:
                 for c in rows_ok]
         sec.p(f"Task {task}: trained at length {rows_ok[0]['train_seq_len'] if rows_ok else '?'}, tested at "
               f"length {rows_ok[0]['test_seq_len'] if rows_ok else '?'}.")
-        sec.table(headers, rows + report.error_rows(failed, len(headers)))
+        sec.table(headers, rows + error_rows(failed, len(headers)))
         if rows_ok:
             best = (max if higher else min)(rows_ok, key=lambda c: c["test"][key])
             worst = (min if higher else max)(rows_ok, key=lambda c: c["test"][key])
@@ -187,9 +185,7 @@ def _plot(task: str, cells: list[dict], key: str, label: str, path: Path) -> Non
     ax2.set_ylabel("training loss")
     ax2.legend(fontsize=7)
     fig.suptitle(task)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def highlight(results: dict[str, Any]) -> str | None:

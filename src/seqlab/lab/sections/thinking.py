@@ -15,10 +15,16 @@ from typing import Any
 
 import matplotlib.pyplot as plt
 
+from seqlab.analysis.thinking import evaluate_steps, scaling_curve
+from seqlab.checkpoint import load, save
 from seqlab.config import TrainConfig, _check_types, _choice, _positive, _Section
+from seqlab.data import make_task
+from seqlab.document import Section, save_figure
 from seqlab.errors import InputError
-from seqlab.lab import report
+from seqlab.lab.cell import Cell, run_dir
 from seqlab.lab.sections.quality import split_task, task_label
+from seqlab.models import build_model
+from seqlab.train import fit
 
 TITLE = "Test-time compute"
 
@@ -51,18 +57,11 @@ class Config(_Section):
 
 
 def plan(cfg: Config, lab: Any) -> list:
-    from seqlab.lab.sections import Cell
-
     return [Cell("train", {"task": cfg.task}), Cell("scaling", {"task": cfg.task, "steps": list(cfg.steps)})]
 
 
 def train_model(cfg: Config, seed: int, folder: Path, progress: bool, desc: str = "thinking/train") -> dict:
     """Train the section's recurrent-depth model on its task and save it to `folder`; returns the fit result."""
-    from seqlab.checkpoint import save
-    from seqlab.data import make_task
-    from seqlab.models import build_model
-    from seqlab.train import fit
-
     train_params, _ = split_task(cfg.task)
     task = make_task(cfg.task["name"], **train_params)
     model = build_model({"vocab_size": task.vocab_size, **cfg.model}, seed=seed)
@@ -77,11 +76,6 @@ def checkpoint_of(run: Path) -> Path:
 
 
 def run(cell: Any, cfg: Config, lab: Any, cell_dir: Path, progress: bool) -> dict[str, Any]:
-    from seqlab.analysis.thinking import evaluate_steps, scaling_curve
-    from seqlab.checkpoint import load
-    from seqlab.data import make_task
-    from seqlab.lab.sections import run_dir
-
     if cell.id == "train":
         result = train_model(cfg, lab.seed, cell_dir / "checkpoint", progress)
         d = result["model"].config.depth
@@ -110,8 +104,8 @@ def run(cell: Any, cfg: Config, lab: Any, cell_dir: Path, progress: bool) -> dic
             "max_steps": r_max}
 
 
-def render(results: dict[str, Any], out: Path) -> report.Section:
-    sec = report.Section(TITLE)
+def render(results: dict[str, Any], out: Path) -> Section:
+    sec = Section(TITLE)
     cells = {c["cell"]: c for c in results["cells"]}
     train, scaling = cells.get("train"), cells.get("scaling")
     failed = [c for c in results["cells"] if "error" in c]
@@ -175,9 +169,7 @@ def _plot(scaling: dict, path: Path) -> None:
     ax2.set(xlabel=f"mean steps used (at most {scaling['max_steps']})", ylabel="accuracy",
             title=f"adaptive exit ({scaling['exit']['criterion']}): thresholds")
     ax2.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def highlight(results: dict[str, Any]) -> str | None:

@@ -12,21 +12,21 @@ be reset, and the growth reads 0 unless the cell exceeds every earlier peak of t
 from __future__ import annotations
 
 import json
-import resource
-import statistics
-import subprocess
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import matplotlib.pyplot as plt
+import torch
 
-from seqlab.config import _check_types, _positive, _Section
+from seqlab.config import TrainConfig, _check_types, _positive, _Section
+from seqlab.document import Section, fmt_bytes, save_figure
 from seqlab.errors import InputError
-from seqlab.lab import report
-from seqlab.lab.sections.quality import check_entry
+from seqlab.lab.cell import Cell, error_rows
+from seqlab.lab.sections.quality import check_entry, matched_config
+from seqlab.measure import Timer, peak_growth, run_fresh, serve
+from seqlab.models import build_model
+from seqlab.train.trainer import make_optimizer
 
 TITLE = "Training cost"
 
@@ -55,8 +55,6 @@ class Config(_Section):
 
 
 def plan(cfg: Config, lab: Any) -> list:
-    from seqlab.lab.sections import Cell
-
     return [Cell(f"{m}/T{T}", {"mixer": m, "seq_len": T}) for m in cfg.mixers for T in cfg.seq_lens]
 
 
@@ -64,57 +62,18 @@ def run(cell: Any, cfg: Config, lab: Any, cell_dir: Path, progress: bool) -> dic
     job = {"mixer": cell.spec["mixer"], "seq_len": cell.spec["seq_len"], "batch_size": cfg.batch_size,
            "steps": cfg.steps, "model": cfg.model, "target_params": cfg.target_params, "seed": lab.seed,
            "depth": cfg.depth, "threads": lab.threads}
-    from seqlab.lab.sections.quality import matched_config
-
     model_cfg = matched_config({"vocab_size": 256, **cfg.model}, job["mixer"], cfg.target_params, cfg.depth)
     (cell_dir / "job.json").write_text(json.dumps({**job, "model_config": model_cfg.to_dict()}, indent=2) + "\n")
     if not cfg.fresh_process:
         return worker(job)
-    proc = subprocess.run([sys.executable, "-m", "seqlab.lab.sections.training", json.dumps(job)],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit status {proc.returncode}"
-        raise RuntimeError(f"training-cost worker failed: {last}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def _status_bytes(key: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024  # kB
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak() -> int | None:
-    """Reset the process's peak RSS to its current RSS (Linux: VmHWM via clear_refs); returns that RSS or None."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return None
-    return _status_bytes("VmRSS")
-
-
-def _peak_rss_bytes() -> int:
-    hwm = _status_bytes("VmHWM")
-    if hwm is not None:
-        return hwm
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB, macOS bytes
+    result = run_fresh(["-m", "seqlab.lab.sections.training"], job)
+    if "error" in result:
+        raise RuntimeError(f"training-cost worker failed: {result['error']}")
+    return result
 
 
 def worker(job: dict[str, Any]) -> dict[str, Any]:
     """Time `steps` training steps (forward, backward, AdamW) of a matched model on random tokens."""
-    import torch
-
-    from seqlab.config import TrainConfig
-    from seqlab.lab.sections.quality import matched_config
-    from seqlab.models import build_model
-    from seqlab.train.trainer import make_optimizer
-
     if job.get("threads"):
         torch.set_num_threads(job["threads"])
     cfg = matched_config({"vocab_size": 256, **job["model"]}, job["mixer"], job["target_params"], job.get("depth"))
@@ -131,21 +90,20 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
         opt.step()
 
     step()  # warm-up: allocator, optimizer state
-    before = _reset_peak() or _peak_rss_bytes()
-    times = []
-    for _ in range(job["steps"]):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    median = statistics.median(times)
+    timer = Timer()
+    with peak_growth() as mem:
+        for _ in range(job["steps"]):
+            with timer:
+                step()
+    median = timer.median_wall
     return {"mixer": job["mixer"], "seq_len": job["seq_len"], "params": model.num_parameters(),
             "d_model": cfg.d_model, "step_seconds_median": median, "repeats": job["steps"],
             "tokens_per_s": job["batch_size"] * job["seq_len"] / median,
-            "peak_rss_bytes": _peak_rss_bytes(), "peak_growth_bytes": max(_peak_rss_bytes() - before, 0)}
+            "peak_rss_bytes": mem["peak"], "peak_growth_bytes": mem["growth"]}
 
 
-def render(results: dict[str, Any], out: Path) -> report.Section:
-    sec = report.Section(TITLE)
+def render(results: dict[str, Any], out: Path) -> Section:
+    sec = Section(TITLE)
     cfg = results["config"]
     ok = [c for c in results["cells"] if "error" not in c]
     where = ("each cell in a fresh process" if cfg.get("fresh_process", True) else
@@ -156,8 +114,8 @@ def render(results: dict[str, Any], out: Path) -> report.Section:
           "during the timed steps.")
     headers = ["mixer", "seq len", "params", "step (ms)", "tokens/s", "peak growth"]
     rows = [[c["mixer"], str(c["seq_len"]), f"{c['params']:,}", f"{1000 * c['step_seconds_median']:.1f}",
-             f"{c['tokens_per_s']:,.0f}", report.fmt_bytes(c["peak_growth_bytes"])] for c in ok]
-    sec.table(headers, rows + report.error_rows(results["cells"], len(headers)))
+             f"{c['tokens_per_s']:,.0f}", fmt_bytes(c["peak_growth_bytes"])] for c in ok]
+    sec.table(headers, rows + error_rows(results["cells"], len(headers)))
     if ok:
         path = "plots/training-cost.png"
         _plot(ok, out / path)
@@ -183,9 +141,7 @@ def _plot(cells: list[dict], path: Path) -> None:
         ax.set_xscale("log", base=2)
         ax.grid(True, which="both", alpha=0.3)
     ax1.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def highlight(results: dict[str, Any]) -> str | None:
@@ -198,5 +154,5 @@ def highlight(results: dict[str, Any]) -> str | None:
             f"{at[-1]['mixer']} slowest ({at[-1]['tokens_per_s']:,.0f} tokens/s).")
 
 
-if __name__ == "__main__":
-    print(json.dumps(worker(json.loads(sys.argv[1]))))
+if __name__ == "__main__":  # a cell's fresh process (fresh_process: true)
+    serve(worker)
