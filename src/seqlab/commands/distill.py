@@ -9,6 +9,7 @@ from typing import Any
 
 from seqlab.commands import emit, parse_sets
 from seqlab.config import read_json
+from seqlab.document import Document, Section, fmt_bytes, write
 from seqlab.errors import InputError
 
 DESCRIPTION = """\
@@ -120,17 +121,9 @@ def run(args: argparse.Namespace) -> int:
     if comp.scratch is not None:
         save(comp.scratch, args.out / "scratch")
     (args.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "report.md").write_text(report_markdown(report))
+    write(report_document(report), args.out, page=None)
     emit(report, args.json, headline(report) + f"\nreport: {args.out / 'report.md'}")
     return 0
-
-
-def _bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 def headline(report: dict[str, Any]) -> str:
@@ -144,37 +137,40 @@ def headline(report: dict[str, Any]) -> str:
     return text
 
 
-def report_markdown(report: dict[str, Any]) -> str:
+def report_document(report: dict[str, Any]) -> Document:
     m, ctx = report["metric"], report["context"]
     tc = report["train"]
-    lines = [f"# seqlab distill report: task `{report['task']}`", "", f"**{headline(report)}.**", "",
-             f"Both students: {tc['steps']} steps of batch {tc['batch_size']}, lr {tc['lr']}, seed {tc['seed']}. "
-             f"Distillation: temperature {report['distill']['temperature']}, weights kl "
-             f"{report['distill']['kl_weight']}, ce {report['distill']['ce_weight']}, hidden "
-             f"{report['distill']['hidden_weight']}. Quality on held-out data ({tc['eval_batches']} batches).", "",
-             f"| model | mixers | params | {m} | retained |" + (f" state bytes @ {ctx} | decode ms/token @ {ctx} |"
-                                                              if ctx else ""),
-             "|---|---|---:|---:|---:|" + ("---:|---:|" if ctx else "")]
+    sec = Section("")
+    sec.p(f"**{headline(report)}.**")
+    sec.p(f"Both students: {tc['steps']} steps of batch {tc['batch_size']}, lr {tc['lr']}, seed {tc['seed']}. "
+          f"Distillation: temperature {report['distill']['temperature']}, weights kl "
+          f"{report['distill']['kl_weight']}, ce {report['distill']['ce_weight']}, hidden "
+          f"{report['distill']['hidden_weight']}. Quality on held-out data ({tc['eval_batches']} batches).")
+    headers = ["model", "mixers", "params", m, "retained"] + (
+        [f"state bytes @ {ctx}", f"decode ms/token @ {ctx}"] if ctx else [])
+    rows = []
     for name in ("teacher", "distilled", "scratch"):
         if name not in report:
             continue
         r = report[name]
-        row = f"| {name} | {'+'.join(r['mixers'])} | {r['params']:,} | {r['eval'][m]:.4f} | {r['retained']:.1%} |"
+        row = [name, "+".join(r["mixers"]), f"{r['params']:,}", f"{r['eval'][m]:.4f}", f"{r['retained']:.1%}"]
         if ctx:
             dc = r["decode"]
-            row += (f" {_bytes(dc['state_bytes'])} ({'constant' if dc['constant_state'] else 'grows'}) |"
-                    f" {dc['decode_ms']:.2f} |")
-        lines.append(row)
+            row += [f"{fmt_bytes(dc['state_bytes'])} ({'constant' if dc['constant_state'] else 'grows'})",
+                    f"{dc['decode_ms']:.2f}"]
+        rows.append(row)
+    sec.table(headers, rows)
     tr = report["distilled"].get("transfer")
     if tr is not None:
-        lines += ["", f"Weight transfer (teacher block for each student block: {tr['layer_map']}): "
-                      f"{len(tr['copied'])} tensors copied, {len(tr['mapped'])} mapped, {len(tr['fresh'])} fresh; "
-                      f"{tr['fraction']:.1%} of the student's parameters are in tensors copied or mapped from the "
-                      "teacher."]
-        lines += [f"- mapped `{k}`: {v}" for k, v in tr["mapped"].items()]
-        lines += [f"- note: {n}" for n in tr["notes"]]
+        sec.p(f"Weight transfer (teacher block for each student block: {tr['layer_map']}): "
+              f"{len(tr['copied'])} tensors copied, {len(tr['mapped'])} mapped, {len(tr['fresh'])} fresh; "
+              f"{tr['fraction']:.1%} of the student's parameters are in tensors copied or mapped from the teacher.")
+        for k, v in tr["mapped"].items():
+            sec.p(f"- mapped `{k}`: {v}")
+        for n in tr["notes"]:
+            sec.p(f"- note: {n}")
     if ctx:
-        lines += ["", "Decode latency: the profiler's median wall time of one token at batch 1 after a prefill of "
-                      "the context (seqlab.distill.decode_cost); state bytes: the KV cache or recurrent state at "
-                      "that point, 'constant' when it is the same size after half the context or fewer tokens."]
-    return "\n".join(lines) + "\n"
+        sec.p("Decode latency: the profiler's median wall time of one token at batch 1 after a prefill of the "
+              "context (seqlab.distill.decode_cost); state bytes: the KV cache or recurrent state at that point, "
+              "'constant' when it is the same size after half the context or fewer tokens.")
+    return Document(f"seqlab distill report: task `{report['task']}`", sections=[sec])

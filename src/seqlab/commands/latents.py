@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import html
 import json
 from pathlib import Path
 from typing import Any
 
 from seqlab.commands import emit, parse_sets
+from seqlab.document import Document, Section, write
 from seqlab.errors import InputError
 
 DESCRIPTION = """\
@@ -161,43 +161,45 @@ def gradflow_section(models: dict, args: argparse.Namespace, plots_dir: Path) ->
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# report: the same sections as Markdown and HTML
+# report: one document, as Markdown and as self-contained HTML
 
 
-def _sections(result: dict) -> list[dict]:
-    sections = []
+def report_document(result: dict) -> Document:
+    doc = Document("seqlab latents report")
     lat = result.get("latents")
     if lat is not None:
         s, p = lat["summary"], lat["pca"]
         src = result["source"]
         what = f"text {src['text'][:60]!r}" if "text" in src else f"task `{src['task']}` ({lat['rows']} rows)"
-        rows = [[label, f"{s['counts'][label]}", f"{s['shares'][label]:.1%}",
-                 "" if s.get("loss_by_class", {}).get(label) is None else f"{s['loss_by_class'][label]:.3f}"]
-                for label in s["shares"]]
+        sec = Section("Latent trajectories")
+        sec.p(f"Checkpoint `{result['checkpoint']}`, {what}: {s['tokens']} tokens x {lat['steps'] + 1} states "
+              f"(s_0 .. s_{lat['steps']}), d_model {lat['d_model']}.")
+        sec.p(f"PCA over all steps and tokens: the first {p['components']} components explain "
+              f"{p['explained_total']:.1%} of the variance ("
+              + ", ".join(f"{r:.1%}" for r in p["explained_ratio"]) + "); the mean squared reconstruction error "
+              f"{p['reconstruction_mse']:.4g} equals the residual variance {p['residual_variance']:.4g}.")
         conv = s["converge_steps"]
-        text = [f"Checkpoint `{result['checkpoint']}`, {what}: {s['tokens']} tokens x {lat['steps'] + 1} states "
-                f"(s_0 .. s_{lat['steps']}), d_model {lat['d_model']}.",
-                f"PCA over all steps and tokens: the first {p['components']} components explain "
-                f"{p['explained_total']:.1%} of the variance ("
-                + ", ".join(f"{r:.1%}" for r in p["explained_ratio"]) + "); the mean squared reconstruction error "
-                f"{p['reconstruction_mse']:.4g} equals the residual variance {p['residual_variance']:.4g}."]
         if conv is not None:
-            text.append(f"Steps to converge (fixed points): mean {conv['mean']:.1f}, median {conv['median']:.0f}, "
-                        f"range {conv['min']} .. {conv['max']}.")
+            sec.p(f"Steps to converge (fixed points): mean {conv['mean']:.1f}, median {conv['median']:.0f}, "
+                  f"range {conv['min']} .. {conv['max']}.")
         if s["periods"]:
-            text.append("Orbit periods: " + ", ".join(f"{k}: {v} tokens" for k, v in s["periods"].items()) + ".")
+            sec.p("Orbit periods: " + ", ".join(f"{k}: {v} tokens" for k, v in s["periods"].items()) + ".")
         rho = s.get("spearman_converge_loss")
         if rho is not None:
-            text.append(f"Spearman correlation of steps to converge with token loss (fixed points): {rho:.2f}.")
+            sec.p(f"Spearman correlation of steps to converge with token loss (fixed points): {rho:.2f}.")
         r = lat["rules"]
-        text.append(f"Rules: tol {r['tol']}, hold {r['hold']}, orbit ratio {r['orbit_ratio']}, slide cosine "
-                    f"{r['slide_cos']}, slide keep {r['slide_keep']}, tail {r['tail']} (see `seqlab latents --help`).")
-        sections.append({"title": "Latent trajectories", "text": text,
-                         "table": (["class", "tokens", "share", "mean loss"], rows),
-                         "images": [(f"plots/{lat['plots'][k]}", cap) for k, cap in (
-                             ("classes", "class shares; steps to converge against token loss"),
+        sec.p(f"Rules: tol {r['tol']}, hold {r['hold']}, orbit ratio {r['orbit_ratio']}, slide cosine "
+              f"{r['slide_cos']}, slide keep {r['slide_keep']}, tail {r['tail']} (see `seqlab latents --help`).")
+        sec.table(["class", "tokens", "share", "mean loss"],
+                  [[label, f"{s['counts'][label]}", f"{s['shares'][label]:.1%}",
+                    "" if s.get("loss_by_class", {}).get(label) is None else f"{s['loss_by_class'][label]:.3f}"]
+                   for label in s["shares"]])
+        for key, caption in (("classes", "class shares; steps to converge against token loss"),
                              ("pcs", "chosen tokens in PC1-PC2, PC3-PC4, PC5-PC6 (o: s_0, *: final state)"),
-                             ("distance", "distance to the final state against the step")) if k in lat["plots"]]})
+                             ("distance", "distance to the final state against the step")):
+            if key in lat["plots"]:
+                sec.figure(f"plots/{lat['plots'][key]}", caption)
+        doc.sections.append(sec)
     gf = result.get("gradflow")
     if gf is not None:
         last = max(max((d for d, n in enumerate(c["rows"]) if n > 0), default=0) for c in gf["curves"].values())
@@ -207,41 +209,17 @@ def _sections(result: dict) -> list[dict]:
             g = c["grad_norm"]
             rel = [g[d] / g[0] if g[0] > 0 and d < len(g) and c["rows"][d] > 0 else None for d in dists]
             rows.append([name, f"{g[0]:.3g}"] + ["" if v is None else f"{v:.3g}" for v in rel])
-        sections.append({"title": "Gradient flow over distance",
-                         "text": ["Norm of d loss(last position) / d input embedding at each earlier position, "
-                                  "averaged over rows and batches; the table gives it relative to distance 0."],
-                         "table": (["model", "norm at d=0"] + [f"d={d}" for d in dists], rows),
-                         "images": [(f"plots/{gf['plot']}", "gradient norm against distance (relative to d=0)")]})
-    return sections
+        sec = Section("Gradient flow over distance")
+        sec.p("Norm of d loss(last position) / d input embedding at each earlier position, averaged over rows and "
+              "batches; the table gives it relative to distance 0.")
+        sec.table(["model", "norm at d=0"] + [f"d={d}" for d in dists], rows)
+        sec.figure(f"plots/{gf['plot']}", "gradient norm against distance (relative to d=0)")
+        doc.sections.append(sec)
+    return doc
 
 
 def write_report(result: dict, out: Path) -> None:
-    sections = _sections(result)
-    md = ["# seqlab latents report", ""]
-    page = ["<!doctype html><html><head><meta charset='utf-8'><title>seqlab latents</title>",
-            "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse}"
-            "td,th{border:1px solid #ccc;padding:3px 8px}img{max-width:100%}</style></head><body>",
-            "<h1>seqlab latents report</h1>"]
-    for s in sections:
-        md += [f"## {s['title']}", ""]
-        page.append(f"<h2>{html.escape(s['title'])}</h2>")
-        for t in s["text"]:
-            md += [t, ""]
-            page.append(f"<p>{html.escape(t)}</p>")
-        header, rows = s["table"]
-        md += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        md += ["| " + " | ".join(r) + " |" for r in rows]
-        md.append("")
-        page.append("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>")
-        page += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows]
-        page.append("</table>")
-        for path, caption in s["images"]:
-            md += [f"![{caption}]({path})", "", f"*{caption}*", ""]
-            page.append(f"<figure><img src='{html.escape(path)}'><figcaption>{html.escape(caption)}"
-                        "</figcaption></figure>")
-    page.append("</body></html>")
-    (out / "report.md").write_text("\n".join(md) + "\n")
-    (out / "report.html").write_text("\n".join(page) + "\n")
+    write(report_document(result), out)
 
 
 def summary_text(result: dict, out: Path) -> str:
