@@ -20,10 +20,9 @@ Sizes: model.safetensors of the fp32 and the int8 (`seqlab quantize`) checkpoint
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,18 +31,27 @@ MIXERS = ("attention", "sliding_attention", "lstm", "gru", "conv", "mamba", "gla
 ATTENTION = ("attention", "sliding_attention")
 
 
+def _load_measure():
+    """seqlab.measure, loaded from its file without importing the seqlab package (whose __init__ imports torch): the
+    onnxruntime cells measure a process that never imports torch, as an edge deployment would."""
+    package = importlib.util.find_spec("seqlab")  # locates the package without importing it
+    spec = importlib.util.spec_from_file_location("seqlab_measure",
+                                                  Path(package.submodule_search_locations[0]) / "measure.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+measure = _load_measure()
+
+
 def _rss_mb() -> float:
     """Peak resident memory of this process image (VmHWM; ru_maxrss would carry the parent's peak across exec)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024  # KiB
-    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
+    return measure.peak_rss() / 2**20
 
 
 def _now_rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    return measure.current_rss() / 2**20
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -114,14 +122,9 @@ def cell_onnx(c: dict) -> dict:
 
 def run_cell(c: dict, timeout: float) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    try:
-        out = subprocess.run([sys.executable, __file__, "--cell", json.dumps(c)], capture_output=True, text=True,
-                             timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f} s"}
-    if out.returncode != 0:
-        return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"}
-    r = json.loads(out.stdout.strip().splitlines()[-1])
+    r = measure.run_fresh([__file__, "--cell"], c, timeout, env)
+    if "error" in r:
+        return r
     r["model_rss_mb"] = r["peak_rss_mb"] - r["baseline_rss_mb"]
     return r
 
@@ -210,11 +213,10 @@ def main() -> None:
     parser.add_argument("--quality-mixers", default="attention,mamba,gla")
     parser.add_argument("--quality-steps", type=int, default=250)
     parser.add_argument("--quality-d-model", type=int, default=64)
-    parser.add_argument("--cell", help=argparse.SUPPRESS)
+    parser.add_argument("--cell", action="store_true", help=argparse.SUPPRESS)  # one cell: spec JSON on stdin
     args = parser.parse_args()
     if args.cell:
-        c = json.loads(args.cell)
-        print(json.dumps(cell_torch(c) if c["runtime"] == "pytorch" else cell_onnx(c)))
+        measure.serve(lambda c: cell_torch(c) if c["runtime"] == "pytorch" else cell_onnx(c))
         return
     if args.quality_only:
         results = json.loads(args.out.read_text()) if args.out.is_file() else {}
@@ -235,7 +237,7 @@ def main() -> None:
     import torch
 
     results["versions"] = {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__}
-    results["load_average_start"] = os.getloadavg()
+    results["load_average_start"] = measure.load_average()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         plan = [(m, rt, p, C) for m in mixers for C in contexts for p in ("fp32", "int8")
@@ -258,7 +260,7 @@ def main() -> None:
                 bar.update()
         bar.close()
     results["seconds"] = time.perf_counter() - start
-    results["load_average_end"] = os.getloadavg()
+    results["load_average_end"] = measure.load_average()
     if args.out.is_file() and "int8_quality" in (previous := json.loads(args.out.read_text())):
         results["int8_quality"] = previous["int8_quality"]  # from --quality-only, kept
     args.out.parent.mkdir(parents=True, exist_ok=True)

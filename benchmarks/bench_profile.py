@@ -46,6 +46,7 @@ import torch
 import seqlab
 from seqlab.infer.plan import DecodePlan
 from seqlab.infer.profile import ProfileConfig, format_table, run_profile
+from seqlab.measure import load_average
 
 MIXERS = ("attention", "sliding_attention", "lstm", "gru", "conv", "mamba", "gla")
 RECURRENT = ("lstm", "gru", "conv", "mamba", "gla")
@@ -303,17 +304,17 @@ def main(argv=None) -> int:
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     os.environ["OMP_NUM_THREADS"] = "1"  # the cells' processes inherit it
     torch.set_num_threads(1)
-    start, load_before = time.perf_counter(), os.getloadavg()
+    start, load_before = time.perf_counter(), load_average()
     result = {"command": " ".join(["python", *sys.argv]), "load_before": load_before, "torch_threads": 1}
     sections = {"profile": profile_section, "interleaved": interleaved_section, "hf": hf_section}
     for name, section in sections.items():
         if name not in skip:
-            t0, load = time.perf_counter(), os.getloadavg()
+            t0, load = time.perf_counter(), load_average()
             result[name] = section(args)
             if result[name] is not None:  # each section records the run it came from
                 result[name]["run"] = {"command": result["command"], "load_before": load,
-                                       "load_after": os.getloadavg(), "seconds": time.perf_counter() - t0}
-    result.update(load_after=os.getloadavg(), seconds=time.perf_counter() - start)
+                                       "load_after": load_average(), "seconds": time.perf_counter() - t0}
+    result.update(load_after=load_average(), seconds=time.perf_counter() - start)
     out = Path(args.out)
     if skip and out.exists():  # a section run on its own keeps the other sections already in the file
         previous = json.loads(out.read_text())

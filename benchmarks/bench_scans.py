@@ -29,7 +29,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import sys
 import tempfile
@@ -41,6 +40,7 @@ import torch.nn.functional as F
 
 import seqlab
 from seqlab.infer.plan import DecodePlan
+from seqlab.measure import load_average, median_time, peak_growth
 from seqlab.ops import gla, selective_scan
 
 VOCAB, D_MODEL, N_LAYERS = 256, 256, 4  # the small decode models
@@ -89,14 +89,7 @@ def make_case(op, L, shape, gen):
 
 def time_it(fn, repeats):
     """Median wall and CPU seconds over `repeats` calls, after one warm-up call."""
-    fn()
-    walls, cpus = [], []
-    for _ in range(repeats):
-        w0, c0 = time.perf_counter(), time.process_time()
-        fn()
-        walls.append(time.perf_counter() - w0)
-        cpus.append(time.process_time() - c0)
-    return statistics.median(walls), statistics.median(cpus)
+    return median_time(fn, repeats, warmup=1)
 
 
 def peak_memory(op, L, shape, chunk_size):
@@ -107,10 +100,9 @@ def peak_memory(op, L, shape, chunk_size):
         os.close(r)
         gen = torch.Generator().manual_seed(0)
         run = make_case(op, L, shape, gen)
-        base = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        run("chunked", chunk_size)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        os.write(w, str(peak - base).encode())
+        with peak_growth() as mem:
+            run("chunked", chunk_size)
+        os.write(w, str(mem["growth"]).encode())
         os._exit(0)
     os.close(w)
     out = os.read(r, 64).decode()
@@ -272,7 +264,7 @@ def main(argv=None):
                    for op, c in default_chunk.items()}
     ops = [] if "ops" in skip else args.ops.split(",")
 
-    load_before = os.getloadavg()
+    load_before = load_average()
     rows = []
     header = (f"{'op':15s} {'shape':15s} {'L':>6s} {'chunk':>5s} {'chunked s':>10s} {'ref s':>9s} "
               f"{'chunked/ref':>11s} {'speedup':>8s} {'cpu chunked':>11s} {'cpu ref':>8s}")
@@ -329,7 +321,7 @@ def main(argv=None):
 
     result = dict(torch=torch.__version__, threads=torch.get_num_threads(), cpus=os.cpu_count(),
                   machine=platform.machine(), python=sys.version.split()[0], load_before=load_before,
-                  load_after=os.getloadavg(), quick=args.quick, command=" ".join(sys.argv), rows=rows,
+                  load_after=load_average(), quick=args.quick, command=" ".join(sys.argv), rows=rows,
                   speedup_at_2048=speedup_2048, us_per_step=growth, memory=memory, decode=decode, hf=hf)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
