@@ -80,19 +80,23 @@ class MLP(nn.Module):
         self.w3 = nn.Linear(cfg.d_model, cfg.ff_dim, bias=cfg.mlp_bias) if cfg.mlp == "swiglu" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (B, T, D)
-        return _mlp(x, self.w1, self.w2, self.w3, self.kind)
+        return _mlp(x, self.w1, self.w2, self.w3, self.approximate)
+
+    @property
+    def approximate(self) -> str:
+        return "tanh" if self.kind == "gelu_tanh" else "none"
 
     def bind(self) -> Fn:
         """The MLP on (B, D) activations with lean linears."""
-        w1, w2, kind = linear_fn(self.w1), linear_fn(self.w2), self.kind
+        w1, w2, approximate = linear_fn(self.w1), linear_fn(self.w2), self.approximate
         w3 = linear_fn(self.w3) if self.w3 is not None else None
-        return lambda x: _mlp(x, w1, w2, w3, kind)
+        return lambda x: _mlp(x, w1, w2, w3, approximate)
 
 
-def _mlp(x: torch.Tensor, w1: Fn, w2: Fn, w3: Fn | None, kind: str) -> torch.Tensor:
+def _mlp(x: torch.Tensor, w1: Fn, w2: Fn, w3: Fn | None, approximate: str) -> torch.Tensor:
     if w3 is not None:
         return w2(F.silu(w1(x)) * w3(x))
-    return w2(F.gelu(w1(x), approximate="tanh" if kind == "gelu_tanh" else "none"))
+    return w2(F.gelu(w1(x), approximate=approximate))
 
 
 class Rotary(nn.Module):
@@ -174,8 +178,8 @@ class Block(nn.Module):
 
     def bind(self, portable: bool = False) -> BlockWeights:
         """The block's weights for `step`: lean norms, the mixer's bound step, the bound MLP."""
-        mixer, w = self.mixer, self.mixer.bind(portable)
-        return BlockWeights(norm_fn(self.norm1, portable), lambda x, s: mixer.step(x, s, w),
+        step, w = self.mixer.step, self.mixer.bind(portable)
+        return BlockWeights(norm_fn(self.norm1, portable), lambda x, s: step(x, s, w),
                             norm_fn(self.post_norm1, portable), self.mlp.bind() if self.mlp is not None else None,
                             norm_fn(self.norm2, portable) if self.norm2 is not None else None,
                             norm_fn(self.post_norm2, portable))

@@ -48,10 +48,12 @@ class LanguageModel(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.embed.weight.numel() if exclude_embeddings else n
 
-    def check_tokens(self, tokens: torch.Tensor) -> None:
-        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.shape[1] < 1:
+    def check_tokens(self, tokens: torch.Tensor, dims: int = 2) -> None:
+        """tokens must be int64 ids in range, (batch, time) with time >= 1 (dims = 1: (batch,), for `step`)."""
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != dims or tokens.shape[-1] < 1:
             shape = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
-            raise InputError(f"tokens must be a (batch, time) tensor with time >= 1, got {shape}")
+            want = "a (batch, time) tensor with time >= 1" if dims == 2 else "a (batch,) tensor, one token each"
+            raise InputError(f"tokens must be {want}, got {shape}")
         if tokens.dtype not in (torch.int64, torch.int32):
             raise InputError(f"tokens must be int64 token ids, got dtype {tokens.dtype}")
         if tokens.numel() == 1:  # one token (decoding at batch 1): one read, no reduction
@@ -99,12 +101,15 @@ class LanguageModel(nn.Module):
         """One token per sequence from a state: tokens (B,) int64 -> logits (B, V) and the next state; the same
         logits and state as `model(tokens[:, None], state)`, through every block's lean `step`. w: `bind()`'s
         weights (made here when not given; a decode plan passes the ones it holds)."""
-        self.check_tokens(tokens.view(-1, 1) if isinstance(tokens, torch.Tensor) and tokens.dim() == 1 else tokens)
-        self.check_state(state, tokens.shape[0])
         w = w or self.bind()
+        self.check_tokens(tokens, 1)
+        if not isinstance(state, ModelState) or len(state.layers) != len(w.blocks):
+            self.check_state(state, tokens.shape[0])
         x = w.embed[tokens]  # (B, D)
         if w.pos_embed is not None:
-            x = x + self.positions(state.pos, 1)[0]
+            if state.pos >= self.config.max_positions:
+                self.positions(state.pos, 1)  # the error that names the table's size
+            x = x + w.pos_embed[state.pos]
         new = []
         for block, s in zip(w.blocks, state.layers):
             x, s = residual(x, s, *block)

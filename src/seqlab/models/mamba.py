@@ -103,7 +103,7 @@ class Mamba(nn.Module):
         """The weights `step` uses, captured once: lean projections, the conv kernel as (d_inner, d_conv), dt_proj
         transposed for an addmm that adds its bias (the bias the scan adds as delta_bias)."""
         return MambaWeights(linear_fn(self.in_proj), linear_fn(self.x_proj), linear_fn(self.out_proj),
-                            self.dt_proj.weight.t(), self.dt_proj.bias, self.A_log, self.D,
+                            self.dt_proj.weight.t(), self.dt_proj.bias, Decay(self.A_log), self.D,
                             self.conv.weight.squeeze(1), self.conv.bias)
 
     def step(self, x: torch.Tensor, state: MambaState, w: MambaWeights | None = None) -> tuple[torch.Tensor, MambaState]:
@@ -122,13 +122,32 @@ class Mamba(nn.Module):
         cdt = state.ssm.dtype  # fp32 (fp64 for an fp64 model)
         if xs.dtype == cdt:
             delta = F.softplus(torch.addmm(w.dt_b, dt, w.dt_wt))  # (B, d_inner)
-            y, h = selective_scan_update(state.ssm, xs, delta, -torch.exp(w.A_log), Bm, Cm, w.D, z)
+            y, h = selective_scan_update(state.ssm, xs, delta, w.A(), Bm, Cm, w.D, z)
         else:  # a bf16 / fp16 model: the discretization and the update in fp32, the output in the model's dtype
             delta = F.softplus(torch.mm(dt, w.dt_wt).to(cdt) + w.dt_b.to(cdt))
-            y, h = selective_scan_update(state.ssm, xs.to(cdt), delta, -torch.exp(w.A_log.to(cdt)), Bm.to(cdt),
+            y, h = selective_scan_update(state.ssm, xs.to(cdt), delta, w.A().to(cdt), Bm.to(cdt),
                                          Cm.to(cdt), w.D.to(cdt), z.to(cdt))
             y = y.to(xs.dtype)
         return w.out_proj(y), MambaState(window[..., 1:], h)
+
+
+class Decay:
+    """A = -exp(A_log) for the decode step, computed once and again only when A_log changes in place (its version
+    counter moves). Under autograd, or for a tensor made under inference_mode (no version counter), it is computed
+    at every call, so gradients reach A_log and nothing stale is ever used."""
+
+    __slots__ = ("A_log", "version", "value")
+
+    def __init__(self, A_log: torch.Tensor):
+        self.A_log, self.version, self.value = A_log, None, None
+
+    def __call__(self) -> torch.Tensor:
+        A_log = self.A_log
+        if torch.is_grad_enabled() or A_log.is_inference():
+            return -torch.exp(A_log)
+        if self.version != A_log._version:
+            self.version, self.value = A_log._version, -torch.exp(A_log.detach())
+        return self.value
 
 
 class MambaWeights(NamedTuple):
@@ -137,7 +156,7 @@ class MambaWeights(NamedTuple):
     out_proj: Fn
     dt_wt: torch.Tensor  # (dt_rank, d_inner)
     dt_b: torch.Tensor  # (d_inner,)
-    A_log: torch.Tensor  # (d_inner, N)
+    A: Decay  # A(): -exp(A_log), (d_inner, N)
     D: torch.Tensor  # (d_inner,)
     conv_w: torch.Tensor  # (d_inner, d_conv)
     conv_b: torch.Tensor | None

@@ -104,9 +104,21 @@ def selective_scan_step(u, delta, A, B, C, state, D=None, z=None, delta_bias=Non
     cdt = _compute_dtype(u)
     delta = _discretize_delta(_to(delta, cdt), delta_bias, delta_softplus)
     u_c = _to(u, cdt)
-    x, y = _step(_to(state, cdt), u_c, delta, _to(A, cdt), _to(B, cdt), _to(C, cdt))
-    y = _skip_and_gate(y, u_c, D, z)
+    y, x = selective_scan_update(_to(state, cdt), u_c, delta, _to(A, cdt), _to(B, cdt), _to(C, cdt),
+                                 None if D is None else _to(D, cdt), None if z is None else _to(z, cdt))
     return _to(y, u.dtype), x
+
+
+def selective_scan_update(state, u, delta, A, B, C, D=None, z=None):
+    """The lean one-token update the decode steps call: no input checks, no dtype casts, delta already
+    discretized (softplus and bias applied). state (b, d, N) and every input in the compute dtype (fp32 or fp64);
+    u, delta, z (b, d), A (d, N), B, C (b, N), D (d,) -> (y (b, d), new state (b, d, N)).
+    `selective_scan_step` is this with checks, casts and the discretization."""
+    x = torch.addcmul((delta * u).unsqueeze(-1) * B.unsqueeze(1), torch.exp(delta.unsqueeze(-1) * A), state)
+    y = (x @ C.unsqueeze(-1)).squeeze(-1)  # <x, C>: a batched matrix-vector product, (b, d)
+    if D is not None:
+        y = y + D * u
+    return (y * F.silu(z) if z is not None else y), x
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -129,21 +141,6 @@ def _discretize_delta(delta, delta_bias, delta_softplus):
         bias = _to(delta_bias, delta.dtype)
         delta = delta + (bias.unsqueeze(-1) if delta.dim() == 3 else bias)
     return F.softplus(delta) if delta_softplus else delta
-
-
-def _step(x, u, delta, A, B, C):
-    """x (b, d, N), u and delta (b, d), A (d, N), B and C (b, N) -> (new x, y (b, d))."""
-    x = torch.addcmul((delta * u).unsqueeze(-1) * B.unsqueeze(1), torch.exp(delta.unsqueeze(-1) * A), x)
-    return x, (x @ C.unsqueeze(-1)).squeeze(-1)  # y = <x, C>: a batched matrix-vector product
-
-
-def selective_scan_update(state, u, delta, A, B, C, D=None, z=None):
-    """The lean one-token update the decode steps call: no input checks, no dtype casts, delta already
-    discretized (softplus and bias applied). state (b, d, N) and every input in the compute dtype (fp32 or fp64);
-    u, delta, z (b, d), A (d, N), B, C (b, N), D (d,) -> (y (b, d), new state (b, d, N)).
-    `selective_scan_step` is this with checks, casts and the discretization."""
-    x, y = _step(state, u, delta, A, B, C)
-    return _skip_and_gate(y, u, D, z), x
 
 
 def _skip_and_gate(y, u, D, z):
