@@ -9,6 +9,7 @@ import argparse
 import importlib
 import sys
 
+from seqlab import __version__
 from seqlab.errors import InputError
 
 # One module per subcommand, each with `register(subparsers)`; the order is the order of `seqlab --help`.
@@ -17,8 +18,6 @@ COMMANDS = ("lab", "report", "train", "eval", "generate", "profile", "think", "l
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from seqlab import __version__
-
     parser = argparse.ArgumentParser(
         prog="seqlab",
         description="Train, stream and measure sequence models side by side: recurrent networks, Transformers, "

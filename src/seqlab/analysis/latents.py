@@ -33,6 +33,7 @@ A rotation too slow to close within the tail is a slider by these rules: its per
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
@@ -389,8 +390,6 @@ def analyze(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
     seed: the noise of s_0, for models that draw one.
     Returns a JSON-ready dict (see `seqlab latents --help` for what each field means).
     """
-    from pathlib import Path
-
     rules = rules or Rules()
     if steps < 2:
         raise InputError(f"steps = {steps}: the trajectory classifier needs at least 2 steps")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from seqlab.data import Metrics, Task
 from seqlab.errors import InputError
@@ -87,7 +88,6 @@ def scaling_curve(model: torch.nn.Module, task: Task, steps: list[int], exit: tu
     if model.config.vocab_size < task.vocab_size:
         raise InputError(f"task '{task.name}' needs vocab_size {task.vocab_size}; the model has vocab_size "
                          f"{model.config.vocab_size}")
-    from tqdm.auto import tqdm
 
     modes = [None] if exit is None else [None, exit]
     bar = tqdm(total=sum(steps) * len(modes), desc="think", unit="step", disable=not progress, file=sys.stderr,

@@ -6,6 +6,8 @@ import json
 import sys
 from typing import Any
 
+from seqlab.errors import InputError
+
 
 def emit(result: Any, as_json: bool, text: str) -> None:
     """Print a command's result: as JSON with --json, else as the human-readable `text`."""
@@ -15,8 +17,6 @@ def emit(result: Any, as_json: bool, text: str) -> None:
 
 def parse_sets(items: list[str]) -> dict[str, Any]:
     """`section.key=value` strings -> nested dict; values parse as JSON when they can (numbers, lists, true)."""
-    from seqlab.errors import InputError
-
     out: dict[str, Any] = {}
     for item in items:
         key, sep, raw = item.partition("=")

@@ -7,8 +7,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from seqlab.checkpoint import load, save
 from seqlab.commands import emit, parse_sets
-from seqlab.config import read_json
+from seqlab.config import ModelConfig, read_json
+from seqlab.data import make_task
+from seqlab.distill import DistillConfig, distill_and_compare
 from seqlab.document import Document, Section, fmt_bytes, write
 from seqlab.errors import InputError
 
@@ -72,13 +77,6 @@ def read_student_config(path: Path) -> tuple[dict, dict, dict]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from seqlab.checkpoint import load, save
-    from seqlab.config import ModelConfig
-    from seqlab.data import make_task
-    from seqlab.distill import DistillConfig, distill_and_compare
-
     model_dict, train_dict, distill_dict = read_student_config(args.student_config)
     flags = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
              "eval_batches": args.eval_batches}

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import argparse
 
+from seqlab.checkpoint import load
 from seqlab.commands import emit, parse_sets
+from seqlab.data import make_task
+from seqlab.errors import InputError
+from seqlab.train import evaluate
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,11 +30,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from seqlab.checkpoint import load
-    from seqlab.data import make_task
-    from seqlab.errors import InputError
-    from seqlab.train import evaluate
-
     for name in ("batches", "batch_size"):
         if getattr(args, name) < (0 if name == "batches" and args.stateful else 1):
             raise InputError(f"--{name.replace('_', '-')} = {getattr(args, name)}: must be positive")

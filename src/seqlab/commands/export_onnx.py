@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 
+from seqlab.checkpoint import load
 from seqlab.commands import emit
+from seqlab.interop.export import export_onnx, verify_onnx
 
 TOLERANCE = 1e-4
 
@@ -36,11 +39,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import os
-
-    from seqlab.checkpoint import load
-    from seqlab.interop.export import export_onnx, verify_onnx
-
     model = load(args.checkpoint).eval()
     info = export_onnx(model, args.out, mode=args.mode, length=args.length, cache_size=args.cache_size)
     info.pop("config")
@@ -48,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     check = None
     if not args.no_verify:
         try:
-            import onnxruntime  # noqa: F401
+            import onnxruntime  # noqa: F401  (optional: whether verification can run here)
         except ImportError:
             info["verified"] = "skipped: onnxruntime is not installed (pip install 'seqlab[onnx]')"
         else:

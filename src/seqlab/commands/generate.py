@@ -7,8 +7,11 @@ import codecs
 import sys
 import time
 
+from seqlab.checkpoint import load
 from seqlab.commands import emit
 from seqlab.errors import InputError
+from seqlab.generate import decode_prompts
+from seqlab.infer.stream import Stream
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -44,10 +47,6 @@ def parse_tokens(text: str) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from seqlab.checkpoint import load
-    from seqlab.generate import decode_prompts
-    from seqlab.infer.stream import Stream
-
     model = load(args.checkpoint).eval()
     as_text = args.prompt is not None
     if as_text:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from seqlab.commands import emit
+from seqlab.interop.hf import import_hf
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -24,8 +25,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from seqlab.interop.hf import import_hf
-
     model = import_hf(args.folder, args.out)
     cfg = model.config
     result = {"out": args.out, "mixer": cfg.mixer, "d_model": cfg.d_model, "n_layers": cfg.n_layers,

@@ -8,11 +8,12 @@ import json
 from pathlib import Path
 
 from seqlab.commands import emit
+from seqlab.errors import InputError
+from seqlab.lab import LabConfig, load_preset, run_lab
+from seqlab.lab.presets import PRESETS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from seqlab.lab.presets import PRESETS
-
     p = sub.add_parser(
         "lab", help="train and measure every architecture side by side; write a report",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -51,9 +52,6 @@ report from results.json.""",
 
 
 def run(args: argparse.Namespace) -> int:
-    from seqlab.errors import InputError
-    from seqlab.lab import LabConfig, load_preset, run_lab
-
     cfg = LabConfig.load(args.config) if args.config else load_preset(args.preset)
     if args.show_config:
         print(json.dumps(cfg.to_dict(), indent=2))

@@ -7,7 +7,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
+from tqdm.auto import tqdm
+
+from seqlab.analysis.gradflow import gradient_flow, plot_gradient_flow
+from seqlab.analysis.latents import Rules, analyze, check_recurrent_depth
+from seqlab.checkpoint import load
 from seqlab.commands import emit, parse_sets
+from seqlab.data import Batch, make_task
 from seqlab.document import Document, Section, write
 from seqlab.errors import InputError
 
@@ -58,10 +65,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _batch(args: argparse.Namespace, vocab_size: int):
     """The batch to analyse: a task batch, or the text as one row (targets: the next byte)."""
-    import torch
-
-    from seqlab.data import Batch, make_task
-
     if args.text is not None:
         if vocab_size < 256:
             raise InputError(f"--text needs a byte-level model (vocab_size 256); this one has vocab_size "
@@ -92,9 +95,6 @@ def _positions(text: str | None) -> list[int] | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from seqlab.analysis.latents import Rules, analyze, check_recurrent_depth
-    from seqlab.checkpoint import load
-
     if args.checkpoint is None and not args.gradflow:
         raise InputError("give a recurrent-depth checkpoint, or --gradflow CKPT,CKPT for gradient flow only")
     for name in ("batch_size", "components", "gradflow_batches"):
@@ -138,11 +138,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def gradflow_section(models: dict, args: argparse.Namespace, plots_dir: Path) -> dict:
-    import torch
-    from tqdm.auto import tqdm
-
-    from seqlab.analysis.gradflow import gradient_flow, plot_gradient_flow
-
     curves = {}
     for path, m in tqdm(models.items(), desc="gradient flow", disable=args.json, leave=False):
         name = f"{Path(path).name} ({'+'.join(sorted(set(m.config.layer_mixers)))})"
@@ -150,8 +145,6 @@ def gradflow_section(models: dict, args: argparse.Namespace, plots_dir: Path) ->
         if args.text is not None:
             batches = [_batch(args, m.config.vocab_size)[0]]
         else:
-            from seqlab.data import make_task
-
             task = make_task(args.task, **parse_sets(args.set))
             batches = [task.batch(args.batch_size, gen) for _ in range(args.gradflow_batches)]
         curves[name] = gradient_flow(m, batches)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from seqlab.commands import emit, parse_sets
 from seqlab.errors import InputError
+from seqlab.infer.profile import CELL_FIELDS, CROSSOVER_FIELDS, TOP_FIELDS, ProfileConfig, format_table, run_profile
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -22,8 +23,6 @@ def _names(text: str) -> tuple[str, ...]:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from seqlab.infer.profile import CELL_FIELDS, CROSSOVER_FIELDS, TOP_FIELDS
-
     fields = "\n".join(f"  {k:<27} {v}" for k, v in TOP_FIELDS.items())
     cell = "\n".join(f"  {k:<27} {v}" for k, v in CELL_FIELDS.items())
     cross = "\n".join(f"  {k:<27} {v}" for k, v in CROSSOVER_FIELDS.items())
@@ -67,8 +66,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from seqlab.infer.profile import ProfileConfig, format_table, run_profile
-
     model = parse_sets(args.set)
     for key in ("d_model", "n_layers", "vocab_size"):
         if key in model:

@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import copy
 from pathlib import Path
 
+import torch
+
+from seqlab.checkpoint import load, read_json
 from seqlab.commands import emit, parse_sets
+from seqlab.config import RunConfig
+from seqlab.data import make_task
 from seqlab.errors import InputError
+from seqlab.interop.quantize import SCHEMES, linear_bytes, quantize, save_quantized
+from seqlab.train import evaluate
+from seqlab.train.trainer import eval_task_params
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -35,14 +44,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _task_params(args: argparse.Namespace) -> dict | None:
     """The task to evaluate on: --task, else the training task recorded in a seqlab train checkpoint."""
-    from seqlab.checkpoint import read_json
-
     if args.task is not None:
         return {"name": args.task, **parse_sets(args.set)}
     if (Path(args.checkpoint) / "trainer.json").is_file():
-        from seqlab.config import RunConfig
-        from seqlab.train.trainer import eval_task_params
-
         run_config = read_json(args.checkpoint, "trainer.json").get("run_config")
         if run_config:
             return {**eval_task_params(RunConfig.from_dict(run_config)), **parse_sets(args.set)}
@@ -52,13 +56,6 @@ def _task_params(args: argparse.Namespace) -> dict | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import copy
-
-    import torch
-
-    from seqlab.checkpoint import load
-    from seqlab.interop.quantize import SCHEMES, linear_bytes, quantize, save_quantized
-
     if args.scheme not in SCHEMES:
         raise InputError(f"--scheme {args.scheme!r} is not supported; expected one of {', '.join(SCHEMES)}")
     for name in ("batches", "batch_size"):
@@ -72,8 +69,6 @@ def run(args: argparse.Namespace) -> int:
     params = _task_params(args)
     task = None
     if params is not None:
-        from seqlab.data import make_task
-
         task = make_task(params["name"], **{k: v for k, v in params.items() if k != "name"})
         if model.config.vocab_size < task.vocab_size:
             raise InputError(f"task '{task.name}' needs vocab_size {task.vocab_size}; checkpoint "
@@ -107,8 +102,6 @@ def run(args: argparse.Namespace) -> int:
             f"random tokens: top-1 agreement {report['random_tokens']['top1_agreement']:.4f}, max |diff| logits "
             f"{report['random_tokens']['max_abs_diff_logits']:.2e}"]
     if task is not None:
-        from seqlab.train import evaluate
-
         m32 = evaluate(model, task, args.batches, args.batch_size, args.seed)
         m8 = evaluate(q, task, args.batches, args.batch_size, args.seed)
         report["task"] = {"params": params, "fp32": m32, "int8": m8,

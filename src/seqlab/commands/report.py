@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from seqlab.lab import rebuild
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="rebuild a lab run's report.html and report.md from results.json",
@@ -15,8 +17,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from seqlab.lab import rebuild
-
     md, page = rebuild(args.run_dir)
     print(f"wrote {page} and {md}")
     return 0

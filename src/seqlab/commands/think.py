@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import argparse
 
+from seqlab.analysis import parse_exit, parse_steps, plot_scaling, scaling_curve
+from seqlab.checkpoint import load
 from seqlab.commands import emit, parse_sets
+from seqlab.data import make_task
+from seqlab.errors import InputError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -31,11 +35,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from seqlab.analysis import parse_exit, parse_steps, plot_scaling, scaling_curve
-    from seqlab.checkpoint import load
-    from seqlab.data import make_task
-    from seqlab.errors import InputError
-
     steps, exit = parse_steps(args.steps), parse_exit(args.exit)
     for name in ("batches", "batch_size"):
         if getattr(args, name) < 1:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from seqlab.commands import deep_update, emit, parse_sets
 from seqlab.config import RunConfig, read_json
+from seqlab.train import TrainingDiverged, train
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -38,8 +39,6 @@ def load_run_config(path: Path | None, sets: list[str]) -> RunConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from seqlab.train import TrainingDiverged, train
-
     config = load_run_config(args.config, args.set)
     try:
         result = train(config, args.task, args.out, progress=not args.no_progress, resume=args.resume)

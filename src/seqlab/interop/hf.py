@@ -28,8 +28,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from seqlab.checkpoint import save
 from seqlab.config import ModelConfig
 from seqlab.errors import InputError
+from seqlab.models import build_model
 
 FAMILIES = ("gpt2", "llama", "mamba")
 
@@ -307,8 +309,6 @@ def convert_weights(family: str, cfg: ModelConfig, tensors: dict[str, torch.Tens
 
 def from_hf(path: str | Path):
     """A seqlab LanguageModel (fp32, eval mode) with the weights of the Hugging Face folder `path`."""
-    from seqlab.models import build_model
-
     hf = read_hf_config(path)
     cfg = hf_to_config(hf)
     tensors = read_hf_tensors(path)
@@ -320,8 +320,6 @@ def from_hf(path: str | Path):
 
 def import_hf(path: str | Path, out: str | Path):
     """Import the Hugging Face folder `path` and save it as the seqlab checkpoint `out`; returns the model."""
-    from seqlab.checkpoint import save
-
     model = from_hf(path)
     hf = read_hf_config(path)
     source = {"source": str(Path(path).resolve()), "model_type": hf.get("model_type"),
