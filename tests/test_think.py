@@ -37,6 +37,9 @@ def test_think_command_json_and_plot(ckpt, tmp_path, capsys):
                  "--exit", "kl:1e-3", "--batches", "1", "--batch-size", "4", "--plot", str(plot), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert [r["steps"] for r in result["fixed"]] == [1, 2]
+    expected = scaling_curve(seqlab.load(ckpt), make_task("prefix_parity", seq_len=6), [1, 2], ("kl", 1e-3),
+                             batches=1, batch_size=4, seed=1234)  # --seed's default
+    assert result["fixed"] == expected["fixed"] and result["adaptive"] == expected["adaptive"]
     assert result["exit"] == {"criterion": "kl", "threshold": 1e-3} and len(result["adaptive"]) == 2
     assert plot.stat().st_size > 1000 and result["plot"] == str(plot)
     assert main(["think", str(ckpt), "--task", "prefix_parity", "--steps", "2", "--batches", "1"]) == 0
