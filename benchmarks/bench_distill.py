@@ -42,7 +42,7 @@ from seqlab.config import ModelConfig, TrainConfig
 from seqlab.data import make_task
 from seqlab.distill import DistillConfig, decode_cost, distill_and_compare
 from seqlab.models import build_model
-from seqlab.train import fit
+from seqlab.train import cross_entropy, fit, task_batches
 
 RESULTS = Path(__file__).resolve().parent / "results" / "distill.json"
 WIDTH = 64
@@ -100,7 +100,8 @@ def main() -> int:
     print(f"teacher: attention, {args.teacher_steps} steps of {args.batch_size} x {args.seq_len} bytes", flush=True)
     teacher = build_model(ModelConfig.from_dict(TEACHER), seed=args.seed)
     t0 = time.perf_counter()
-    t_fit = fit(teacher, task, train_cfg(args.teacher_steps), progress=False, eval_task=test)
+    teacher_cfg = train_cfg(args.teacher_steps)
+    t_fit = fit(teacher, task_batches(task, teacher_cfg), cross_entropy, teacher_cfg, progress=False, eval_task=test)
     teacher_seconds = time.perf_counter() - t0
     teacher_bpb = t_fit["eval"]["bits_per_byte"]
     print(f"  {teacher.num_parameters(exclude_embeddings=True):,} non-embedding params, test bpb "

@@ -171,7 +171,7 @@ def quality(args: argparse.Namespace) -> dict:
     from seqlab.config import TrainConfig
     from seqlab.data import make_task
     from seqlab.interop.quantize import linear_bytes, quantize
-    from seqlab.train import evaluate, fit
+    from seqlab.train import cross_entropy, evaluate, fit, task_batches
 
     torch.set_num_threads(1)
     task = make_task("corpus", seq_len=128)
@@ -182,7 +182,7 @@ def quality(args: argparse.Namespace) -> dict:
     for mixer in args.quality_mixers.split(","):
         model = seqlab.build_model(mixer=mixer, d_model=args.quality_d_model, n_layers=2, vocab_size=256,
                                    attention={"n_heads": 4}, seed=0)
-        fit(model, task, train, desc=f"train {mixer}")
+        fit(model, task_batches(task, train), cross_entropy, train, desc=f"train {mixer}")
         model.eval()
         q = quantize(copy.deepcopy(model))
         fp32 = evaluate(model, test, 16, 32, seed=1234)

@@ -40,7 +40,7 @@ from seqlab.commands.latents import write_report
 from seqlab.config import ModelConfig, TrainConfig
 from seqlab.data import make_task
 from seqlab.models import build_model
-from seqlab.train import fit
+from seqlab.train import cross_entropy, fit, recurrent_depth, task_batches
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEPTH = {"prelude": 1, "core": 1, "coda": 1, "mean_steps": 8, "backprop_steps": 4}
@@ -65,7 +65,8 @@ def trajectories(name: str, core: str, args: argparse.Namespace, out_dir: Path) 
     tc = TrainConfig(**{"steps": args.depth_steps, "batch_size": 32, "warmup_steps": max(1, args.depth_steps // 20),
                         "seed": args.seed, "eval_batches": 8, "log_every": max(1, args.depth_steps // 10), **train_o})
     t0 = time.perf_counter()
-    fit_result = fit(model, task_of(train_p), tc, progress=False, eval_task=task_of(test_p))
+    fit_result = fit(model, task_batches(task_of(train_p), tc), recurrent_depth, tc, progress=False,
+                     eval_task=task_of(test_p))
     train_seconds = time.perf_counter() - t0
     batch = task_of(test_p).batch(args.rows, torch.Generator().manual_seed(args.seed + 100))
     lat = analyze(model, batch.inputs, batch.targets, batch.mask, args.analysis_steps, plots_dir=out_dir / "plots",
@@ -106,7 +107,7 @@ def gradflow(args: argparse.Namespace, out_dir: Path) -> dict:
                          warmup_steps=max(1, args.gradflow_steps // 20), seed=args.seed, eval_batches=4,
                          log_every=max(1, args.gradflow_steps // 10))
         t0 = time.perf_counter()
-        r = fit(model, task, tc, progress=False, eval_task=test)
+        r = fit(model, task_batches(task, tc), cross_entropy, tc, progress=False, eval_task=test)
         curve = gradient_flow_on_task(model, test, batches=args.gradflow_batches, batch_size=16, seed=args.seed)
         curves[mixer] = curve
         g = curve.norm

@@ -46,7 +46,7 @@ import seqlab
 from seqlab.config import ModelConfig, TrainConfig
 from seqlab.data import make_task
 from seqlab.models import build_model
-from seqlab.train import evaluate, fit
+from seqlab.train import cross_entropy, evaluate, fit, task_batches
 
 RESULTS = Path(__file__).resolve().parent / "results" / "quality.json"
 CORE_MIXERS = ["attention", "lstm", "gru", "conv"]
@@ -111,7 +111,7 @@ def run_one(mixer: str, task_name: str, target: int, n_layers: int, scale: float
     steps = max(10, int(overrides["steps"] * scale))
     train_cfg = TrainConfig(**{**overrides, "steps": steps}, warmup_steps=max(1, steps // 20), seed=seed,
                             eval_batches=4, log_every=max(1, steps // 10))
-    result = fit(model, task, train_cfg, progress=False)
+    result = fit(model, task_batches(task, train_cfg), cross_entropy, train_cfg, progress=False)
     row = {
         "mixer": mixer,
         "task": task_name,

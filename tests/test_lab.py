@@ -190,10 +190,10 @@ def test_a_failing_cell_is_recorded_and_the_rest_goes_on(tmp_path, capsys, monke
     quality = SECTIONS["quality"]
     real = quality.fit
 
-    def flaky(model, task, cfg, **kw):
+    def flaky(*args, **kw):
         if kw.get("desc") == "mqar/gru":
             raise RuntimeError("injected failure")
-        return real(model, task, cfg, **kw)
+        return real(*args, **kw)
 
     monkeypatch.setattr(quality, "fit", flaky)
     cfg = {**TINY_LAB, "sections": ["quality"],

@@ -14,7 +14,7 @@ from seqlab.config import RunConfig, TrainConfig
 from seqlab.data import make_task
 from seqlab.errors import InputError
 from seqlab.models import build_model
-from seqlab.train import trainer
+from seqlab.train import cross_entropy, losses, recurrent_depth, task_batches
 from seqlab.train.trainer import TrainingDiverged, detach_state, evaluate, fit, lr_at, make_optimizer, train
 
 TINY_MODEL = {"mixer": "gru", "vocab_size": 16, "d_model": 16, "n_layers": 1}
@@ -106,7 +106,8 @@ def test_training_learns_an_easy_task():
     task = make_task("prefix_parity", seq_len=8)
     model = build_model(mixer="gru", vocab_size=2, d_model=32, n_layers=1, seed=0)
     before = evaluate(model, task, 4, 32)
-    result = fit(model, task, TrainConfig(steps=40, batch_size=32, lr=1e-2, warmup_steps=5), progress=False)
+    cfg = TrainConfig(steps=40, batch_size=32, lr=1e-2, warmup_steps=5)
+    result = fit(model, task_batches(task, cfg), cross_entropy, cfg, progress=False)
     assert result["eval"]["accuracy"] > 0.9 > before["accuracy"] + 0.2
 
 
@@ -118,9 +119,36 @@ def test_fit_of_a_recurrent_depth_model_depends_on_its_seed_alone():
     for noise in (0, 1):
         torch.manual_seed(noise)  # a different global RNG state before each run
         model = build_model(arch="recurrent_depth", vocab_size=2, d_model=16, seed=0)
-        fit(model, task, cfg, progress=False)
+        fit(model, task_batches(task, cfg), cross_entropy, cfg, progress=False)
         runs.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     assert torch.equal(runs[0], runs[1])
+
+
+def test_the_recurrent_depth_objective_logs_r_and_trains_as_cross_entropy():
+    """It draws r as the model's training-mode forward would (same RNG, same order), so the weights are equal;
+    what it adds is r in every logged row."""
+    task = make_task("prefix_parity", seq_len=8)
+    cfg = TrainConfig(steps=4, batch_size=4, lr=1e-2, warmup_steps=1, eval_batches=1, log_every=1)
+    runs = {}
+    for objective in (cross_entropy, recurrent_depth):
+        model = build_model(arch="recurrent_depth", vocab_size=2, d_model=16, seed=0,
+                            depth={"sampler": "progressive", "mean_steps": 4, "backprop_steps": 2})
+        result = fit(model, task_batches(task, cfg), objective, cfg, progress=False)
+        runs[objective] = (torch.cat([p.detach().flatten() for p in model.parameters()]), result["history"])
+    (w_ce, h_ce), (w_rd, h_rd) = runs[cross_entropy], runs[recurrent_depth]
+    assert torch.equal(w_ce, w_rd)
+    assert [r["loss"] for r in h_ce] == [r["loss"] for r in h_rd]
+    rs = [r["r"] for r in h_rd]
+    assert all(r == int(r) and 2 <= r <= 6 for r in rs) and len(set(rs)) > 1  # progressive: 2 + U{0..4}
+    with pytest.raises(InputError, match="recurrent-depth objective needs a recurrent-depth model"):
+        fit(build_model(**TINY_MODEL), task_batches(task, cfg), recurrent_depth, cfg, progress=False)
+
+
+def test_a_batch_source_of_another_size_is_refused():
+    task = make_task("mqar", **{k: v for k, v in TINY_MQAR.items() if k != "name"})
+    with pytest.raises(InputError, match="draws 8 rows per step but config field 'train.batch_size' = 4"):
+        fit(build_model(**TINY_MODEL), task_batches(task, TrainConfig(batch_size=8)), cross_entropy,
+            TrainConfig(batch_size=4), progress=False)
 
 
 def test_gradient_accumulation_equals_one_big_batch(tmp_path):
@@ -146,14 +174,14 @@ def test_bf16_autocast_trains(tmp_path):
 
 def poison(monkeypatch, bad_calls):
     """Make masked_cross_entropy return NaN on the given (0-based) calls."""
-    real, calls = trainer.masked_cross_entropy, {"n": 0}
+    real, calls = losses.masked_cross_entropy, {"n": 0}
 
     def patched(logits, batch):
         loss = real(logits, batch)
         calls["n"] += 1
         return loss * float("nan") if calls["n"] - 1 in bad_calls else loss
 
-    monkeypatch.setattr(trainer, "masked_cross_entropy", patched)
+    monkeypatch.setattr(losses, "masked_cross_entropy", patched)
 
 
 def test_a_non_finite_loss_is_skipped_and_counted(tmp_path, monkeypatch):
@@ -231,7 +259,7 @@ def test_interrupted_run_resumes_bit_identically(corpus_root, tmp_path, monkeypa
         corpus_root, tmp_path, steps=6, checkpoint_every=2, grad_accum=2)
     train(config, out=tmp_path / "whole", progress=False)
 
-    real, calls = trainer.masked_cross_entropy, {"n": 0}
+    real, calls = losses.masked_cross_entropy, {"n": 0}
 
     def crash_in_step_4(logits, batch):
         calls["n"] += 1
@@ -239,11 +267,11 @@ def test_interrupted_run_resumes_bit_identically(corpus_root, tmp_path, monkeypa
             raise KeyboardInterrupt  # dies mid-step, after checkpoint 2 and a logged step 3
         return real(logits, batch)
 
-    monkeypatch.setattr(trainer, "masked_cross_entropy", crash_in_step_4)
+    monkeypatch.setattr(losses, "masked_cross_entropy", crash_in_step_4)
     with pytest.raises(KeyboardInterrupt):
         train(config, out=tmp_path / "cut", progress=False)
     assert [r["step"] for r in rows(tmp_path / "cut")] == [1, 2, 3]
-    monkeypatch.setattr(trainer, "masked_cross_entropy", real)
+    monkeypatch.setattr(losses, "masked_cross_entropy", real)
     train(config, out=tmp_path / "cut", progress=False, resume=True)
 
     assert_same_weights(tmp_path / "whole" / "checkpoint", tmp_path / "cut" / "checkpoint")

@@ -470,7 +470,7 @@ def distill_and_compare(teacher: nn.Module, student_config: Any, task: Task, cfg
     cfg.transfer), train its twin from scratch with the same TrainConfig (same batches, steps, optimizer), and
     evaluate the teacher, both students and their decoding cost at `context` tokens (0: skip) on `eval_task`."""
     from seqlab.models import as_config, build_model
-    from seqlab.train.trainer import evaluate, fit
+    from seqlab.train import cross_entropy, evaluate, fit, task_batches
 
     tc = cfg.train
     eval_task = eval_task or task
@@ -484,7 +484,8 @@ def distill_and_compare(teacher: nn.Module, student_config: Any, task: Task, cfg
     scratch_result = None
     if scratch:
         twin = build_model(student_config, seed=tc.seed)
-        scratch_result = fit(twin, task, tc, progress=progress, desc="scratch", eval_task=eval_task)
+        scratch_result = fit(twin, task_batches(task, tc), cross_entropy, tc, progress=progress, desc="scratch",
+                             eval_task=eval_task)
     metric, _, _ = quality(teacher_eval)
 
     costs: dict[str, dict] = {}  # decode cost per architecture: the distilled student and its twin share one

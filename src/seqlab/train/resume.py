@@ -4,8 +4,11 @@ position and the recurrent state carried between segments (truncated BPTT).
 A training checkpoint is a `seqlab.save` folder (config.json + model.safetensors, so `seqlab eval` and
 `seqlab.load` read it) with three more files written in the same atomic rename:
 
-    optimizer.safetensors   AdamW's per-parameter state: `state.<param index>.<exp_avg|exp_avg_sq|step>`
-    trainer.safetensors     RNG states (torch CPU, CUDA, the data generator) and the carried model state
+    optimizer.safetensors   AdamW's per-parameter state: `state.<param index>.<exp_avg|exp_avg_sq|step>` (the
+                            model's parameters, then the loss's own, if it has any)
+    trainer.safetensors     RNG states (torch CPU `rng.torch`, CUDA `rng.cuda.<i>`), the batch source's position
+                            (`rng.data`: the data generator, for random batches), the carried model state
+                            (`carry.*`) and the loss's own parameters (`loss.*`, distillation's projections)
     trainer.json            step, counters, the Python and NumPy RNG states, the carried state's layout, the run
                             config; the learning-rate schedule is a pure function of the step, so the step is
                             its whole state
@@ -15,15 +18,18 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
-from seqlab.checkpoint import read_json, read_tensors
+from seqlab.checkpoint import read_json, read_tensors, save
 from seqlab.errors import InputError
 from seqlab.models import ModelState
+from seqlab.train.batches import BatchSource
 
 OPTIMIZER_FILE = "optimizer.safetensors"
 TENSORS_FILE = "trainer.safetensors"
@@ -60,8 +66,8 @@ def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor])
 # random number generators
 
 
-def rng_tensors(data_generator: torch.Generator) -> dict[str, torch.Tensor]:
-    out = {"rng.torch": torch.get_rng_state(), "rng.data": data_generator.get_state()}
+def rng_tensors() -> dict[str, torch.Tensor]:
+    out = {"rng.torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             out[f"rng.cuda.{i}"] = s
@@ -77,9 +83,8 @@ def rng_json() -> dict[str, Any]:
     }
 
 
-def restore_rngs(tensors: dict[str, torch.Tensor], saved: dict[str, Any], data_generator: torch.Generator) -> None:
+def restore_rngs(tensors: dict[str, torch.Tensor], saved: dict[str, Any]) -> None:
     torch.set_rng_state(tensors["rng.torch"])
-    data_generator.set_state(tensors["rng.data"])
     cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda)
@@ -164,3 +169,54 @@ def find_checkpoint(out: Path) -> Path:
 def read_training_state(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(trainer.json, optimizer tensors, trainer tensors) of a checkpoint, each verified against its hash."""
     return read_json(path, JSON_FILE), read_tensors(path, OPTIMIZER_FILE), read_tensors(path, TENSORS_FILE)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# a whole training checkpoint: write, and read back into a fresh run
+
+
+@dataclasses.dataclass
+class Counters:
+    """What the loop has done; saved in trainer.json."""
+
+    step: int = 0  # optimizer steps done (skipped ones included)
+    tokens: int = 0  # tokens trained on, all processes together
+    skipped: int = 0  # steps skipped for a non-finite loss or gradient
+    bad_in_a_row: int = 0
+
+
+def save_checkpoint(folder: Path, model: nn.Module, loss_fn: Any, opt: torch.optim.Optimizer,
+                    batches: BatchSource, counters: Counters, carry: list[ModelState | None],
+                    run_config: dict | None) -> None:
+    """Write `folder/checkpoint` (atomically replacing the previous one) with all a resumed run needs."""
+    carried, layout = carry_tensors(carry)
+    own = loss_fn.state_dict() if isinstance(loss_fn, nn.Module) else {}
+    state = {**dataclasses.asdict(counters), "rng": rng_json(), "carry": layout, "run_config": run_config}
+    save(model, folder / "checkpoint",
+         tensors={OPTIMIZER_FILE: optimizer_tensors(opt),
+                  TENSORS_FILE: {**rng_tensors(), **batches.state_tensors(), **carried,
+                                 **{f"loss.{k}": v for k, v in own.items()}}},
+         json_files={JSON_FILE: state})
+    for stale in (*folder.glob(".checkpoint.old-*"), *folder.glob(".checkpoint.tmp-*")):
+        shutil.rmtree(stale, ignore_errors=True)  # left by a crash mid-write; the new checkpoint supersedes them
+
+
+def restore_checkpoint(path: Path, model: nn.Module, loss_fn: Any, opt: torch.optim.Optimizer,
+                       batches: BatchSource, micro: int, device: torch.device,
+                       grad_accum: int) -> tuple[Counters, list[ModelState | None]]:
+    """Load a checkpoint written by `save_checkpoint` into a freshly set-up run; returns its counters and the
+    carried states (one per micro-batch)."""
+    saved, opt_tensors, tensors = read_training_state(path)
+    model.load_state_dict(read_tensors(path))
+    if isinstance(loss_fn, nn.Module):
+        loss_fn.load_state_dict({k[len("loss."):]: v.to(device) for k, v in tensors.items() if k.startswith("loss.")})
+    load_optimizer(opt, {k: v.to(device) if not k.endswith(".step") else v for k, v in opt_tensors.items()})
+    batches.load_state_tensors(tensors)
+    counters = Counters(**{f.name: saved[f.name] for f in dataclasses.fields(Counters)})
+    carry: list[ModelState | None] = [None] * grad_accum
+    if any(entry is not None for entry in saved["carry"]):
+        with torch.no_grad():
+            _, template = model(torch.zeros(micro, 1, dtype=torch.long, device=device))
+        carry = restore_carry(tensors, saved["carry"], template, device)
+    restore_rngs(tensors, saved["rng"])  # last: the template forward above may draw from them (recurrent depth's r)
+    return counters, carry

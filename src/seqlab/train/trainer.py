@@ -1,14 +1,17 @@
-"""One training loop for every architecture.
+"""One training loop for every architecture and every objective.
 
-    seqlab.train(config, task, out)        # what `seqlab train --config FILE --task T --out DIR` runs
-    fit(model, task, cfg)                  # the loop alone, on a model you built (the lab uses this)
+    seqlab.train(config, task, out)                           # `seqlab train --config FILE --task T --out DIR`
+    fit(model, task_batches(task, cfg), cross_entropy, cfg)   # the loop alone, on a model you built
+    fit(student, task_batches(task, cfg), DistillLoss(teacher, student, dcfg), cfg)   # any loss: see
+                                                              # seqlab.train.losses for the protocol
 
 One optimizer step (`train` config section, see `seqlab.config.TrainConfig`):
     1. lr = warmup then cosine, a pure function of the step (so the step is the schedule's whole state);
-    2. draw the *global* batch (`batch_size` rows) from the data generator, or take segment `step mod N` of the
-       stream (truncated BPTT); this process trains on its rows (DDP), in `grad_accum` micro-batches;
-    3. each micro-batch's loss is its summed cross-entropy over the global number of masked tokens, so the
-       gradient is exactly that of the mean over the global batch whatever the split;
+    2. take the *global* batch (`batch_size` rows) of this step from the batch source (`seqlab.train.batches`:
+       random batches from a seeded generator, or segment `step mod N` of a stream for truncated BPTT); this
+       process trains on its rows (DDP), in `grad_accum` micro-batches;
+    3. each micro-batch's loss is the loss function's sum over its masked tokens divided by the global number of
+       masked tokens, so the gradient is exactly that of the mean over the global batch whatever the split;
     4. clip the gradient norm (logged); a non-finite loss or gradient skips the step (counted; the run stops
        after `max_nonfinite` in a row); else AdamW (weight decay on >= 2-D weights only).
 Around it: evaluation every `eval_every` steps, JSON-lines metrics, a progress bar, checkpoints every
@@ -21,30 +24,31 @@ import contextlib
 import dataclasses
 import json
 import math
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
-from seqlab.checkpoint import save
 from seqlab.config import RunConfig, TrainConfig
-from seqlab.data import Batch, Metrics, Task, make_task, masked_cross_entropy
+from seqlab.data import Batch, Metrics, Task, make_task
 from seqlab.errors import InputError
 from seqlab.models import ModelState, build_model
 from seqlab.models.attention import KVCache
 from seqlab.train import resume
+from seqlab.train.batches import BatchSource, task_batches
 from seqlab.train.distributed import World, check_divisible, init_world
+from seqlab.train.losses import Loss, LossFn, cross_entropy
 
 
 class TrainingDiverged(RuntimeError):
     """Too many optimizer steps in a row had a non-finite loss or gradient."""
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only (>= 2-D: linear and embedding weights), never on gains or biases,
     nor on a parameter its mixer marked `_no_weight_decay` (Mamba's A_log, 2-D but a recurrence parameter)."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -93,12 +97,12 @@ def detach_state(state: ModelState, kv_window: int) -> ModelState:
     return ModelState(tuple(layers), state.pos)
 
 
-def _model_device(model: torch.nn.Module) -> torch.device:
+def _model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, task: Task, batches: int = 8, batch_size: int = 32, seed: int = 1234, *,
+def evaluate(model: nn.Module, task: Task, batches: int = 8, batch_size: int = 32, seed: int = 1234, *,
              stateful: bool = False, kv_window: int | None = None, precision: str = "fp32") -> dict[str, float]:
     """The task's metrics over `batches` held-out batches, every masked token weighted equally.
 
@@ -134,29 +138,22 @@ def evaluate(model: torch.nn.Module, task: Task, batches: int = 8, batch_size: i
 # the loop
 
 
-@dataclasses.dataclass
-class Counters:
-    """What the loop has done; saved in trainer.json."""
-
-    step: int = 0  # optimizer steps done (skipped ones included)
-    tokens: int = 0  # tokens trained on, all processes together
-    skipped: int = 0  # steps skipped for a non-finite loss or gradient
-    bad_in_a_row: int = 0
-
-
 def _finite_floats(row: dict[str, Any]) -> dict[str, Any]:
     """JSON has no NaN or infinity: write them as null."""
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
 
 
-def fit(model: torch.nn.Module, task: Task, cfg: TrainConfig, *, progress: bool = True, desc: str = "train",
-        log: Callable[[dict], None] | None = None, eval_task: Task | None = None,
+def fit(model: nn.Module, batches: BatchSource, loss_fn: LossFn, cfg: TrainConfig, *, progress: bool = True,
+        desc: str = "train", log: Callable[[dict], None] | None = None, eval_task: Task | None = None,
         checkpoint_dir: str | Path | None = None, resume_from: str | Path | None = None,
         run_config: dict | None = None) -> dict[str, Any]:
-    """Train `model` on `task` for cfg.steps optimizer steps; returns the final evaluation and throughput.
+    """Train `model` on `batches` (a source from `seqlab.train.batches`, usually `task_batches(task, cfg)`) with
+    `loss_fn` (`seqlab.train.losses`) for cfg.steps optimizer steps; returns the final evaluation and throughput.
 
-    log: called (on rank 0) with one dict per logged step and per evaluation, what `train` writes as JSON lines.
-    eval_task: what evaluation reads (default: `task`).
+    log: called (on rank 0) with one dict per logged step and per evaluation, what `train` writes as JSON lines:
+        {"step", "loss", <the loss's metrics>, "grad_norm", "lr", "tokens_per_s"} and {"step", "eval_<metric>"}.
+    eval_task: what evaluation reads (default: the batch source's task); evaluation is cross-entropy and accuracy
+        (`evaluate`) whatever the training loss.
     checkpoint_dir: where checkpoints go (every cfg.checkpoint_every steps and at the end); None: nowhere.
     resume_from: a checkpoint written by this loop to continue from, exactly where it stopped.
     run_config: stored in each checkpoint (what `train` checks on --resume).
@@ -164,23 +161,23 @@ def fit(model: torch.nn.Module, task: Task, cfg: TrainConfig, *, progress: bool 
     world = init_world(cfg.device)
     device = resolve_device(cfg.device, world)
     micro = check_divisible(cfg.batch_size, cfg.grad_accum, world)
-    eval_task = eval_task or task
-    stream = None
-    if cfg.stream:
-        if not hasattr(task, "stream"):
-            raise InputError(f"config field 'train.stream' = true needs a streaming task (corpus); '{task.name}' "
-                             "only draws independent batches")
-        stream = task.stream(cfg.batch_size)
-    kv_window = cfg.kv_window or task.seq_len
+    if batches.batch_size != cfg.batch_size:
+        raise InputError(f"the batch source draws {batches.batch_size} rows per step but config field "
+                         f"'train.batch_size' = {cfg.batch_size}; build it with task_batches(task, cfg)")
+    eval_task = eval_task or batches.task
+    kv_window = cfg.kv_window or batches.task.seq_len
 
     model.to(device).train()
     torch.manual_seed(cfg.seed)  # the global RNG draws the model's own randomness (recurrent depth's r); checkpointed
-    gen = torch.Generator().manual_seed(cfg.seed)
-    opt = make_optimizer(model, cfg)
-    counters = Counters()
+    own: list[nn.Parameter] = []  # the loss's own parameters, trained beside the model's
+    if isinstance(loss_fn, nn.Module):
+        own = list(loss_fn.to(device).parameters())
+    opt = make_optimizer(nn.ModuleList([model, loss_fn]) if own else model, cfg)
+    counters = resume.Counters()
     carry: list[ModelState | None] = [None] * cfg.grad_accum
     if resume_from is not None:
-        counters, carry = _restore(Path(resume_from), model, opt, gen, micro, device, cfg.grad_accum)
+        counters, carry = resume.restore_checkpoint(Path(resume_from), model, loss_fn, opt, batches, micro, device,
+                                                    cfg.grad_accum)
     net = model
     if world.distributed:
         net = torch.nn.parallel.DistributedDataParallel(
@@ -189,7 +186,7 @@ def fit(model: torch.nn.Module, task: Task, cfg: TrainConfig, *, progress: bool 
 
     def checkpoint() -> None:
         if checkpoint_dir is not None and world.is_main:
-            _save(Path(checkpoint_dir), model, opt, gen, counters, carry, run_config)
+            resume.save_checkpoint(Path(checkpoint_dir), model, loss_fn, opt, batches, counters, carry, run_config)
 
     def emit(row: dict[str, Any]) -> None:
         if log is not None and world.is_main:
@@ -197,8 +194,7 @@ def fit(model: torch.nn.Module, task: Task, cfg: TrainConfig, *, progress: bool 
 
     def run_eval() -> dict[str, float]:
         metrics = evaluate(model, eval_task, cfg.eval_batches, cfg.batch_size, cfg.seed + 1,
-                           stateful=stream is not None and cfg.carry_state, kv_window=kv_window,
-                           precision=cfg.precision)
+                           stateful=batches.carries_state, kv_window=kv_window, precision=cfg.precision)
         emit({"step": counters.step, **{f"eval_{k}": v for k, v in metrics.items()}})
         return metrics
 
@@ -211,15 +207,11 @@ def fit(model: torch.nn.Module, task: Task, cfg: TrainConfig, *, progress: bool 
         lr = lr_at(step, cfg)
         for group in opt.param_groups:
             group["lr"] = lr
-        if stream is not None:
-            segment = step % len(stream)
-            if segment == 0 or not cfg.carry_state:
-                carry = [None] * cfg.grad_accum  # a new pass over the stream starts from an empty state
-            batch = stream.segment(segment)
-        else:
-            batch = task.batch(cfg.batch_size, gen)
-        loss_value, accuracy, grad_norm = _optimizer_step(net, opt, batch, carry, cfg, world, micro, device,
-                                                          kv_window if stream is not None else None)
+        if not batches.continues(step):
+            carry = [None] * cfg.grad_accum  # a new pass over a stream, or independent batches: no state
+        batch = batches.batch(step)
+        loss_value, metrics, grad_norm = _optimizer_step(net, loss_fn, own, opt, batch, carry, cfg, world, micro,
+                                                         device, kv_window if batches.carries_state else None)
         finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
         if finite:
             counters.bad_in_a_row = 0
@@ -232,7 +224,7 @@ def fit(model: torch.nn.Module, task: Task, cfg: TrainConfig, *, progress: bool 
         bar.update(1)
 
         elapsed = time.perf_counter() - start
-        row = {"step": counters.step, "loss": loss_value, "accuracy": accuracy, "grad_norm": grad_norm, "lr": lr,
+        row = {"step": counters.step, "loss": loss_value, **metrics, "grad_norm": grad_norm, "lr": lr,
                "tokens_per_s": (counters.tokens - tokens_at_start) / max(elapsed, 1e-9)}
         if not finite:
             row["skipped"] = counters.skipped
@@ -264,35 +256,40 @@ def fit(model: torch.nn.Module, task: Task, cfg: TrainConfig, *, progress: bool 
     }
 
 
-def _optimizer_step(net: torch.nn.Module, opt: torch.optim.Optimizer, batch: Batch, carry: list[ModelState | None],
-                    cfg: TrainConfig, world: World, micro: int, device: torch.device,
-                    kv_window: int | None) -> tuple[float, float, float]:
+def _optimizer_step(net: nn.Module, loss_fn: LossFn, own: list[nn.Parameter], opt: torch.optim.Optimizer,
+                    batch: Batch, carry: list[ModelState | None], cfg: TrainConfig, world: World, micro: int,
+                    device: torch.device, kv_window: int | None) -> tuple[float, dict[str, float], float]:
     """One step on this process's rows of the global `batch`, in cfg.grad_accum micro-batches; the update is
     skipped when the loss or the gradient is not finite. Updates `carry` in place when `kv_window` is given
-    (stream training). Returns the global batch's loss, accuracy and the gradient norm before clipping."""
+    (the source carries state). Returns the global batch's loss, the loss's metrics (per masked position) and
+    the gradient norm before clipping."""
     counted = max(int(batch.mask.sum()), 1)  # masked tokens in the global batch
     local = batch[world.rows(cfg.batch_size)]
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device)
+    totals, names = None, []
     for a in range(cfg.grad_accum):
         part = local[a * micro : (a + 1) * micro]
-        loss, state, hits = _micro_step(net, part, carry[a], device, cfg.precision,
-                                        scale=world.size / counted, sync=a == cfg.grad_accum - 1)
-        loss_sum += loss
-        correct += hits
-        if kv_window is not None and cfg.carry_state:
-            carry[a] = detach_state(state, kv_window)
-    totals = world.all_reduce_sum(torch.stack([loss_sum, correct]))  # DDP averaged the gradients already
-    loss_value, accuracy = (totals / counted).tolist()
+        out = _micro_step(net, loss_fn, part, carry[a], device, cfg.precision, scale=world.size / counted,
+                          sync=a == cfg.grad_accum - 1)
+        terms = torch.stack([out.total, *out.metrics.values()])  # (1 + metrics,)
+        totals = terms if totals is None else totals + terms
+        names = list(out.metrics)
+        if kv_window is not None:
+            carry[a] = detach_state(out.state, kv_window)
+    totals = world.all_reduce_sum(totals)  # DDP averaged the model's gradients already
+    loss_value, *values = (totals / counted).tolist()
+    if world.distributed:
+        for p in own:  # the loss's own parameters are not in DDP: average their gradients here
+            if p.grad is not None:
+                world.all_reduce_sum(p.grad).div_(world.size)
     params = [p for group in opt.param_groups for p in group["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or math.inf).item()
     if math.isfinite(loss_value) and math.isfinite(grad_norm):
         opt.step()
     opt.zero_grad(set_to_none=True)
-    return loss_value, accuracy, grad_norm
+    return loss_value, dict(zip(names, values)), grad_norm
 
 
-def _diverged_message(counters: Counters, cfg: TrainConfig, checkpoint_dir: str | Path | None) -> str:
+def _diverged_message(counters: resume.Counters, cfg: TrainConfig, checkpoint_dir: str | Path | None) -> str:
     last = Path(checkpoint_dir) / "checkpoint" if checkpoint_dir is not None else None
     kept = f"the last good checkpoint is '{last}'" if last is not None and last.exists() else \
         "no checkpoint was written"
@@ -301,58 +298,17 @@ def _diverged_message(counters: Counters, cfg: TrainConfig, checkpoint_dir: str 
             "Try a lower train.lr, train.grad_clip > 0, or train.precision = fp32.")
 
 
-def _micro_step(net: torch.nn.Module, part: Batch, state: ModelState | None, device: torch.device,
-                precision: str, scale: float, sync: bool) -> tuple[torch.Tensor, ModelState, torch.Tensor]:
-    """Forward and backward on one micro-batch. Returns (summed loss, new state, correct count), all detached
-    except the state (the caller detaches what it carries)."""
-    part = Batch(part.inputs.to(device), part.targets.to(device), part.mask.to(device))
+def _micro_step(net: nn.Module, loss_fn: LossFn, part: Batch, state: ModelState | None, device: torch.device,
+                precision: str, scale: float, sync: bool) -> Loss:
+    """Forward and backward on one micro-batch (the gradient all-reduce held back until the last one, `sync`).
+    Returns the loss, detached, except its state (the caller detaches what it carries)."""
+    part = Batch(part.inputs.to(device), part.targets.to(device), part.mask.to(device), part.byte_level)
     no_sync = getattr(net, "no_sync", None)
     with (contextlib.nullcontext() if sync or no_sync is None else no_sync()):
         with autocast(device, precision):
-            logits, new_state = net(part.inputs, state)
-        counted = part.mask.sum()
-        loss = masked_cross_entropy(logits, part) * counted  # summed over this micro-batch's masked tokens
-        (loss * scale).backward()
-    hits = ((logits.detach().argmax(-1) == part.targets) & part.mask).sum()
-    return loss.detach().float(), new_state, hits.float()
-
-
-# ---------------------------------------------------------------------------------------------------------
-# checkpoints
-
-
-def _save(folder: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator,
-          counters: Counters, carry: list[ModelState | None], run_config: dict | None) -> None:
-    carried, layout = resume.carry_tensors(carry)
-    state = {
-        **dataclasses.asdict(counters),
-        "rng": resume.rng_json(),
-        "carry": layout,
-        "run_config": run_config,
-    }
-    save(model, folder / "checkpoint",
-         tensors={resume.OPTIMIZER_FILE: resume.optimizer_tensors(opt),
-                  resume.TENSORS_FILE: {**resume.rng_tensors(gen), **carried}},
-         json_files={resume.JSON_FILE: state})
-    for stale in (*folder.glob(".checkpoint.old-*"), *folder.glob(".checkpoint.tmp-*")):
-        shutil.rmtree(stale, ignore_errors=True)  # left by a crash mid-write; the new checkpoint supersedes them
-
-
-def _restore(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator, micro: int,
-             device: torch.device, grad_accum: int) -> tuple[Counters, list[ModelState | None]]:
-    from seqlab.checkpoint import read_tensors
-
-    saved, opt_tensors, tensors = resume.read_training_state(path)
-    model.load_state_dict(read_tensors(path))
-    resume.load_optimizer(opt, {k: v.to(device) if not k.endswith(".step") else v for k, v in opt_tensors.items()})
-    resume.restore_rngs(tensors, saved["rng"], gen)
-    counters = Counters(**{f.name: saved[f.name] for f in dataclasses.fields(Counters)})
-    carry: list[ModelState | None] = [None] * grad_accum
-    if any(entry is not None for entry in saved["carry"]):
-        with torch.no_grad():
-            _, template = model(torch.zeros(micro, 1, dtype=torch.long, device=device))
-        carry = resume.restore_carry(tensors, saved["carry"], template, device)
-    return counters, carry
+            out = loss_fn(net, part, state)
+        (out.total * scale).backward()
+    return Loss(out.total.detach().float(), out.state, {k: v.detach().float() for k, v in out.metrics.items()})
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -418,8 +374,8 @@ def train(config: RunConfig | dict | str | Path, task: str | None = None, out: s
             metrics_file.write(json.dumps(row) + "\n")
             metrics_file.flush()
 
-        result = fit(model, task_obj, config.train, progress=progress, log=log, eval_task=eval_obj,
-                     checkpoint_dir=out, resume_from=resume_from, run_config=resolved)
+        result = fit(model, task_batches(task_obj, config.train), cross_entropy, config.train, progress=progress,
+                     log=log, eval_task=eval_obj, checkpoint_dir=out, resume_from=resume_from, run_config=resolved)
     finally:
         if metrics_file is not None:
             metrics_file.close()

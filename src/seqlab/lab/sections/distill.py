@@ -27,7 +27,7 @@ from seqlab.errors import InputError
 from seqlab.lab.cell import Cell, run_dir
 from seqlab.lab.sections.quality import check_entry, split_task, task_label
 from seqlab.models import build_model
-from seqlab.train import evaluate, fit
+from seqlab.train import cross_entropy, evaluate, fit, task_batches
 
 TITLE = "Distillation"
 
@@ -87,7 +87,7 @@ def run(cell: Any, cfg: Config, lab: Any, cell_dir: Path, progress: bool) -> dic
     if cell.id == "teacher":
         model = build_model({"vocab_size": task.vocab_size, **cfg.teacher}, seed=lab.seed)
         tc = cfg.teacher_train.replace(seed=lab.seed)
-        result = fit(model, task, tc, progress=progress, desc="distill/teacher")
+        result = fit(model, task_batches(task, tc), cross_entropy, tc, progress=progress, desc="distill/teacher")
         test = evaluate(model, eval_task, tc.eval_batches, tc.batch_size, seed=lab.seed + 1)
         save(model, cell_dir / "checkpoint", json_files={"train_config.json": tc.to_dict()})
         return {"params": model.num_parameters(), "d_model": model.config.d_model, "train_eval": result["eval"],

@@ -26,7 +26,7 @@ from seqlab.document import Section, save_figure
 from seqlab.errors import InputError
 from seqlab.lab.cell import Cell, error_rows
 from seqlab.models import build_model, matched_width
-from seqlab.train import evaluate, fit
+from seqlab.train import cross_entropy, evaluate, fit, task_batches
 
 TITLE = "Quality"
 
@@ -114,7 +114,7 @@ def run(cell: Any, cfg: Config, lab: Any, cell_dir: Path, progress: bool) -> dic
     model_cfg = matched_config({"vocab_size": task.vocab_size, **cfg.model}, mixer, cfg.target_params, cfg.depth)
     model = build_model(model_cfg, seed=lab.seed)
     train_cfg = cfg.train.replace(eval_batches=cfg.eval_batches, seed=lab.seed)
-    result = fit(model, task, train_cfg, progress=progress, desc=cell.id)
+    result = fit(model, task_batches(task, train_cfg), cross_entropy, train_cfg, progress=progress, desc=cell.id)
     test = evaluate(model, eval_task, cfg.eval_batches, cfg.train.batch_size, seed=lab.seed + 1)
     out = {"task": task_label(task_entry), "mixer": mixer, "params": model.num_parameters(),
            "d_model": model_cfg.d_model, "train_eval": result["eval"], "test": test,

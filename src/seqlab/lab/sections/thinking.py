@@ -24,7 +24,7 @@ from seqlab.errors import InputError
 from seqlab.lab.cell import Cell, run_dir
 from seqlab.lab.sections.quality import split_task, task_label
 from seqlab.models import build_model
-from seqlab.train import fit
+from seqlab.train import fit, recurrent_depth, task_batches
 
 TITLE = "Test-time compute"
 
@@ -66,7 +66,7 @@ def train_model(cfg: Config, seed: int, folder: Path, progress: bool, desc: str 
     task = make_task(cfg.task["name"], **train_params)
     model = build_model({"vocab_size": task.vocab_size, **cfg.model}, seed=seed)
     train_cfg = cfg.train.replace(seed=seed)
-    result = fit(model, task, train_cfg, progress=progress, desc=desc)
+    result = fit(model, task_batches(task, train_cfg), recurrent_depth, train_cfg, progress=progress, desc=desc)
     save(model, folder, json_files={"train_config.json": train_cfg.to_dict(), "task.json": cfg.task})
     return {**result, "params": model.num_parameters(), "model": model}
 
