@@ -56,7 +56,7 @@ MODEL_FIELDS = {
     "mixer": "mixer name (or a hybrid such as lstm+attention)",
     "params": "parameter count without the embedding, matched to the target",
     "d_model": "model width chosen to match the parameter count",
-    "state_formula": "the analytical state size per layer and sequence, in elements",
+    "state_formula": "each mixer's STATE_FORMULA: how its state's bytes follow from the config, T and batch",
     "config": "the full model config",
 }
 CELL_FIELDS = {
@@ -64,7 +64,8 @@ CELL_FIELDS = {
     "context": "tokens prefilled before decoding",
     "params": "parameter count without the embedding",
     "state_bytes": "state.nbytes after the context (used KV-cache entries or the recurrent state)",
-    "state_bytes_formula": "the analytical state size for this config and context (null if unknown)",
+    "state_bytes_formula": "the state's bytes after the context by the mixers' state_bytes formulas (null if "
+                           "unknown)",
     "state_allocated_bytes": "bytes allocated for the state, preallocated KV-cache room included",
     "baseline_memory_bytes": "process memory (RSS; CUDA: allocated) after building and warming up the model",
     "peak_memory_prefill_bytes": "peak process memory during prefill",
@@ -93,31 +94,21 @@ CROSSOVER_FIELDS = {
     "speedup_at_largest_context": "attention's decode latency / this mixer's, at the largest context measured",
 }
 
-# Analytical state size in elements, per layer and sequence, after T tokens: the formulas the tests and the
-# profiler hold `nbytes` to (x element size x batch).
-FORMULAS: dict[str, tuple[str, Any]] = {
-    "attention": ("2 x kv_heads x head_dim x T",
-                  lambda c, T: 2 * c.attention.kv_heads * c.head_dim * T),
-    "sliding_attention": ("2 x kv_heads x head_dim x min(T, window)",
-                          lambda c, T: 2 * c.attention.kv_heads * c.head_dim * min(T, c.attention.window)),
-    "lstm": ("2 x d_hidden (h and c)", lambda c, T: 2 * c.rnn_hidden),
-    "gru": ("d_hidden (h)", lambda c, T: c.rnn_hidden),
-    "conv": ("d_model x (kernel_size - 1)", lambda c, T: c.d_model * (c.conv.kernel_size - 1)),
-    "mamba": ("d_inner x d_state (SSM) + d_inner x (d_conv - 1) (conv window)",
-              lambda c, T: c.mamba_d_inner * (c.mamba.d_state + c.mamba.d_conv - 1)),
-    "gla": ("d_key x d_value / n_heads (one d_k x d_v matrix per head)",
-            lambda c, T: c.gla_d_key * c.gla_d_value // c.gla.n_heads),
-}
+def state_bytes_formula(cfg: ModelConfig, context: int, batch: int = 1,
+                        dtype: torch.dtype = torch.float32) -> int | None:
+    """Bytes of the state after `context` tokens by the mixers' own formulas (`LanguageModel.state_bytes`, each
+    mixer's `state_bytes`); the model is built on the meta device, so this costs no memory. None for a model
+    without one."""
+    with torch.device("meta"):
+        model = build_model(cfg)
+    return model.state_bytes(context, batch, dtype) if hasattr(model, "state_bytes") else None
 
 
-def state_bytes_formula(cfg: ModelConfig, context: int, batch: int = 1, itemsize: int = 4) -> int | None:
-    """Bytes of the state after `context` tokens by the formulas in `FORMULAS` (None for a mixer without one)."""
-    total = 0
-    for mixer in cfg.layer_mixers:
-        if mixer not in FORMULAS:
-            return None
-        total += FORMULAS[mixer][1](cfg, context)
-    return total * batch * itemsize
+def state_formulas(cfg: ModelConfig) -> dict[str, str]:
+    """Each mixer's `STATE_FORMULA` (its state size in words), by mixer name, in layer order."""
+    with torch.device("meta"):
+        model = build_model(cfg)
+    return {block.mixer_name: getattr(block.mixer, "STATE_FORMULA", "unknown") for block in model.blocks}
 
 
 @dataclass(frozen=True)
@@ -269,8 +260,7 @@ def measure_cell(spec: dict[str, Any]) -> dict[str, Any]:
     return {
         "mixer": spec["mixer"], "context": context,
         "params": model.num_parameters(exclude_embeddings=True), "state_bytes": state_bytes,
-        "state_bytes_formula": state_bytes_formula(cfg, context, batch,
-                                                   next(model.parameters()).element_size()),
+        "state_bytes_formula": state_bytes_formula(cfg, context, batch, next(model.parameters()).dtype),
         "state_allocated_bytes": allocated, "baseline_memory_bytes": baseline,
         "peak_memory_prefill_bytes": peak_prefill, "peak_memory_decode_bytes": peak_decode,
         "peak_memory_bytes": max(peak_prefill, peak_decode), "prefill_seconds": prefill_s,
@@ -350,8 +340,7 @@ def run_profile(cfg: ProfileConfig, plot_dir: str | Path | None = None, progress
         "config": cfg.to_dict(),
         "models": [
             {"mixer": m, "params": count_parameters(mc), "d_model": mc.d_model, "config": mc.to_dict(),
-             "state_formula": {name: FORMULAS.get(name, ("unknown", None))[0] for name in dict.fromkeys(
-                 mc.layer_mixers)}}
+             "state_formula": state_formulas(mc)}
             for m, mc in models.items()
         ],
     }
