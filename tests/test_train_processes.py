@@ -93,3 +93,46 @@ def test_ddp_two_gloo_processes_equal_one_process(tmp_path):
         for key in ("loss", "eval_loss"):
             if key in r1:
                 assert r2[key] == pytest.approx(r1[key], rel=1e-5)
+
+
+DISTILL_SCRIPT = """
+import sys
+
+import torch
+
+import seqlab
+from seqlab.config import TrainConfig
+from seqlab.data import make_task
+from seqlab.distill import DistillConfig, distill
+from seqlab.train.distributed import launched_world, shutdown
+
+teacher = seqlab.build_model(dict(mixer="attention", vocab_size=16, d_model=16, n_layers=2,
+                                  attention={"n_heads": 2}, init_std=0.3), seed=1)
+student = seqlab.build_model(dict(mixer="gru", vocab_size=16, d_model=8, n_layers=1), seed=0)
+cfg = DistillConfig(ce_weight=0.5, hidden_weight=0.5, transfer=False,
+                    train=TrainConfig(steps=3, batch_size=8, warmup_steps=1, eval_batches=1, log_every=1))
+torch.manual_seed(0)  # the hidden projections' init: the same on every process
+distill(teacher, student, make_task("copy", vocab_size=16, seq_len=17), cfg, progress=False,
+        checkpoint_dir=sys.argv[1])
+shutdown(launched_world())
+"""
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
+def test_ddp_distillation_equals_one_process(tmp_path):
+    """Distillation trains through the same loop: under torchrun the student is DDP's, and the hidden
+    projections (the loss's own parameters) get their gradients averaged too."""
+    script = tmp_path / "distill_run.py"
+    script.write_text(DISTILL_SCRIPT)
+    for out, launcher in ((tmp_path / "one", [sys.executable]),
+                          (tmp_path / "two", [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                              "--nproc_per_node", "2"])):
+        done = subprocess.run([*launcher, str(script), str(out)], env=env(), capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 0, done.stderr[-3000:]
+    for name in ("model.safetensors", "trainer.safetensors"):
+        a, b = read_tensors(tmp_path / "one" / "checkpoint", name), read_tensors(tmp_path / "two" / "checkpoint", name)
+        keys = [k for k in a if not k.startswith("rng.")]
+        assert keys and all(k in b for k in keys)
+        for k in keys:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)

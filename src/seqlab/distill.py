@@ -4,6 +4,9 @@
     moved = transfer_weights(teacher, student)            # copy what shapes allow; map attention onto the mixer
     result = distill(teacher, student, task, DistillConfig(temperature=2.0, ce_weight=0.5))
 
+`distill` is `seqlab.train.fit` with `DistillLoss` as the loss: the same batches, schedule, clipping, gradient
+accumulation, non-finite guard, DDP and bit-exact resume as `seqlab train`.
+
 Losses, averaged over the positions whose target counts (the task's mask):
     kl      T^2 * KL(p_teacher || p_student), both at temperature T: p = softmax(logits / T) (Hinton et al. 2015;
             the T^2 keeps the gradient's scale independent of T)
@@ -35,20 +38,23 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from seqlab.config import TrainConfig
 from seqlab.data import Batch, Task, masked_cross_entropy
 from seqlab.errors import InputError
+from seqlab.models import ModelState, as_config, build_model
+from seqlab.train import cross_entropy, evaluate, fit, task_batches
+from seqlab.train.distributed import init_world
+from seqlab.train.losses import Loss, unwrap
+from seqlab.train.trainer import resolve_device
 
 ATTENTION = ("attention", "sliding_attention")
 
@@ -73,8 +79,9 @@ class DistillConfig:
                 raise InputError(f"distill {name} = {value!r}: must be a number >= 0")
         if self.kl_weight == self.ce_weight == self.hidden_weight == 0:
             raise InputError("distill: kl_weight, ce_weight and hidden_weight are all 0; nothing to learn from")
-        if self.train.grad_accum != 1 or self.train.stream:
-            raise InputError("distill supports train.grad_accum = 1 and train.stream = false only")
+        if self.train.stream:
+            raise InputError("distill supports train.stream = false only (the teacher's state is not carried "
+                             "across segments)")
 
     @classmethod
     def from_dict(cls, data: dict) -> DistillConfig:
@@ -123,17 +130,22 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: to
 
 
 def block_outputs(model: nn.Module, tokens: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """A plain language model's logits (B, T, V) and every block's output (B, T, D), from an empty state."""
-    if not isinstance(getattr(model, "blocks", None), nn.ModuleList) or model.config.arch != "lm":
+    """A plain language model's logits (B, T, V) and every block's output (B, T, D), from an empty state.
+
+    The model runs its own forward (through its DistributedDataParallel wrapper, if it has one, so gradients are
+    averaged); hooks on its blocks catch their outputs on the way."""
+    inner = unwrap(model)
+    if not isinstance(getattr(inner, "blocks", None), nn.ModuleList) or inner.config.arch != "lm":
         raise InputError(f"hidden-state alignment needs plain language models (arch 'lm'); got arch "
-                         f"{model.config.arch!r}")
-    model.check_tokens(tokens)
-    x = model.hidden(tokens)
-    outs = []
-    for block in model.blocks:
-        x, _ = block(x, None)
-        outs.append(x)
-    return model.logits(model.norm(x)), outs
+                         f"{inner.config.arch!r}")
+    outs: list[torch.Tensor] = []
+    hooks = [block.register_forward_hook(lambda _block, _args, out: outs.append(out[0])) for block in inner.blocks]
+    try:
+        logits, _ = model(tokens)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return logits, outs
 
 
 class HiddenAlignment(nn.Module):
@@ -315,80 +327,71 @@ def transfer_weights(teacher: nn.Module, student: nn.Module, mapping: list[int] 
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# the loop
+# the objective, and the loop that trains on it
+
+
+class DistillLoss(nn.Module):
+    """The distillation objective for `seqlab.train.fit` (see `seqlab.train.losses` for the protocol):
+    kl_weight * kl + ce_weight * ce + hidden_weight * hidden (the module docstring defines them), each summed
+    over the masked positions, and logged as metrics.
+
+    Its parameters are the hidden alignment's projections (none without hidden_weight), trained and saved with the
+    student. The teacher is frozen: it is kept out of this module's parameters, state_dict, .to() and .train(),
+    and must already be on the training device (`distill` puts it there).
+    """
+
+    def __init__(self, teacher: nn.Module, student: nn.Module, cfg: DistillConfig):
+        super().__init__()
+        check_pair(teacher, student)
+        object.__setattr__(self, "teacher", teacher.eval())  # not registered as a submodule: see above
+        self.temperature = cfg.temperature
+        self.weights = {"kl": cfg.kl_weight, "ce": cfg.ce_weight, "hidden": cfg.hidden_weight}
+        self.align = None
+        if cfg.hidden_weight > 0:
+            self.align = HiddenAlignment(student.config.d_model, teacher.config.d_model,
+                                         layer_map(len(teacher.blocks), len(student.blocks)))
+
+    def forward(self, model: nn.Module, batch: Batch, state: ModelState | None) -> Loss:
+        counted = batch.mask.sum()
+        with torch.no_grad():
+            if self.align is not None:
+                t_logits, t_hs = block_outputs(self.teacher, batch.inputs)
+            else:
+                t_logits, t_hs = self.teacher(batch.inputs)[0], None
+        if self.align is not None:
+            s_logits, s_hs = block_outputs(model, batch.inputs)
+        else:
+            s_logits, s_hs = model(batch.inputs)[0], None
+        # each term: its mean over the masked positions times their count, i.e. the sum
+        terms = {"kl": kd_loss(s_logits, t_logits, batch.mask, self.temperature) * counted}
+        if self.weights["ce"] > 0:
+            terms["ce"] = masked_cross_entropy(s_logits, batch) * counted
+        if self.align is not None:
+            terms["hidden"] = self.align(s_hs, t_hs, batch.mask) * counted
+        total = sum(self.weights[k] * v for k, v in terms.items())
+        return Loss(total, None, {k: v.detach() for k, v in terms.items()})
 
 
 def distill(teacher: nn.Module, student: nn.Module, task: Task, cfg: DistillConfig, *,
-            eval_task: Task | None = None, progress: bool = True,
-            log: Callable[[dict], None] | None = None) -> dict[str, Any]:
+            eval_task: Task | None = None, progress: bool = True, log: Callable[[dict], None] | None = None,
+            checkpoint_dir: str | Path | None = None, resume_from: str | Path | None = None) -> dict[str, Any]:
     """Train `student` on the teacher's next-token distributions (and the data, and hidden states, as `cfg` says)
     for cfg.train.steps steps; the teacher is not changed.
 
-    Batches, optimizer (AdamW, decay on matrices only), schedule (warmup + cosine) and evaluation are exactly the
-    trainer's for the same TrainConfig, so `seqlab.train.fit` on the same config is the from-scratch twin.
-    Returns the student's final evaluation on `eval_task` (default `task`) and the loss history.
+    This is `seqlab.train.fit` with `DistillLoss`: batches, optimizer (AdamW, decay on matrices only), schedule
+    (warmup + cosine), gradient accumulation, the non-finite guard, DDP, checkpoints and resume are exactly the
+    trainer's for the same TrainConfig, so `fit` with `cross_entropy` on the same config is the from-scratch twin.
+    Returns fit's result: the student's final evaluation on `eval_task` (default `task`) and the history, whose
+    rows also hold the loss terms kl, ce and hidden (per masked position).
     """
-    from seqlab.train.trainer import autocast, evaluate, lr_at, make_optimizer, resolve_device
-
     check_pair(teacher, student)
     if task.vocab_size > student.config.vocab_size:
         raise InputError(f"task '{task.name}' needs vocab_size {task.vocab_size}; the models have vocab_size "
                          f"{student.config.vocab_size}")
     tc = cfg.train
-    device = resolve_device(tc.device)
-    teacher.to(device).eval()
-    student.to(device).train()
-    align = None
-    if cfg.hidden_weight > 0:
-        align = HiddenAlignment(student.config.d_model, teacher.config.d_model,
-                                layer_map(len(teacher.blocks), len(student.blocks))).to(device)
-    opt = make_optimizer(nn.ModuleList([student, *([align] if align is not None else [])]), tc)
-    gen = torch.Generator().manual_seed(tc.seed)
-    history: list[dict[str, float]] = []
-    bar = tqdm(total=tc.steps, desc="distill", disable=not progress, leave=False, dynamic_ncols=True)
-    start = time.perf_counter()
-    for step in range(tc.steps):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, tc)
-        batch = task.batch(tc.batch_size, gen)
-        part = Batch(batch.inputs.to(device), batch.targets.to(device), batch.mask.to(device))
-        with autocast(device, tc.precision):
-            with torch.no_grad():
-                if align is not None:
-                    t_logits, t_hs = block_outputs(teacher, part.inputs)
-                else:
-                    t_logits, t_hs = teacher(part.inputs)[0], None
-            if align is not None:
-                s_logits, s_hs = block_outputs(student, part.inputs)
-            else:
-                s_logits, s_hs = student(part.inputs)[0], None
-        parts = {"kl": kd_loss(s_logits, t_logits, part.mask, cfg.temperature)}
-        if cfg.ce_weight > 0:
-            parts["ce"] = masked_cross_entropy(s_logits, part)
-        if align is not None:
-            parts["hidden"] = align(s_hs, t_hs, part.mask)
-        weights = {"kl": cfg.kl_weight, "ce": cfg.ce_weight, "hidden": cfg.hidden_weight}
-        loss = sum(weights[k] * v for k, v in parts.items())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        params = [p for g in opt.param_groups for p in g["params"]]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip or math.inf).item()
-        if math.isfinite(loss.item()) and math.isfinite(grad_norm):
-            opt.step()
-        bar.update(1)
-        if (step + 1) % tc.log_every == 0 or step == 0 or step + 1 == tc.steps:
-            row = {"step": step + 1, "loss": loss.item(), **{k: v.item() for k, v in parts.items()},
-                   "grad_norm": grad_norm}
-            history.append(row)
-            bar.set_postfix(loss=f"{row['loss']:.3f}")
-            if log is not None:
-                log(row)
-    bar.close()
-    seconds = time.perf_counter() - start
-    final = evaluate(student, eval_task or task, tc.eval_batches, tc.batch_size, tc.seed + 1,
-                     precision=tc.precision)
-    return {"eval": final, "steps": tc.steps, "seconds": seconds,
-            "tokens_per_s": tc.steps * tc.batch_size * task.seq_len / max(seconds, 1e-9), "history": history}
+    teacher.to(resolve_device(tc.device, init_world(tc.device)))
+    return fit(student, task_batches(task, tc), DistillLoss(teacher, student, cfg), tc, progress=progress,
+               desc="distill", log=log, eval_task=eval_task, checkpoint_dir=checkpoint_dir, resume_from=resume_from)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -469,9 +472,6 @@ def distill_and_compare(teacher: nn.Module, student_config: Any, task: Task, cfg
     """Distill a fresh student (built from `student_config` with seed cfg.train.seed, weights transferred when
     cfg.transfer), train its twin from scratch with the same TrainConfig (same batches, steps, optimizer), and
     evaluate the teacher, both students and their decoding cost at `context` tokens (0: skip) on `eval_task`."""
-    from seqlab.models import as_config, build_model
-    from seqlab.train import cross_entropy, evaluate, fit, task_batches
-
     tc = cfg.train
     eval_task = eval_task or task
     student_config = as_config(student_config)
