@@ -53,9 +53,8 @@ import seqlab
 from seqlab.analysis import scaling_curve
 from seqlab.config import TrainConfig
 from seqlab.data import Metrics, make_task
-from seqlab.data.tasks import masked_cross_entropy
 from seqlab.models import RecurrentDepthModel
-from seqlab.train.trainer import lr_at, make_optimizer
+from seqlab.train import cross_entropy, fit, recurrent_depth, task_batches
 
 RESULTS = Path(__file__).resolve().parent / "results" / "thinking.json"
 
@@ -72,36 +71,32 @@ def parity_config(args: argparse.Namespace, fixed_depth: bool = False) -> dict:
 
 def train_model(model: torch.nn.Module, task, steps: int, batch_size: int, lr: float, seed: int,
                 label: str) -> dict:
-    """AdamW (the trainer's optimizer and schedule), r drawn per step by the model's own sampler; returns timing
-    and the last losses. The loop is spelled out here so that the r of every step is recorded."""
+    """`seqlab.train.fit` (AdamW, warmup + cosine), the recurrent-depth objective for a recurrent-depth model (r
+    drawn per step by the model's own sampler, logged on every step as the row's `r`), cross-entropy for a plain
+    stack; returns timing, the mean loss of the last 50 steps and, for a recurrent-depth model, the mean r."""
     cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=min(100, steps // 10),
-                      weight_decay=0.0, seed=seed)
-    torch.manual_seed(seed)  # the r sampler reads the global RNG in training mode
-    opt, data = make_optimizer(model, cfg), torch.Generator().manual_seed(seed)
-    model.train()
-    start, losses, rs = time.perf_counter(), [], []
-    for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg)
-        batch = task.batch(batch_size, data)
-        if isinstance(model, RecurrentDepthModel):
-            r, _ = model.sample_steps()  # the first r - k steps run without gradient, as `model(tokens)` would
-            logits = model.think(batch.inputs, steps=r).logits
-        else:  # a plain fixed-depth stack: one pass through its layers
-            r, (logits, _) = 1, model(batch.inputs)
-        loss = masked_cross_entropy(logits, batch)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        losses.append(loss.item())
-        rs.append(r)
-        if step % max(1, steps // 10) == 0 or step == steps - 1:
-            print(f"  [{label}] step {step:5d}/{steps}  r {r:3d}  loss {sum(losses[-50:]) / len(losses[-50:]):.4f}"
-                  f"  {time.perf_counter() - start:6.0f}s", flush=True)
+                      weight_decay=0.0, seed=seed, log_every=1, eval_batches=1)
+    rows: list[dict] = []
+    start = time.perf_counter()
+
+    def log(row: dict) -> None:
+        if "loss" not in row:  # the final evaluation's row
+            return
+        rows.append(row)
+        if (row["step"] - 1) % max(1, steps // 10) == 0 or row["step"] == steps:
+            recent = [r["loss"] for r in rows[-50:]]
+            print(f"  [{label}] step {row['step'] - 1:5d}/{steps}  r {row.get('r', 1):3.0f}  loss "
+                  f"{sum(recent) / len(recent):.4f}  {time.perf_counter() - start:6.0f}s", flush=True)
+
+    objective = recurrent_depth if isinstance(model, RecurrentDepthModel) else cross_entropy
+    result = fit(model, task_batches(task, cfg), objective, cfg, progress=False, log=log)
     model.eval()
-    return {"steps": steps, "batch_size": batch_size, "lr": lr, "seconds": time.perf_counter() - start,
-            "final_loss": sum(losses[-50:]) / len(losses[-50:]), "mean_r": sum(rs) / len(rs)}
+    recent = [r["loss"] for r in rows[-50:]]
+    info = {"steps": steps, "batch_size": batch_size, "lr": lr, "seconds": result["seconds"],
+            "final_loss": sum(recent) / len(recent)}
+    if objective is recurrent_depth:
+        info["mean_r"] = sum(r["r"] for r in rows) / len(rows)
+    return info
 
 
 def step_grid(mean: float, top_factor: int = 8) -> list[int]:
@@ -161,7 +156,6 @@ def plain_stack(args: argparse.Namespace) -> dict:
     print(f"parity: training plain_stack ({model.num_parameters()} parameters)", flush=True)
     info = train_model(model, make_task("prefix_parity", seq_len=args.train_len), args.steps, args.batch_size,
                        args.lr, args.seed, "plain_stack")
-    info.pop("mean_r")
     info.update(params=model.num_parameters(), config=model.config.to_dict())
     for length in (args.train_len, args.test_len):
         task, gen, metrics = make_task("prefix_parity", seq_len=length), torch.Generator().manual_seed(1234), Metrics()
