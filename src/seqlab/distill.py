@@ -50,6 +50,7 @@ from torch import nn
 from seqlab.config import TrainConfig
 from seqlab.data import Batch, Task, masked_cross_entropy
 from seqlab.errors import InputError
+from seqlab.infer.profile import measure_cell
 from seqlab.models import ModelState, as_config, build_model
 from seqlab.train import cross_entropy, evaluate, fit, task_batches
 from seqlab.train.distributed import init_world
@@ -405,7 +406,6 @@ def decode_cost(model: nn.Module, context: int, decode_steps: int = 64, short: i
 
     The profiler builds a fresh model from `model.config`: cost depends on the architecture, not on the weights.
     """
-    from seqlab.infer.profile import measure_cell
 
     def cell(n: int, steps: int) -> dict:
         spec = {"mixer": "+".join(dict.fromkeys(model.config.layer_mixers)), "model": model.config.to_dict(),
