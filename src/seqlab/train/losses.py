@@ -69,8 +69,9 @@ def cross_entropy(model: nn.Module, batch: Batch, state: ModelState | None) -> L
 def recurrent_depth(model: nn.Module, batch: Batch, state: ModelState | None) -> Loss:
     """Cross-entropy of a recurrent-depth model run with r core steps drawn by its own sampler (from the global
     RNG, which fit seeds and checkpoints), the first r - backprop_steps of them without gradient; logs accuracy
-    and r. One r per micro-batch, the same on every process: exactly the draws of the model's training-mode
-    forward, so this objective and `cross_entropy` train a recurrent-depth model identically."""
+    and r (per masked position like every metric: with one micro-batch per step, the step's r). One r per
+    micro-batch, the same on every process: exactly the draws of the model's training-mode forward, so this
+    objective and `cross_entropy` train a recurrent-depth model identically."""
     inner = unwrap(model)
     if not isinstance(inner, RecurrentDepthModel):
         raise InputError(f"the recurrent-depth objective needs a recurrent-depth model (arch 'recurrent_depth'); "
