@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -45,8 +44,8 @@ import torch
 
 import seqlab
 from seqlab.infer.plan import DecodePlan
-from seqlab.infer.profile import ProfileConfig, format_table, run_profile
-from seqlab.measure import load_average
+from seqlab.infer.profile import ProfileConfig, _prefill, format_table, resolve_models, run_profile
+from seqlab.measure import Timer, load_average
 
 MIXERS = ("attention", "sliding_attention", "lstm", "gru", "conv", "mamba", "gla")
 RECURRENT = ("lstm", "gru", "conv", "mamba", "gla")
@@ -102,8 +101,6 @@ def interleaved_section(args) -> dict:
     """Each recurrent mixer's decode latency after the smallest and after the largest context, measured in one
     process with the steps of the two contexts alternating, so machine load hits both alike (the profile's cells run
     minutes apart in separate processes, and on a shared machine the load drifts more than 10% in minutes)."""
-    from seqlab.infer.profile import _prefill, resolve_models
-
     cfg = ProfileConfig(mixers=RECURRENT, d_model=args.d_model, n_layers=args.layers, vocab_size=256,
                         model={"attention": {"window": args.window}})
     lo, hi = min(args.contexts), max(args.contexts)
@@ -114,22 +111,18 @@ def interleaved_section(args) -> dict:
         for n in (lo, hi):
             logits, state = _prefill(model, n, 1, args.chunk, 0, 0, torch.device("cpu"))
             live[n] = (logits[:, -1].argmax(-1, keepdim=True), state)
-        wall, cpu = {lo: [], hi: []}, {lo: [], hi: []}
+        timers = {lo: Timer(), hi: Timer()}
         order = torch.Generator().manual_seed(0)
         for i in range(16 + args.interleaved_steps):
             # a random order each round, so the scheduler's time slices cannot line up with one context's steps
             for n in ([lo, hi] if torch.rand((), generator=order) < 0.5 else [hi, lo]):
                 token, state = live[n]
-                t0, c0 = time.perf_counter(), time.process_time()
-                logits, state = model(token, state)
-                token = logits[:, -1].argmax(-1, keepdim=True)
-                t1, c1 = time.perf_counter(), time.process_time()
+                with timers[n] if i >= 16 else Timer():  # the 16 warm-up rounds' times are thrown away
+                    logits, state = model(token, state)
+                    token = logits[:, -1].argmax(-1, keepdim=True)
                 live[n] = (token, state)
-                if i >= 16:
-                    wall[n].append(t1 - t0)
-                    cpu[n].append(c1 - c0)
-        w = {n: statistics.median(v) for n, v in wall.items()}
-        c = {n: statistics.median(v) for n, v in cpu.items()}
+        w = {n: t.median_wall for n, t in timers.items()}
+        c = {n: t.median_cpu for n, t in timers.items()}
         entry = {"latency_s": {str(n): w[n] for n in w}, "cpu_s": {str(n): c[n] for n in c},
                  "ratio": w[hi] / w[lo], "cpu_ratio": c[hi] / c[lo]}
         entry["met"] = abs(entry["ratio"] - 1) <= 0.10
@@ -203,25 +196,19 @@ def step_latency(hf, ours, name: str, prompt: torch.Tensor, steps: int, warmup: 
     sl, ss = ours(prompt)
     ours = DecodePlan.build(ours) or ours
     pos = prompt.shape[1]
-    ht, st, hc_, sc_ = [], [], [], []
+    hf_timer, our_timer = Timer(), Timer()
     htok, stok = hl[:, -1:].argmax(-1), sl[:, -1:].argmax(-1)
     step = hf_step(hf, name)
     for i in range(warmup + steps):
-        t0, c0 = time.perf_counter(), time.process_time()
-        hl, hc = step(htok, hc, pos)
-        htok = hl[:, -1:].argmax(-1)
-        t1, c1 = time.perf_counter(), time.process_time()
-        sl, ss = ours(stok, ss)
-        stok = sl[:, -1:].argmax(-1)
-        t2, c2 = time.perf_counter(), time.process_time()
+        with hf_timer if i >= warmup else Timer():  # warm-up steps' times are thrown away
+            hl, hc = step(htok, hc, pos)
+            htok = hl[:, -1:].argmax(-1)
+        with our_timer if i >= warmup else Timer():
+            sl, ss = ours(stok, ss)
+            stok = sl[:, -1:].argmax(-1)
         pos += 1
-        if i >= warmup:
-            ht.append(t1 - t0)
-            st.append(t2 - t1)
-            hc_.append(c1 - c0)
-            sc_.append(c2 - c1)
-    med = statistics.median
-    return {"wall": {"transformers": med(ht), "seqlab": med(st)}, "cpu": {"transformers": med(hc_), "seqlab": med(sc_)}}
+    return {"wall": {"transformers": hf_timer.median_wall, "seqlab": our_timer.median_wall},
+            "cpu": {"transformers": hf_timer.median_cpu, "seqlab": our_timer.median_cpu}}
 
 
 def hf_section(args) -> dict | None:
@@ -243,16 +230,14 @@ def hf_section(args) -> dict | None:
         agree = int((a[0, prompt.shape[1]:] == b[0, prompt.shape[1]:]).sum())
         runs = {"transformers": lambda hf=hf: hf_generate(hf, prompt, n),
                 "seqlab": lambda ours=ours: seqlab.generate(ours, prompt, n)}
-        times = {k: [] for k in runs}
-        cpu = {k: [] for k in runs}
+        timers = {k: Timer() for k in runs}
         for _ in range(args.hf_repeats):
-            for k, run in runs.items():
-                t0, c0 = time.perf_counter(), time.process_time()
-                run()
-                times[k].append(time.perf_counter() - t0)
-                cpu[k].append(time.process_time() - c0)
-        tps = {k: n / statistics.median(v) for k, v in times.items()}
-        cpu_tps = {k: n / statistics.median(v) for k, v in cpu.items()}
+            for k, run in runs.items():  # alternating, so load hits both alike
+                with timers[k]:
+                    run()
+        times, cpu = {k: t.wall for k, t in timers.items()}, {k: t.cpu for k, t in timers.items()}
+        tps = {k: n / t.median_wall for k, t in timers.items()}
+        cpu_tps = {k: n / t.median_cpu for k, t in timers.items()}
         steps = step_latency(hf, ours, name, prompt, args.hf_steps)
         entry = {
             "parameters": ours.num_parameters(), "tokens_agree": agree,
