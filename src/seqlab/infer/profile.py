@@ -5,7 +5,8 @@ prefills `context` random tokens in chunks (carrying the state, so memory stays 
 context's activations), then decodes greedily one token at a time from that state, and reports what the JSON
 fields below describe. A fresh process per cell keeps cells from contaminating each other's peak memory: on a CPU
 the peak resident set size (VmHWM, reset before each phase through /proc/self/clear_refs where Linux allows it,
-else the process's ru_maxrss); on a GPU `torch.cuda.max_memory_allocated`.
+else the process's ru_maxrss); on a GPU `torch.cuda.max_memory_allocated`. The clocks, the memory readings and the
+fresh process are `seqlab.measure`'s (`Timer`, `PeakMemory`, `run_fresh`).
 
 Timings are medians: prefill over `repeats` runs (a single run once one takes longer than `long_prefill_s`; the
 cell says how many), decode over `decode_steps` steps after `warmup` steps. Decode latency is one model call on one
