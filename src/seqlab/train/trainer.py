@@ -21,7 +21,6 @@ Around it: evaluation every `eval_every` steps, JSON-lines metrics, a progress b
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import time
@@ -37,7 +36,6 @@ from seqlab.config import RunConfig, TrainConfig
 from seqlab.data import Batch, Metrics, Task, make_task
 from seqlab.errors import InputError
 from seqlab.models import ModelState, build_model
-from seqlab.models.attention import KVCache
 from seqlab.train import resume
 from seqlab.train.batches import BatchSource, task_batches
 from seqlab.train.distributed import World, check_divisible, init_world
@@ -88,13 +86,10 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 
 
 def detach_state(state: ModelState, kv_window: int) -> ModelState:
-    """The state to carry into the next segment: cut from the graph (truncated BPTT), KV caches bounded."""
-    layers = []
-    for layer in state.layers:
-        if isinstance(layer, KVCache) and layer.k.shape[2] > kv_window:
-            layer = dataclasses.replace(layer, k=layer.k[:, :, -kv_window:], v=layer.v[:, :, -kv_window:])
-        layers.append(layer.detach() if layer is not None else None)
-    return ModelState(tuple(layers), state.pos)
+    """The state to carry into the next segment: cut from the graph (truncated BPTT), a growing state (KV cache)
+    trimmed to its last `kv_window` positions (`State.trim`)."""
+    return ModelState(tuple(layer.trim(kv_window).detach() if layer is not None else None for layer in state.layers),
+                      state.pos)
 
 
 def _model_device(model: nn.Module) -> torch.device:
