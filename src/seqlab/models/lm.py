@@ -21,7 +21,7 @@ from torch import nn
 
 from seqlab.config import ModelConfig
 from seqlab.errors import InputError
-from seqlab.models.blocks import Block, BlockWeights, Fn, residual, linear_fn, make_norm, norm_fn
+from seqlab.models.blocks import Block, BlockWeights, Fn, linear_fn, make_norm, norm_fn, residual
 from seqlab.models.state import ModelState
 
 
