@@ -64,9 +64,10 @@ class KVCache(State):
     `Attention.reserve`, which `generate` and `Stream` call): k and v are views into a preallocated `KVBuffer` and a
     new token is written in place after the last entry instead of concatenating the whole cache; such a cache is
     for inference (a later in-place write would invalidate what autograd saved). Training (`Attention.forward` from
-    no state or from a plain cache): plain tensors joined by concatenation, differentiable. The buffer holds S entries plus room to grow: it is allocated at S + max(S // 4, 64) entries when
-    it fills up (so appending costs O(1) amortized and the allocation is at most 25% + 64 entries above S), or at
-    exactly the size asked for by `Attention.reserve`; `capacity` and `allocated_nbytes` report it.
+    no state or from a plain cache): plain tensors joined by concatenation, differentiable. The buffer holds S
+    entries plus room to grow: it is allocated at S + max(S // 4, 64) entries when it fills up (so appending costs
+    O(1) amortized and the allocation is at most 25% + 64 entries above S), or at exactly the size asked for by
+    `Attention.reserve`; `capacity` and `allocated_nbytes` report it.
 
     Aliasing: a cache returned by a later step may share the buffer with this one, but it only ever writes past
     this cache's last entry, and only when nobody wrote there before (else it copies), so this cache stays a value:

@@ -106,7 +106,8 @@ class Mamba(nn.Module):
                             self.dt_proj.weight.t(), self.dt_proj.bias, Decay(self.A_log), self.D,
                             self.conv.weight.squeeze(1), self.conv.bias)
 
-    def step(self, x: torch.Tensor, state: MambaState, w: MambaWeights | None = None) -> tuple[torch.Tensor, MambaState]:
+    def step(self, x: torch.Tensor, state: MambaState,
+             w: MambaWeights | None = None) -> tuple[torch.Tensor, MambaState]:
         """One token, x (B, D) -> (B, D): the convolution as a dot product with its window, then one update of h;
         nothing in here depends on how many tokens came before. The recurrence runs in fp32 (fp64 for fp64)
         whatever the weights' dtype."""
