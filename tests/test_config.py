@@ -88,7 +88,7 @@ def test_layer_plan_ratio_form_repeats_the_pattern():
     assert layer_plan("3:1 mamba:attention", 5) == ("mamba", "mamba", "mamba", "attention", "mamba")
     assert layer_plan("1:2 gru:conv", 3) == ("gru", "conv", "conv")
     assert layer_plan("2 gla", 3) == ("gla", "gla", "gla")
-    assert layer_plan(":".join("1" * len(MIXERS)) + " " + ":".join(MIXERS), len(MIXERS)) == MIXERS
+    assert layer_plan(":".join("1" * len(MIXERS)) + " " + ":".join(MIXERS), len(MIXERS)) == tuple(MIXERS)
 
 
 @pytest.mark.parametrize("spec, says", [
@@ -106,3 +106,16 @@ def test_layer_plan_bad_spec_names_the_spec_and_what_was_expected(spec, says):
         layer_plan(spec, 4)
     assert f"layer spec {spec!r}" in str(err.value) and says in str(err.value)
     assert "'3:1 mamba:attention'" in str(err.value)  # the ratio form is shown as an example
+
+
+def test_a_run_config_parses_its_model_like_a_model_config():
+    """Nested in a run config, a model gets the same conveniences as ModelConfig.from_dict (it used to be parsed
+    field by field, so a recurrent-depth model without n_layers failed with 'n_layers' = 2 ... leave it out)."""
+    run = RunConfig.from_dict({"model": {"arch": "recurrent_depth", "mixer": "gru", "depth": {"core": 3}}})
+    assert run.model == ModelConfig.from_dict({"arch": "recurrent_depth", "mixer": "gru", "depth": {"core": 3}})
+    assert run.model.n_layers == 5 and run.model.sandwich_norm
+    assert RunConfig.from_dict(run.to_dict()) == run
+    with pytest.raises(InputError, match="unknown config key 'model.mamba_x'"):
+        RunConfig.from_dict({"model": {"mamba_x": {}}})
+    with pytest.raises(InputError, match="config field 'mamba.d_state' = 0: must be > 0"):
+        RunConfig.from_dict({"model": {"mamba": {"d_state": 0}}})

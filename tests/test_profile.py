@@ -105,7 +105,7 @@ def test_isolated_cell_measures_in_a_fresh_process():
     cell = run_cell(spec, isolate=True, timeout_s=300)
     assert "error" not in cell, cell
     assert set(CELL_FIELDS) <= set(cell) and cell["memory_method"].startswith("peak RSS")
-    assert cell["state_bytes"] == cell["state_bytes_formula"] == 2 * 2 * 2 * model.rnn_hidden * 4
+    assert cell["state_bytes"] == cell["state_bytes_formula"] == 2 * 2 * 2 * model.rnn.hidden(model.d_model) * 4
     assert cell["peak_memory_bytes"] > 20 * 2**20  # a whole Python process with torch, not a tensor's bytes
 
 

@@ -1,9 +1,13 @@
 """Frozen, validated configuration dataclasses, loaded from and saved to JSON.
 
 This module imports no models. Each mixer family has its own small config section (`attention`, `rnn`, `conv`,
-`mamba`, `gla`) nested in `ModelConfig`, so a JSON file reads like
+`mamba`, `gla`, ...) nested in `ModelConfig`, so a JSON file reads like
 
     {"mixer": "mamba", "d_model": 128, "n_layers": 4, "mamba": {"d_state": 16, "expand": 2}}
+
+A section's dataclass lives in its mixer's own file (`seqlab.models.mamba.MambaConfig`), which registers the mixer's
+name and section here when it is imported (`seqlab.models.registry.register_mixer`); importing `seqlab` imports
+every mixer, so a config always knows them all. Adding a mixer touches no line of this module.
 
 Every value is checked when the object is built; a bad value raises one `InputError` (a `ValueError`) that names
 the field, the value and what is allowed. Derived sizes are properties, never stored twice.
@@ -22,9 +26,26 @@ from typing import Any
 
 from seqlab.errors import InputError
 
-# Every mixer name a config may use. The registry in `seqlab.models` implements these; a test keeps the two equal.
-MIXERS = ("attention", "sliding_attention", "lstm", "gru", "conv", "mamba", "gla")
 ARCHS = ("lm", "recurrent_depth")
+
+# Every mixer name a config may use, in the order the mixers registered (`register_mixer_config`), and the option
+# section of each mixer family by its key in a config ("attention" for attention and sliding_attention, ...).
+MIXERS: list[str] = []
+SECTIONS: dict[str, type] = {}
+
+
+def register_mixer_config(name: str, section: str | None = None, cls: type | None = None) -> None:
+    """Make mixer `name` valid in configs, with its option section `section` (a frozen `Section` dataclass `cls`,
+    shared by the mixers that name the same section). Called by `seqlab.models.registry.register_mixer`."""
+    if name in MIXERS:
+        raise ValueError(f"mixer name {name!r} is registered twice")
+    if section is not None:
+        if section in SECTIONS and SECTIONS[section] is not cls:
+            raise ValueError(f"config section {section!r} is registered twice with different classes")
+        if section in {f.name for f in dataclasses.fields(ModelConfig)}:
+            raise ValueError(f"config section {section!r} would shadow the ModelConfig field of that name")
+        SECTIONS[section] = cls
+    MIXERS.append(name)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -63,7 +84,8 @@ def _type_name(hint: Any) -> str:
     return getattr(hint, "__name__", str(hint))
 
 
-def _check_types(obj: Any, prefix: str) -> None:
+def check_types(obj: Any, prefix: str) -> None:
+    """Every field of dataclass `obj` has its annotated type; else one InputError naming `prefix` + the field."""
     hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
@@ -73,14 +95,16 @@ def _check_types(obj: Any, prefix: str) -> None:
             )
 
 
-def _positive(obj: Any, prefix: str, *names: str) -> None:
+def positive(obj: Any, prefix: str, *names: str) -> None:
+    """Each named field of `obj` is None or > 0."""
     for name in names:
         value = getattr(obj, name)
         if value is not None and value <= 0:
             raise InputError(f"config field '{prefix}{name}' = {value!r}: must be > 0")
 
 
-def _choice(prefix: str, name: str, value: Any, allowed: tuple) -> None:
+def choice(prefix: str, name: str, value: Any, allowed: Any) -> None:
+    """`value` is one of `allowed`."""
     if value not in allowed:
         raise InputError(f"config field '{prefix}{name}' = {value!r}: expected one of {', '.join(allowed)}")
 
@@ -101,12 +125,20 @@ def _from_dict(cls: type, data: Any, prefix: str = "") -> Any:
     kwargs = {}
     for key, value in data.items():
         hint = hints[key]
-        if dataclasses.is_dataclass(hint):
-            value = _from_dict(hint, value if value is not None else {}, f"{prefix}{key}.")
+        if isinstance(hint, type) and issubclass(hint, Section):
+            value = hint.parse(value if value is not None else {}, f"{prefix}{key}.")
         elif isinstance(value, list):
             value = tuple(value)
         kwargs[key] = value
     return cls(**kwargs)
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, Section):
+        return value.to_dict()
+    if isinstance(value, dict):
+        return {k: _json_value(v) for k, v in value.items()}
+    return value
 
 
 def read_json(path: str | Path, what: str = "config file") -> Any:
@@ -120,15 +152,20 @@ def read_json(path: str | Path, what: str = "config file") -> Any:
         raise InputError(f"{what} '{path}' is not valid JSON: {e}") from None
 
 
-class _Section:
-    """Mixin: JSON round trip for every config dataclass."""
+class Section:
+    """Mixin: JSON round trip for every config dataclass (a model's mixer sections subclass it too)."""
 
     @classmethod
     def from_dict(cls, data: dict) -> Any:
-        return _from_dict(cls, data)
+        return cls.parse(data, "")
+
+    @classmethod
+    def parse(cls, data: Any, prefix: str) -> Any:
+        """Build from a JSON-like dict; `prefix` (e.g. "model.") is where the section sits, for error messages."""
+        return _from_dict(cls, data, prefix)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)  # type: ignore[call-overload]
+        return {f.name: _json_value(getattr(self, f.name)) for f in dataclasses.fields(self)}  # type: ignore
 
     @classmethod
     def load(cls, path: str | Path) -> Any:
@@ -142,100 +179,11 @@ class _Section:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# per-mixer sections
+# recurrent depth (an architecture, not a mixer)
 
 
 @dataclass(frozen=True)
-class AttentionConfig(_Section):
-    """Softmax attention (`attention`) and its sliding-window variant (`sliding_attention`)."""
-
-    n_heads: int = 4
-    n_kv_heads: int | None = None  # grouped-query attention; None means n_heads (plain multi-head)
-    window: int = 64  # sliding_attention: a query sees itself and the `window` tokens before it
-    rope_theta: float = 10000.0
-    bias: bool = False  # biases on the q, k, v and output projections (GPT-2)
-
-    def __post_init__(self) -> None:
-        _check_types(self, "attention.")
-        _positive(self, "attention.", "n_heads", "n_kv_heads", "window", "rope_theta")
-        if self.n_heads % self.kv_heads:
-            raise InputError(
-                f"config field 'attention.n_kv_heads' = {self.n_kv_heads}: must divide "
-                f"attention.n_heads = {self.n_heads}"
-            )
-
-    @property
-    def kv_heads(self) -> int:
-        return self.n_kv_heads or self.n_heads
-
-
-@dataclass(frozen=True)
-class RNNConfig(_Section):
-    """`lstm` and `gru`: torch's fused cells; a hidden size other than d_model adds an output projection."""
-
-    d_hidden: int | None = None  # None means d_model
-
-    def __post_init__(self) -> None:
-        _check_types(self, "rnn.")
-        _positive(self, "rnn.", "d_hidden")
-
-
-@dataclass(frozen=True)
-class ConvConfig(_Section):
-    """`conv`: causal depthwise convolution followed by a gated projection."""
-
-    kernel_size: int = 4
-
-    def __post_init__(self) -> None:
-        _check_types(self, "conv.")
-        _positive(self, "conv.", "kernel_size")
-
-
-@dataclass(frozen=True)
-class MambaConfig(_Section):
-    """`mamba`: the selective state-space block (Gu & Dao 2023). Symbols: N = d_state, E = expand."""
-
-    d_state: int = 16
-    d_conv: int = 4
-    expand: int = 2
-    dt_rank: int | None = None  # None means ceil(d_model / 16), as published
-    dt_min: float = 0.001
-    dt_max: float = 0.1
-    dt_init_floor: float = 1e-4
-    chunk_size: int = 64
-    impl: str = "chunked"
-    proj_bias: bool = False  # biases on in_proj and out_proj (Hugging Face `use_bias`)
-    conv_bias: bool = True  # a bias on the short convolution (Hugging Face `use_conv_bias`)
-
-    def __post_init__(self) -> None:
-        _check_types(self, "mamba.")
-        _positive(self, "mamba.", "d_state", "d_conv", "expand", "dt_rank", "dt_min", "dt_max", "chunk_size")
-        _choice("mamba.", "impl", self.impl, ("chunked", "ref"))
-        if self.dt_min > self.dt_max:
-            raise InputError(f"config field 'mamba.dt_min' = {self.dt_min}: must be <= mamba.dt_max = {self.dt_max}")
-
-
-@dataclass(frozen=True)
-class GLAConfig(_Section):
-    """`gla`: gated linear attention (Yang et al. 2024), multi-head, with output gate and norm."""
-
-    n_heads: int = 4
-    expand_k: float = 0.5
-    expand_v: float = 1.0
-    gate_low_rank: int = 16
-    gate_logit_normalizer: float = 16.0
-    chunk_size: int = 64
-    impl: str = "chunked"
-
-    def __post_init__(self) -> None:
-        _check_types(self, "gla.")
-        _positive(self, "gla.", "n_heads", "expand_k", "expand_v", "gate_low_rank", "gate_logit_normalizer",
-                  "chunk_size")
-        _choice("gla.", "impl", self.impl, ("chunked", "ref"))
-
-
-@dataclass(frozen=True)
-class RecurrentDepthConfig(_Section):
+class RecurrentDepthConfig(Section):
     """`arch="recurrent_depth"`: prelude -> core iterated r times (input re-injected) -> coda (Geiping et al. 2025).
 
     Training draws r per step (`sampler`): poisson_lognormal: tau ~ LogNormal(ln(mean_steps) - sigma^2/2, sigma),
@@ -260,10 +208,10 @@ class RecurrentDepthConfig(_Section):
     residual_gain: float = 0.2  # initial gain of the blocks' sandwich post-norms: blocks start near the identity
 
     def __post_init__(self) -> None:
-        _check_types(self, "depth.")
-        _positive(self, "depth.", "core", "mean_steps", "sigma", "backprop_steps", "test_steps", "kv_slots")
-        _choice("depth.", "sampler", self.sampler, ("poisson_lognormal", "progressive", "fixed"))
-        _choice("depth.", "exit", self.exit, ("none", "kl", "latent"))
+        check_types(self, "depth.")
+        positive(self, "depth.", "core", "mean_steps", "sigma", "backprop_steps", "test_steps", "kv_slots")
+        choice("depth.", "sampler", self.sampler, ("poisson_lognormal", "progressive", "fixed"))
+        choice("depth.", "exit", self.exit, ("none", "kl", "latent"))
         for name in ("prelude", "coda", "init_scale", "exit_threshold", "residual_gain"):
             if getattr(self, name) < 0:
                 raise InputError(f"config field 'depth.{name}' = {getattr(self, name)!r}: must be >= 0")
@@ -326,11 +274,14 @@ def layer_plan(spec: str, n_layers: int) -> tuple[str, ...]:
 
 
 @dataclass(frozen=True)
-class ModelConfig(_Section):
+class ModelConfig(Section):
     """A language model: embedding -> n_layers residual blocks (mixer + MLP) -> norm -> head.
 
     `mixer` names the mixer of every layer; `layers` (a list of mixer names, one per layer) overrides it and makes a
-    hybrid, e.g. `layers=("mamba", "mamba", "attention")`.
+    hybrid, e.g. `layers=("mamba", "mamba", "attention")`. Each mixer family's options are a section, read as an
+    attribute (`cfg.mamba.d_state`) and written as a key of its own in JSON; `sections` holds them all (defaults
+    for those not given), keyed by section name. Build from JSON-like dicts with `ModelConfig.from_dict`, change
+    with `cfg.replace(d_model=256, mamba={"d_state": 8})`.
     """
 
     arch: str = "lm"
@@ -350,31 +301,37 @@ class ModelConfig(_Section):
     tie_embeddings: bool = True
     init: str = "gpt2"  # gpt2: N(0, init_std) linear and embedding weights | torch: PyTorch's own defaults
     init_std: float = 0.02
-    attention: AttentionConfig = field(default_factory=AttentionConfig)
-    rnn: RNNConfig = field(default_factory=RNNConfig)
-    conv: ConvConfig = field(default_factory=ConvConfig)
-    mamba: MambaConfig = field(default_factory=MambaConfig)
-    gla: GLAConfig = field(default_factory=GLAConfig)
     depth: RecurrentDepthConfig = field(default_factory=RecurrentDepthConfig)  # arch="recurrent_depth" only
+    sections: dict = field(default_factory=dict, hash=False)  # mixer option sections by name (see the class doc)
 
     def __post_init__(self) -> None:
-        _check_types(self, "")
-        _choice("", "arch", self.arch, ARCHS)
+        sections = {}
+        for key, value in self.sections.items():
+            if key not in SECTIONS:
+                raise InputError(f"unknown config section '{key}'; mixer sections: {', '.join(SECTIONS)}")
+            sections[key] = SECTIONS[key].parse(value, f"{key}.") if isinstance(value, dict) else value
+        for key, cls in SECTIONS.items():
+            if not isinstance(sections.setdefault(key, cls()), cls):
+                raise InputError(f"config section '{key}' must be a {cls.__name__} or an object, got "
+                                 f"{type(sections[key]).__name__}")
+        object.__setattr__(self, "sections", sections)
+        check_types(self, "")
+        choice("", "arch", self.arch, ARCHS)
         if self.arch == "recurrent_depth" and self.n_layers != self.depth.n_layers:
             raise InputError(
                 f"config field 'n_layers' = {self.n_layers}: arch recurrent_depth has depth.prelude + depth.core + "
                 f"depth.coda = {self.depth.n_layers} blocks; set n_layers = {self.depth.n_layers} or leave it out"
             )
-        _choice("", "mixer", self.mixer, MIXERS)
-        _positive(self, "", "vocab_size", "d_model", "n_layers", "d_ff", "norm_eps", "init_std")
-        _choice("", "init", self.init, ("gpt2", "torch"))
-        _choice("", "mlp", self.mlp, ("swiglu", "gelu", "gelu_tanh", "none"))
-        _choice("", "position", self.position, ("rope", "learned"))
-        _positive(self, "", "max_positions")
+        choice("", "mixer", self.mixer, MIXERS)
+        positive(self, "", "vocab_size", "d_model", "n_layers", "d_ff", "norm_eps", "init_std")
+        choice("", "init", self.init, ("gpt2", "torch"))
+        choice("", "mlp", self.mlp, ("swiglu", "gelu", "gelu_tanh", "none"))
+        choice("", "position", self.position, ("rope", "learned"))
+        positive(self, "", "max_positions")
         if self.position == "learned" and self.arch != "lm":
             raise InputError(f"config field 'position' = 'learned': only arch lm has a learned position table, "
                              f"got arch {self.arch!r}")
-        _choice("", "norm", self.norm, ("rmsnorm", "layernorm"))
+        choice("", "norm", self.norm, ("rmsnorm", "layernorm"))
         if self.layers is not None:
             if len(self.layers) != self.n_layers:
                 raise InputError(
@@ -382,34 +339,22 @@ class ModelConfig(_Section):
                     "give one mixer name per layer"
                 )
             for i, name in enumerate(self.layers):
-                _choice("", f"layers[{i}]", name, MIXERS)
-        uses = set(self.layer_mixers)
-        if uses & {"attention", "sliding_attention"} and self.d_model % self.attention.n_heads:
-            raise InputError(
-                f"config field 'd_model' = {self.d_model}: must be divisible by attention.n_heads = "
-                f"{self.attention.n_heads}"
-            )
-        if uses & {"attention", "sliding_attention"} and self.position == "rope" and self.head_dim % 2:
-            raise InputError(
-                f"config field 'd_model' = {self.d_model}: d_model / attention.n_heads = {self.head_dim} must be "
-                "even for rotary embeddings"
-            )
-        if "gla" in uses:
-            for name, width in (("expand_k", self.gla_d_key), ("expand_v", self.gla_d_value)):
-                if width % self.gla.n_heads or width == 0:
-                    raise InputError(
-                        f"config field 'gla.{name}' = {getattr(self.gla, name)}: d_model * {name} = {width} must "
-                        f"be a positive multiple of gla.n_heads = {self.gla.n_heads}"
-                    )
+                choice("", f"layers[{i}]", name, MIXERS)
+        for section in sections.values():  # checks that need the model's sizes (a section's own are done)
+            check = getattr(section, "check_model", None)
+            if check is not None:
+                check(self)
+
+    def __getattr__(self, name: str) -> Any:
+        sections = self.__dict__.get("sections")  # a mixer section: cfg.mamba, cfg.attention, ...
+        if sections is not None and name in sections:
+            return sections[name]
+        raise AttributeError(f"'ModelConfig' has no field or mixer section {name!r}")
 
     # derived sizes
     @property
     def layer_mixers(self) -> tuple[str, ...]:
         return self.layers if self.layers is not None else (self.mixer,) * self.n_layers
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.attention.n_heads
 
     @property
     def ff_dim(self) -> int:
@@ -419,36 +364,40 @@ class ModelConfig(_Section):
             return 8 * math.ceil(8 * self.d_model / 3 / 8)
         return 4 * self.d_model
 
-    @property
-    def rnn_hidden(self) -> int:
-        return self.rnn.d_hidden or self.d_model
+    def to_dict(self) -> dict:
+        out = {f.name: _json_value(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "sections"}
+        return {**out, **{key: section.to_dict() for key, section in self.sections.items()}}
 
-    @property
-    def mamba_d_inner(self) -> int:
-        return self.mamba.expand * self.d_model
-
-    @property
-    def mamba_dt_rank(self) -> int:
-        return self.mamba.dt_rank or math.ceil(self.d_model / 16)
-
-    @property
-    def gla_d_key(self) -> int:
-        return int(self.d_model * self.gla.expand_k)
-
-    @property
-    def gla_d_value(self) -> int:
-        return int(self.d_model * self.gla.expand_v)
+    def replace(self, **changes: Any) -> ModelConfig:
+        """A copy with `changes`: fields, and mixer sections given as objects or as dicts of their fields to change
+        (`cfg.replace(attention={"window": 8})` keeps the other attention fields)."""
+        sections = dict(self.sections)
+        for key in [k for k in changes if k in SECTIONS]:
+            value = changes.pop(key)
+            sections[key] = dataclasses.replace(sections[key], **value) if isinstance(value, dict) else value
+        return dataclasses.replace(self, sections=sections, **changes)
 
     @classmethod
-    def from_dict(cls, data: dict) -> ModelConfig:
+    def parse(cls, data: Any, prefix: str) -> ModelConfig:
+        if not isinstance(data, dict):
+            return _from_dict(cls, data, prefix)  # the error for a non-object
         # Convenience: a `layers` list alone fixes the depth.
-        if isinstance(data, dict) and data.get("layers") is not None and "n_layers" not in data:
+        if data.get("layers") is not None and "n_layers" not in data:
             data = {**data, "n_layers": len(data["layers"])}
         # Recurrent depth: the depth section fixes the block count, and sandwich norms are on unless turned off.
-        if isinstance(data, dict) and data.get("arch") == "recurrent_depth":
-            depth = _from_dict(RecurrentDepthConfig, data.get("depth") or {}, "depth.")
+        if data.get("arch") == "recurrent_depth":
+            depth = _from_dict(RecurrentDepthConfig, data.get("depth") or {}, f"{prefix}depth.")
             data = {"n_layers": depth.n_layers, "sandwich_norm": True, **data}
-        return _from_dict(cls, data)
+        fields = {f.name for f in dataclasses.fields(cls)} - {"sections"}
+        unknown = sorted(set(data) - fields - set(SECTIONS))
+        if unknown:
+            raise InputError(f"unknown config key '{prefix}{unknown[0]}'; allowed keys: "
+                             f"{', '.join(sorted(fields | set(SECTIONS)))}")
+        sections = {}
+        for key in [k for k in data if k in SECTIONS]:
+            value = data[key]
+            sections[key] = SECTIONS[key].parse(value if value is not None else {}, f"{prefix}{key}.")
+        return _from_dict(cls, {**{k: v for k, v in data.items() if k in fields}, "sections": sections}, prefix)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -456,7 +405,7 @@ class ModelConfig(_Section):
 
 
 @dataclass(frozen=True)
-class TrainConfig(_Section):
+class TrainConfig(Section):
     """Optimization: AdamW (decay on >= 2-D weights only), linear warmup then cosine decay to min_lr_ratio * lr."""
 
     steps: int = 200
@@ -482,11 +431,11 @@ class TrainConfig(_Section):
     device: str = "cpu"  # cpu | cuda | auto
 
     def __post_init__(self) -> None:
-        _check_types(self, "train.")
-        _positive(self, "train.", "steps", "batch_size", "lr", "eval_batches", "log_every", "grad_accum",
+        check_types(self, "train.")
+        positive(self, "train.", "steps", "batch_size", "lr", "eval_batches", "log_every", "grad_accum",
                   "kv_window", "max_nonfinite")
-        _choice("train.", "precision", self.precision, ("fp32", "bf16"))
-        _choice("train.", "device", self.device, ("cpu", "cuda", "auto"))
+        choice("train.", "precision", self.precision, ("fp32", "bf16"))
+        choice("train.", "device", self.device, ("cpu", "cuda", "auto"))
         for name in ("warmup_steps", "weight_decay", "grad_clip", "eval_every", "min_lr_ratio",
                      "checkpoint_every"):
             if getattr(self, name) < 0:
@@ -497,7 +446,7 @@ class TrainConfig(_Section):
 
 
 @dataclass(frozen=True)
-class RunConfig(_Section):
+class RunConfig(Section):
     """What `seqlab train --config FILE` reads: a model, a task (name + parameters) and the optimization."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -506,6 +455,6 @@ class RunConfig(_Section):
     eval_task: dict | None = None  # task parameters that differ for evaluation, e.g. {"seq_len": 256}
 
     def __post_init__(self) -> None:
-        _check_types(self, "")
+        check_types(self, "")
         if not isinstance(self.task.get("name"), str):
             raise InputError(f"config field 'task.name' = {self.task.get('name')!r}: expected a task name")

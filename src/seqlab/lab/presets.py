@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from seqlab.config import _check_types, _choice, _positive, _Section
+from seqlab.config import Section, check_types, choice, positive
 from seqlab.errors import InputError
 from seqlab.lab.sections import SECTIONS, distill, inference, latents, quality, thinking, training
 
@@ -30,7 +30,7 @@ PRESETS = ("quick", "standard", "full")
 
 
 @dataclass(frozen=True)
-class LabConfig(_Section):
+class LabConfig(Section):
     name: str = "custom"
     seed: int = 0
     threads: int | None = None  # torch threads for the whole run; None: torch's default
@@ -43,12 +43,12 @@ class LabConfig(_Section):
     distill: distill.Config = field(default_factory=distill.Config)
 
     def __post_init__(self) -> None:
-        _check_types(self, "")
-        _positive(self, "", "threads")
+        check_types(self, "")
+        positive(self, "", "threads")
         for i, name in enumerate(self.sections):
-            _choice("", f"sections[{i}]", name, tuple(SECTIONS))
+            choice("", f"sections[{i}]", name, tuple(SECTIONS))
 
-    def section(self, name: str) -> _Section:
+    def section(self, name: str) -> Section:
         return getattr(self, name)
 
 

@@ -8,7 +8,10 @@ import torch
 
 from seqlab.config import ModelConfig
 from seqlab.errors import InputError
-from seqlab.models import attention, conv, gla, mamba, rnn  # noqa: F401  (each registers its mixers)
+
+# The mixers, in the order they are listed everywhere: importing a mixer's file registers it (its name, its config
+# section and its module). A new mixer is one more name on this line.
+from seqlab.models import attention, conv, gla, mamba, rnn  # noqa: F401, I001
 from seqlab.models.lm import LanguageModel
 from seqlab.models.recurrent_depth import RecurrentDepthModel
 from seqlab.models.registry import available_mixers, build_mixer, register_mixer

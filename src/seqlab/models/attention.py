@@ -20,10 +20,50 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seqlab.config import ModelConfig
+from seqlab.config import ModelConfig, Section, check_types, positive
+from seqlab.errors import InputError
 from seqlab.models.blocks import Fn, Rotary, linear_fn
 from seqlab.models.registry import register_mixer
 from seqlab.models.state import State
+
+
+@dataclass(frozen=True)
+class AttentionConfig(Section):
+    """Config section `attention`: softmax attention (`attention`) and its sliding-window variant
+    (`sliding_attention`)."""
+
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # grouped-query attention; None means n_heads (plain multi-head)
+    window: int = 64  # sliding_attention: a query sees itself and the `window` tokens before it
+    rope_theta: float = 10000.0
+    bias: bool = False  # biases on the q, k, v and output projections (GPT-2)
+
+    def __post_init__(self) -> None:
+        check_types(self, "attention.")
+        positive(self, "attention.", "n_heads", "n_kv_heads", "window", "rope_theta")
+        if self.n_heads % self.kv_heads:
+            raise InputError(
+                f"config field 'attention.n_kv_heads' = {self.n_kv_heads}: must divide "
+                f"attention.n_heads = {self.n_heads}"
+            )
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    def head_dim(self, d_model: int) -> int:
+        return d_model // self.n_heads
+
+    def check_model(self, cfg: ModelConfig) -> None:
+        """Sizes that depend on the model: heads divide d_model, rotary needs an even head width."""
+        if not {"attention", "sliding_attention"} & set(cfg.layer_mixers):
+            return
+        if cfg.d_model % self.n_heads:
+            raise InputError(f"config field 'd_model' = {cfg.d_model}: must be divisible by attention.n_heads = "
+                             f"{self.n_heads}")
+        if cfg.position == "rope" and self.head_dim(cfg.d_model) % 2:
+            raise InputError(f"config field 'd_model' = {cfg.d_model}: d_model / attention.n_heads = "
+                             f"{self.head_dim(cfg.d_model)} must be even for rotary embeddings")
 
 
 class KVBuffer:
@@ -130,20 +170,21 @@ def _room(n: int) -> int:
     return n + max(n // 4, 64)
 
 
-@register_mixer("attention")
-@register_mixer("sliding_attention")
+@register_mixer("sliding_attention", "attention", AttentionConfig)  # decorators apply bottom-up: attention first
+@register_mixer("attention", "attention", AttentionConfig)
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, name: str = "attention"):
         super().__init__()
         a = cfg.attention
-        self.n_heads, self.kv_heads, self.head_dim = a.n_heads, a.kv_heads, cfg.head_dim
+        hd = a.head_dim(cfg.d_model)
+        self.n_heads, self.kv_heads, self.head_dim = a.n_heads, a.kv_heads, hd
         self.window = a.window if name == "sliding_attention" else None
-        self.wq = nn.Linear(cfg.d_model, a.n_heads * cfg.head_dim, bias=a.bias)
-        self.wk = nn.Linear(cfg.d_model, a.kv_heads * cfg.head_dim, bias=a.bias)
-        self.wv = nn.Linear(cfg.d_model, a.kv_heads * cfg.head_dim, bias=a.bias)
-        self.wo = nn.Linear(a.n_heads * cfg.head_dim, cfg.d_model, bias=a.bias)
+        self.wq = nn.Linear(cfg.d_model, a.n_heads * hd, bias=a.bias)
+        self.wk = nn.Linear(cfg.d_model, a.kv_heads * hd, bias=a.bias)
+        self.wv = nn.Linear(cfg.d_model, a.kv_heads * hd, bias=a.bias)
+        self.wo = nn.Linear(a.n_heads * hd, cfg.d_model, bias=a.bias)
         # position="learned": positions enter once, at the embedding (GPT-2), so no rotation here
-        self.rotary = Rotary(cfg.head_dim, a.rope_theta) if cfg.position == "rope" else None
+        self.rotary = Rotary(hd, a.rope_theta) if cfg.position == "rope" else None
 
     STATE_FORMULA = "2 x kv_heads x head_dim x T (sliding: x min(T, window)) x batch x element size"
 

@@ -19,10 +19,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seqlab.config import ModelConfig
+from seqlab.config import ModelConfig, Section, check_types, positive
 from seqlab.models.blocks import linear_fn
 from seqlab.models.registry import register_mixer
 from seqlab.models.state import State
+
+
+@dataclass(frozen=True)
+class ConvConfig(Section):
+    """Config section `conv`: causal depthwise convolution followed by a gated projection."""
+
+    kernel_size: int = 4
+
+    def __post_init__(self) -> None:
+        check_types(self, "conv.")
+        positive(self, "conv.", "kernel_size")
 
 
 @dataclass(frozen=True)
@@ -46,7 +57,7 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return y, xp[:, :, xp.shape[-1] - (k - 1):]
 
 
-@register_mixer("conv")
+@register_mixer("conv", "conv", ConvConfig)
 class Conv(nn.Module):
     def __init__(self, cfg: ModelConfig, name: str = "conv"):
         super().__init__()

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seqlab.config import ModelConfig
+from seqlab.config import ModelConfig, Section, check_types, choice, positive
+from seqlab.errors import InputError
 from seqlab.models.blocks import Fn, linear_fn, norm_fn
 from seqlab.models.registry import register_mixer
 from seqlab.models.state import State
@@ -30,26 +31,61 @@ from seqlab.ops import gla, gla_update
 
 
 @dataclass(frozen=True)
+class GLAConfig(Section):
+    """Config section `gla`: gated linear attention (Yang et al. 2024), multi-head, with output gate and norm."""
+
+    n_heads: int = 4
+    expand_k: float = 0.5
+    expand_v: float = 1.0
+    gate_low_rank: int = 16
+    gate_logit_normalizer: float = 16.0
+    chunk_size: int = 64
+    impl: str = "chunked"
+
+    def __post_init__(self) -> None:
+        check_types(self, "gla.")
+        positive(self, "gla.", "n_heads", "expand_k", "expand_v", "gate_low_rank", "gate_logit_normalizer",
+                 "chunk_size")
+        choice("gla.", "impl", self.impl, ("chunked", "ref"))
+
+    def d_key(self, d_model: int) -> int:
+        return int(d_model * self.expand_k)
+
+    def d_value(self, d_model: int) -> int:
+        return int(d_model * self.expand_v)
+
+    def check_model(self, cfg: ModelConfig) -> None:
+        """The key and value widths split into whole heads."""
+        if "gla" not in cfg.layer_mixers:
+            return
+        for name, width in (("expand_k", self.d_key(cfg.d_model)), ("expand_v", self.d_value(cfg.d_model))):
+            if width % self.n_heads or width == 0:
+                raise InputError(f"config field 'gla.{name}' = {getattr(self, name)}: d_model * {name} = {width} "
+                                 f"must be a positive multiple of gla.n_heads = {self.n_heads}")
+
+
+@dataclass(frozen=True)
 class GLAState(State):
     S: torch.Tensor  # (B, H, dk, dv), fp32
 
 
-@register_mixer("gla")
+@register_mixer("gla", "gla", GLAConfig)
 class GatedLinearAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, name: str = "gla"):
         super().__init__()
         g = cfg.gla
         self.cfg = g
         self.H = g.n_heads
-        self.dk, self.dv = cfg.gla_d_key // g.n_heads, cfg.gla_d_value // g.n_heads
-        self.q_proj = nn.Linear(cfg.d_model, cfg.gla_d_key, bias=False)
-        self.k_proj = nn.Linear(cfg.d_model, cfg.gla_d_key, bias=False)
-        self.v_proj = nn.Linear(cfg.d_model, cfg.gla_d_value, bias=False)
-        self.gate_proj = nn.Linear(cfg.d_model, cfg.gla_d_value, bias=False)  # output gate W_r
+        d_key, d_value = g.d_key(cfg.d_model), g.d_value(cfg.d_model)
+        self.dk, self.dv = d_key // g.n_heads, d_value // g.n_heads
+        self.q_proj = nn.Linear(cfg.d_model, d_key, bias=False)
+        self.k_proj = nn.Linear(cfg.d_model, d_key, bias=False)
+        self.v_proj = nn.Linear(cfg.d_model, d_value, bias=False)
+        self.gate_proj = nn.Linear(cfg.d_model, d_value, bias=False)  # output gate W_r
         self.gk_down = nn.Linear(cfg.d_model, g.gate_low_rank, bias=False)  # forget gate, low rank
-        self.gk_up = nn.Linear(g.gate_low_rank, cfg.gla_d_key, bias=True)
+        self.gk_up = nn.Linear(g.gate_low_rank, d_key, bias=True)
         self.norm = nn.RMSNorm(self.dv, eps=cfg.norm_eps)
-        self.out_proj = nn.Linear(cfg.gla_d_value, cfg.d_model, bias=False)
+        self.out_proj = nn.Linear(d_value, cfg.d_model, bias=False)
 
     STATE_FORMULA = "n_heads x d_key/n_heads x d_value/n_heads fp32 x batch"
 

@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seqlab.config import ModelConfig
+from seqlab.config import ModelConfig, Section, check_types, choice, positive
+from seqlab.errors import InputError
 from seqlab.models.blocks import Fn, linear_fn
 from seqlab.models.conv import causal_conv1d
 from seqlab.models.registry import register_mixer
@@ -38,18 +39,49 @@ from seqlab.ops import selective_scan, selective_scan_update
 
 
 @dataclass(frozen=True)
+class MambaConfig(Section):
+    """Config section `mamba`: the selective state-space block (Gu & Dao 2023). Symbols: N = d_state, E = expand."""
+
+    d_state: int = 16
+    d_conv: int = 4
+    expand: int = 2
+    dt_rank: int | None = None  # None means ceil(d_model / 16), as published
+    dt_min: float = 0.001
+    dt_max: float = 0.1
+    dt_init_floor: float = 1e-4
+    chunk_size: int = 64
+    impl: str = "chunked"
+    proj_bias: bool = False  # biases on in_proj and out_proj (Hugging Face `use_bias`)
+    conv_bias: bool = True  # a bias on the short convolution (Hugging Face `use_conv_bias`)
+
+    def __post_init__(self) -> None:
+        check_types(self, "mamba.")
+        positive(self, "mamba.", "d_state", "d_conv", "expand", "dt_rank", "dt_min", "dt_max", "chunk_size")
+        choice("mamba.", "impl", self.impl, ("chunked", "ref"))
+        if self.dt_min > self.dt_max:
+            raise InputError(f"config field 'mamba.dt_min' = {self.dt_min}: must be <= mamba.dt_max = {self.dt_max}")
+
+    def d_inner(self, d_model: int) -> int:
+        return self.expand * d_model
+
+    def rank(self, d_model: int) -> int:
+        """dt_rank, the width of delta's low-rank projection."""
+        return self.dt_rank or math.ceil(d_model / 16)
+
+
+@dataclass(frozen=True)
 class MambaState(State):
     conv: torch.Tensor  # (B, d_inner, d_conv - 1), the convolution's last inputs
     ssm: torch.Tensor  # (B, d_inner, N), fp32
 
 
-@register_mixer("mamba")
+@register_mixer("mamba", "mamba", MambaConfig)
 class Mamba(nn.Module):
     def __init__(self, cfg: ModelConfig, name: str = "mamba"):
         super().__init__()
         m = cfg.mamba
         self.cfg = m
-        self.d_inner, self.dt_rank, self.N = cfg.mamba_d_inner, cfg.mamba_dt_rank, m.d_state
+        self.d_inner, self.dt_rank, self.N = m.d_inner(cfg.d_model), m.rank(cfg.d_model), m.d_state
         self.in_proj = nn.Linear(cfg.d_model, 2 * self.d_inner, bias=m.proj_bias)
         self.conv = nn.Conv1d(self.d_inner, self.d_inner, m.d_conv, groups=self.d_inner, bias=m.conv_bias)
         self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * self.N, bias=False)

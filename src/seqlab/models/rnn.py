@@ -19,10 +19,24 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from seqlab.config import ModelConfig
+from seqlab.config import ModelConfig, Section, check_types, positive
 from seqlab.models.blocks import linear_fn
 from seqlab.models.registry import register_mixer
 from seqlab.models.state import State
+
+
+@dataclass(frozen=True)
+class RNNConfig(Section):
+    """Config section `rnn`, for `lstm` and `gru`: a hidden size other than d_model adds an output projection."""
+
+    d_hidden: int | None = None  # None means d_model
+
+    def __post_init__(self) -> None:
+        check_types(self, "rnn.")
+        positive(self, "rnn.", "d_hidden")
+
+    def hidden(self, d_model: int) -> int:
+        return self.d_hidden or d_model
 
 
 @dataclass(frozen=True)
@@ -41,8 +55,9 @@ class GRUState(State):
 class _RNNMixer(nn.Module):
     def __init__(self, cfg: ModelConfig, cell: type[nn.RNNBase]):
         super().__init__()
-        self.rnn = cell(cfg.d_model, cfg.rnn_hidden, batch_first=True)
-        self.out = nn.Linear(cfg.rnn_hidden, cfg.d_model, bias=False) if cfg.rnn_hidden != cfg.d_model else None
+        hidden = cfg.rnn.hidden(cfg.d_model)
+        self.rnn = cell(cfg.d_model, hidden, batch_first=True)
+        self.out = nn.Linear(hidden, cfg.d_model, bias=False) if hidden != cfg.d_model else None
 
     def _project(self, y: torch.Tensor) -> torch.Tensor:
         return self.out(y) if self.out is not None else y
@@ -64,7 +79,7 @@ class _RNNMixer(nn.Module):
         return self.n_states * batch * self.rnn.hidden_size * torch.promote_types(dtype, torch.float32).itemsize
 
 
-@register_mixer("lstm")
+@register_mixer("lstm", "rnn", RNNConfig)
 class LSTM(_RNNMixer):
     """LSTM (gate order i, f, g, o as torch.nn.LSTM):
         [i, f, g, o] = W_ih x_t + b_ih + W_hh h_{t-1} + b_hh
@@ -92,7 +107,7 @@ class LSTM(_RNNMixer):
         return (out(y) if out is not None else y), LSTMState(h.unsqueeze(0), c.unsqueeze(0))
 
 
-@register_mixer("gru")
+@register_mixer("gru", "rnn", RNNConfig)
 class GRU(_RNNMixer):
     """GRU (gate order r, z, n as torch.nn.GRU):
         r = sigmoid(W_ir x + b_ir + W_hr h + b_hr),   z = sigmoid(W_iz x + b_iz + W_hz h + b_hz)

@@ -19,7 +19,8 @@ from typing import Any
 import matplotlib.pyplot as plt
 
 from seqlab.checkpoint import load, save
-from seqlab.config import TrainConfig, _check_types, _Section, layer_plan
+from seqlab.config import Section as ConfigSection
+from seqlab.config import TrainConfig, check_types, layer_plan
 from seqlab.data import make_task
 from seqlab.distill import DistillConfig, distill_and_compare
 from seqlab.document import Section, save_figure
@@ -33,7 +34,7 @@ TITLE = "Distillation"
 
 
 @dataclass(frozen=True)
-class Config(_Section):
+class Config(ConfigSection):
     task: dict = field(default_factory=lambda: {"name": "corpus", "seq_len": 64, "eval": {"split": "validation"}})
     teacher: dict = field(default_factory=lambda: {"mixer": "attention", "d_model": 64, "n_layers": 2,
                                                    "attention": {"n_heads": 4}})
@@ -45,7 +46,7 @@ class Config(_Section):
     context: int = 1024  # tokens before measuring state bytes and decode latency (0: skip)
 
     def __post_init__(self) -> None:
-        _check_types(self, "distill.")
+        check_types(self, "distill.")
         task_label(self.task)
         if not self.students:
             raise InputError("config field 'distill.students' is empty; list at least one student mixer")

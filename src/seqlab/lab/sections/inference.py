@@ -20,7 +20,8 @@ from typing import Any
 
 import matplotlib.pyplot as plt
 
-from seqlab.config import _check_types, _positive, _Section
+from seqlab.config import Section as ConfigSection
+from seqlab.config import check_types, positive
 from seqlab.document import Section, fmt_bytes, save_figure
 from seqlab.errors import InputError
 from seqlab.infer.profile import ProfileConfig, crossovers, run_profile
@@ -31,7 +32,7 @@ TITLE = "Inference"
 
 
 @dataclass(frozen=True)
-class Config(_Section):
+class Config(ConfigSection):
     mixers: tuple[str, ...] = ("attention", "sliding_attention", "lstm", "gru", "conv", "mamba", "gla")
     contexts: tuple[int, ...] = (256, 1024, 4096)
     params: int = 100_000  # target parameter count, embedding excluded
@@ -46,8 +47,8 @@ class Config(_Section):
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        _check_types(self, "inference.")
-        _positive(self, "inference.", "params", "n_layers", "batch", "chunk", "decode_steps", "repeats")
+        check_types(self, "inference.")
+        positive(self, "inference.", "params", "n_layers", "batch", "chunk", "decode_steps", "repeats")
         if not self.mixers or not self.contexts:
             raise InputError("config fields 'inference.mixers' and 'inference.contexts' must not be empty")
         for i, entry in enumerate(self.mixers):

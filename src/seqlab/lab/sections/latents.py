@@ -27,7 +27,8 @@ from seqlab.analysis.latents import (
     plot_pc_pairs,
 )
 from seqlab.checkpoint import load
-from seqlab.config import _check_types, _positive, _Section
+from seqlab.config import Section as ConfigSection
+from seqlab.config import check_types, positive
 from seqlab.data import make_task
 from seqlab.document import Section, count
 from seqlab.errors import InputError
@@ -40,7 +41,7 @@ MAX_GREY = 400  # tokens whose distance curves are kept for the grey background 
 
 
 @dataclass(frozen=True)
-class Config(_Section):
+class Config(ConfigSection):
     steps: int = 32  # S: core iterations captured (more than the training r shows where the latent goes)
     rows: int = 4  # batch rows analysed (tokens: rows x the task's length)
     components: int = 6  # principal components (PC1..PC6: three pair plots)
@@ -48,8 +49,8 @@ class Config(_Section):
     digits: int = 5  # significant digits kept for plotted coordinates in results.json
 
     def __post_init__(self) -> None:
-        _check_types(self, "latents.")
-        _positive(self, "latents.", "steps", "rows", "components", "digits")
+        check_types(self, "latents.")
+        positive(self, "latents.", "steps", "rows", "components", "digits")
         if self.steps < 2:
             raise InputError(f"config field 'latents.steps' = {self.steps}: the classifier needs at least 2 steps")
         self.classifier_rules()  # a bad threshold is an error now, not after training

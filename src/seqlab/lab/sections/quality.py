@@ -20,7 +20,8 @@ from typing import Any
 import matplotlib.pyplot as plt
 
 from seqlab.checkpoint import save
-from seqlab.config import MIXERS, ModelConfig, TrainConfig, _check_types, _choice, _positive, _Section, layer_plan
+from seqlab.config import MIXERS, ModelConfig, TrainConfig, check_types, choice, layer_plan, positive
+from seqlab.config import Section as ConfigSection
 from seqlab.data import make_task
 from seqlab.document import Section, save_figure
 from seqlab.errors import InputError
@@ -32,7 +33,7 @@ TITLE = "Quality"
 
 
 @dataclass(frozen=True)
-class Config(_Section):
+class Config(ConfigSection):
     tasks: tuple[dict, ...] = ({"name": "mqar", "vocab_size": 64, "seq_len": 64, "num_pairs": 4},)
     mixers: tuple[str, ...] = ("attention", "sliding_attention", "lstm", "gru", "conv")
     model: dict = field(default_factory=dict)  # base ModelConfig fields; d_model is matched to target_params
@@ -42,8 +43,8 @@ class Config(_Section):
     eval_batches: int = 16
 
     def __post_init__(self) -> None:
-        _check_types(self, "quality.")
-        _positive(self, "quality.", "target_params", "eval_batches")
+        check_types(self, "quality.")
+        positive(self, "quality.", "target_params", "eval_batches")
         if not self.mixers:
             raise InputError("config field 'quality.mixers' is empty; list at least one mixer")
         for i, entry in enumerate(self.mixers):
@@ -72,7 +73,7 @@ RD = "recurrent_depth"
 def check_entry(prefix: str, i: int, entry: str) -> None:
     """InputError unless `entry` is a layer spec (a mixer, a hybrid "a+b" or "3:1 a:b") or "recurrent_depth[:MIXER]"."""
     if entry == RD or entry.startswith(RD + ":"):
-        _choice(prefix, f"mixers[{i}]", entry.partition(":")[2] or "attention", MIXERS)
+        choice(prefix, f"mixers[{i}]", entry.partition(":")[2] or "attention", MIXERS)
         return
     try:
         layer_plan(entry, 1)

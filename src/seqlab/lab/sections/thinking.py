@@ -17,7 +17,8 @@ import matplotlib.pyplot as plt
 
 from seqlab.analysis.thinking import evaluate_steps, scaling_curve
 from seqlab.checkpoint import load, save
-from seqlab.config import TrainConfig, _check_types, _choice, _positive, _Section
+from seqlab.config import Section as ConfigSection
+from seqlab.config import TrainConfig, check_types, choice, positive
 from seqlab.data import make_task
 from seqlab.document import Section, save_figure
 from seqlab.errors import InputError
@@ -30,7 +31,7 @@ TITLE = "Test-time compute"
 
 
 @dataclass(frozen=True)
-class Config(_Section):
+class Config(ConfigSection):
     task: dict = field(default_factory=lambda: {"name": "mqar", "vocab_size": 32, "seq_len": 32, "num_pairs": 4})
     model: dict = field(default_factory=lambda: {
         "arch": "recurrent_depth", "mixer": "attention", "d_model": 32, "attention": {"n_heads": 2},
@@ -43,9 +44,9 @@ class Config(_Section):
     eval_batch_size: int = 64
 
     def __post_init__(self) -> None:
-        _check_types(self, "thinking.")
-        _positive(self, "thinking.", "eval_batches", "eval_batch_size")
-        _choice("thinking.", "exit", self.exit, ("kl", "latent"))
+        check_types(self, "thinking.")
+        positive(self, "thinking.", "eval_batches", "eval_batch_size")
+        choice("thinking.", "exit", self.exit, ("kl", "latent"))
         task_label(self.task)
         if self.model.get("arch") != "recurrent_depth":
             raise InputError(f"config field 'thinking.model.arch' = {self.model.get('arch')!r}: expected "

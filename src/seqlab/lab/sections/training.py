@@ -19,7 +19,8 @@ from typing import Any
 import matplotlib.pyplot as plt
 import torch
 
-from seqlab.config import TrainConfig, _check_types, _positive, _Section
+from seqlab.config import Section as ConfigSection
+from seqlab.config import TrainConfig, check_types, positive
 from seqlab.document import Section, fmt_bytes, save_figure
 from seqlab.errors import InputError
 from seqlab.lab.cell import Cell, error_rows
@@ -32,7 +33,7 @@ TITLE = "Training cost"
 
 
 @dataclass(frozen=True)
-class Config(_Section):
+class Config(ConfigSection):
     mixers: tuple[str, ...] = ("attention", "lstm", "gru", "conv")
     seq_lens: tuple[int, ...] = (128, 512, 2048)
     batch_size: int = 4
@@ -43,8 +44,8 @@ class Config(_Section):
     fresh_process: bool = True  # false: measure in the lab's process (peak reset per cell on Linux)
 
     def __post_init__(self) -> None:
-        _check_types(self, "training.")
-        _positive(self, "training.", "batch_size", "steps", "target_params")
+        check_types(self, "training.")
+        positive(self, "training.", "batch_size", "steps", "target_params")
         if not self.mixers or not self.seq_lens:
             raise InputError("config fields 'training.mixers' and 'training.seq_lens' must not be empty")
         for i, entry in enumerate(self.mixers):
