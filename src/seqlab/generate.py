@@ -13,6 +13,7 @@ import torch
 from seqlab.errors import InputError
 from seqlab.infer.decode import Sampler, as_prompt, reserve, sample_next  # noqa: F401  (re-exported)
 from seqlab.infer.plan import DecodePlan
+from seqlab.infer.stream import Stream
 
 
 @torch.inference_mode()
@@ -61,8 +62,6 @@ def generate_batch(model: torch.nn.Module, prompts: Sequence[torch.Tensor | Sequ
                    seed: int = 0) -> list[torch.Tensor]:
     """Continue several prompts of different lengths in one batch. Returns one 1-D tensor per prompt: the prompt
     followed by its `max_new_tokens` new tokens. See `decode_prompts` for how the batch advances."""
-    from seqlab.infer.stream import Stream
-
     stream = Stream(model, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     rows, buf = _prompt_rows(prompts, max_new_tokens, stream._device)
     for p, tokens, _ in decode_prompts(stream, prompts, max_new_tokens):

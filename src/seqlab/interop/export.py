@@ -35,9 +35,9 @@ import torch
 from torch import nn
 
 from seqlab.errors import InputError
-from seqlab.interop.quantize import Int8Linear
 from seqlab.models.attention import SlotCache
 from seqlab.models.blocks import residual
+from seqlab.models.int8 import Int8Linear
 from seqlab.models.state import ModelState, State
 
 MODES = ("step", "prefill")
