@@ -110,3 +110,9 @@ def test_a_mixer_section_is_checked_and_unknown_sections_are_named(ema):
         ModelConfig.from_dict({"mixer": "ema", "emma": {}})
     with pytest.raises(ValueError, match="registered twice"):
         registry.register_mixer("ema", "ema", EMAConfig)(EMA)
+
+
+def test_mixers_list_in_the_order_of_the_registry_line():
+    """The import line in seqlab/models/__init__.py sets the order every listing uses (isort must not sort it)."""
+    assert seqlab.available_mixers()[:7] == ["attention", "sliding_attention", "lstm", "gru", "conv", "mamba", "gla"]
+    assert seqlab.available_mixers() == config.MIXERS

@@ -3,13 +3,15 @@ helper with it (same signature; `impl="ref"` runs the twin).
 
     selective_scan / selective_scan_ref / selective_scan_step / selective_scan_update   Mamba's selective scan
     gla / gla_ref / gla_step / gla_update                                               gated linear attention
+    minrnn_scan / minrnn_scan_ref / minrnn_step / minrnn_update                         minGRU / minLSTM
 
 Every scan returns `(output, final_state_or_None)`; every step returns `(output, new_state)`. States are fp32.
 """
 
 from seqlab.ops.gla import gla, gla_step, gla_update
-from seqlab.ops.naive import gla_ref, selective_scan_ref
+from seqlab.ops.minrnn import minrnn_scan, minrnn_step, minrnn_update
+from seqlab.ops.naive import gla_ref, minrnn_scan_ref, selective_scan_ref
 from seqlab.ops.selective_scan import selective_scan, selective_scan_step, selective_scan_update
 
 __all__ = ["gla", "gla_ref", "gla_step", "gla_update", "selective_scan", "selective_scan_ref", "selective_scan_step",
-           "selective_scan_update"]
+           "selective_scan_update", "minrnn_scan", "minrnn_scan_ref", "minrnn_step", "minrnn_update"]

@@ -104,3 +104,14 @@ def check_scale(where, scale):
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
                               or not math.isfinite(scale)):
         raise InputError(f"{where}: scale must be a finite number or None, got {scale!r}")
+
+
+def check_minrnn(where, log_a, log_b, initial_state):
+    """log_a, log_b (B, T, D) with T >= 1; initial_state (B, D) or None."""
+    expect(where, "log_a", log_a, ("B", "T", "D"))
+    B, T, D = log_a.shape
+    if T < 1:
+        raise InputError(f"{where}: the sequence is empty (log_a has shape {tuple(log_a.shape)}); expected T >= 1")
+    expect(where, "log_b", log_b, (B, T, D))
+    if initial_state is not None:
+        expect(where, "initial_state", initial_state, (B, D))

@@ -2,6 +2,7 @@
 
     selective_scan_ref   Mamba-1's selective scan (the twin of `selective_scan` in ops/selective_scan.py)
     gla_ref              gated linear attention (the twin of `gla` in ops/gla.py)
+    minrnn_scan_ref      minGRU / minLSTM's linear recurrence (the twin of `minrnn_scan` in ops/minrnn.py)
 
 Nothing here is imported from the fast files, and the fast files' math imports nothing from here: the
 discretization, the gating, the skip connection and the step are written a second time, on purpose, so that a bug
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from seqlab.errors import InputError
-from seqlab.ops.checks import check_gla, check_scale, check_selective_scan
+from seqlab.ops.checks import check_gla, check_minrnn, check_scale, check_selective_scan
 
 
 def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, initial_state=None,
@@ -101,3 +102,28 @@ def gla_ref(q, k, v, g, initial_state=None, return_final_state=False, impl="ref"
         S = torch.exp(g_t)[..., :, None] * S + k_t[..., :, None] * v_t[..., None, :]  # (B, H, dk, dv)
         outs.append((q_t[..., :, None] * S).sum(-2))  # (B, H, dv): the row vector q_t S_t
     return torch.stack(outs, dim=2).to(q.dtype), (S if return_final_state else None)
+
+
+def minrnn_scan_ref(log_a, log_b, initial_state=None, return_final_state=False, impl="ref", chunk_size=64):
+    """The minimal RNNs' recurrence (minGRU, minLSTM), one time step at a time, in linear space:
+
+        h_t = exp(log_a_t) * h_{t-1} + exp(log_b_t)          (elementwise over D; h_0 = initial_state or 0)
+
+    Args (as `minrnn_scan`): log_a, log_b (B, T, D); initial_state (B, D) or None.
+
+    Returns:
+        (h, final_state): h (B, T, D) in log_b's dtype; final_state (B, D) in fp32 (fp64 for fp64 inputs) when
+        return_final_state, else None.
+    """
+    if impl != "ref":
+        raise InputError(f"minrnn_scan_ref always runs impl='ref', got impl={impl!r}; "
+                         "call minrnn_scan(..., impl=...) to choose")
+    check_minrnn("minrnn_scan_ref", log_a, log_b, initial_state)
+    cdt = torch.promote_types(log_b.dtype, torch.float32)
+    B, T, D = log_b.shape
+    h = log_b.new_zeros(B, D, dtype=cdt) if initial_state is None else initial_state.to(cdt)
+    outs = []
+    for a_t, b_t in zip(log_a.to(cdt).unbind(1), log_b.to(cdt).unbind(1)):
+        h = torch.exp(a_t) * h + torch.exp(b_t)
+        outs.append(h)
+    return torch.stack(outs, 1).to(log_b.dtype), (h if return_final_state else None)
