@@ -33,6 +33,8 @@ TINY_LAB = {
         "target_params": 4000,
         "train": {"steps": 3, "batch_size": 4, "warmup_steps": 1, "log_every": 1},
         "eval_batches": 1,
+        "frontier": {"task": {"name": "mqar", "vocab_size": 16, "seq_len": 16, "num_pairs": 2},
+                     "mixers": ["attention", "gru"], "widths": [8, 12]},
     },
     "training": {"mixers": ["attention", "gru"], "seq_lens": [8, 16], "batch_size": 2, "steps": 1,
                  "model": {"n_layers": 1, "d_model": 16}, "fresh_process": False},
@@ -72,7 +74,15 @@ def test_smoke_run_writes_every_report_file_and_section(lab_run):
     for name, section in results["sections"].items():
         for c in section["cells"]:
             assert "error" not in c, (name, c["cell"], c.get("traceback"))
-    quality = results["sections"]["quality"]["cells"]
+    quality = [c for c in results["sections"]["quality"]["cells"] if not c["spec"].get("frontier")]
+    frontier = [c for c in results["sections"]["quality"]["cells"] if c["spec"].get("frontier")]
+    assert [c["cell"] for c in frontier] == ["frontier/attention/d8", "frontier/attention/d12", "frontier/gru/d8",
+                                             "frontier/gru/d12"]
+    for c in frontier:  # attention's point is its KV cache after T = 16 tokens (2 layers, fp32); gru's is h
+        kv = 2 * 2 * c["d_model"] * 16 * 4
+        assert c["state_bytes"] == (kv if c["mixer"] == "attention" else 2 * c["d_model"] * 4)
+        assert 0 <= c["interval"][0] <= c["test"]["accuracy"] <= c["interval"][1] <= 1
+        assert c["queries"] == 1 * 4 * 2
     mixers = ("attention", "gru", "lstm+attention", "recurrent_depth:gru")
     assert [c["cell"] for c in quality] == [f"{t}/{m}" for t in ("mqar", "induction") for m in mixers]
     for c in quality:
@@ -180,7 +190,7 @@ def test_resume_skips_finished_cells_and_retries_failed_ones(lab_run, tmp_path, 
     assert main(["lab", "--out", str(run), "--resume", "--only", "quality", "--no-progress"]) == 0
     assert calls == [rd]
     results = json.loads((run / "results.json").read_text())
-    assert len(results["sections"]["quality"]["cells"]) == 8
+    assert len(results["sections"]["quality"]["cells"]) == 8 + 4  # 4 frontier cells
     again = json.loads((run / "cells" / "quality" / rd / "cell.json").read_text())
     assert again["test"] == before["test"] and again["loss_curve"] == before["loss_curve"]
     assert list(results["sections"]) == list(SECTIONS)  # a resumed --only run keeps the other sections

@@ -9,10 +9,17 @@ A mixer entry is a mixer name, a hybrid "a+b" (layers cycle a, b, a, ...) or "3:
 "recurrent_depth:MIXER": the recurrent-depth model (prelude, core iterated r times, coda; `depth` holds its
 settings) whose blocks use MIXER (default attention). Its parameter count counts each real block once, so at a
 matched count it spends r times the core's compute per token.
+
+`frontier` adds the field's canonical trade-off (Zoology, Arora et al. 2023; Gated DeltaNet, Yang et al. 2024): MQAR
+accuracy against the bytes of state a model keeps after the task's T tokens, each mixer at several widths, trained
+with the same budget; attention's point is its KV cache at that length. `{"task": {...mqar...}, "mixers": [...],
+"widths": [16, 32, 64]}`; the figure draws each point's 95% interval over the evaluated queries and the chance
+levels (1/P: a random value from the context; 2/V: a random value token).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,10 +48,13 @@ class Config(ConfigSection):
     target_params: int | None = None  # None: every mixer uses model.d_model as given
     train: TrainConfig = field(default_factory=TrainConfig)
     eval_batches: int = 16
+    frontier: dict | None = None  # {"task": {...}, "mixers": [...], "widths": [...]}: recall vs state size
 
     def __post_init__(self) -> None:
         check_types(self, "quality.")
         positive(self, "quality.", "target_params", "eval_batches")
+        if self.frontier is not None:
+            check_frontier(self.frontier)
         if not self.mixers:
             raise InputError("config field 'quality.mixers' is empty; list at least one mixer")
         for i, entry in enumerate(self.mixers):
@@ -53,6 +63,26 @@ class Config(ConfigSection):
         if len(set(labels)) != len(labels):
             raise InputError(f"config field 'quality.tasks' has two tasks named alike ({labels}); give each a "
                              "distinct 'label'")
+
+
+def check_frontier(f: dict) -> None:
+    """The frontier entry: an mqar task, a list of layer specs and a list of widths (d_model values)."""
+    where = "config field 'quality.frontier'"
+    unknown = sorted(set(f) - {"task", "mixers", "widths"})
+    if unknown:
+        raise InputError(f"{where} has an unknown key '{unknown[0]}'; expected task, mixers, widths")
+    if not isinstance(f.get("task"), dict) or f["task"].get("name") != "mqar":
+        raise InputError(f"{where}.task = {f.get('task')!r}: expected an mqar task, e.g. {{'name': 'mqar', ...}}")
+    mixers, widths = f.get("mixers"), f.get("widths")
+    if not isinstance(mixers, (list, tuple)) or not mixers:
+        raise InputError(f"{where}.mixers = {mixers!r}: expected a non-empty list of mixers")
+    for i, entry in enumerate(mixers):
+        if not isinstance(entry, str) or entry.startswith(RD):
+            raise InputError(f"{where}.mixers[{i}] = {entry!r}: expected a mixer or a hybrid layer spec")
+        check_entry("quality.frontier.", i, entry)
+    if (not isinstance(widths, (list, tuple)) or not widths
+            or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in widths)):
+        raise InputError(f"{where}.widths = {widths!r}: expected a non-empty list of integers >= 1 (d_model)")
 
 
 def task_label(task: dict) -> str:
@@ -104,10 +134,17 @@ def matched_config(base: dict, entry: str, target: int | None, depth: dict | Non
 
 
 def plan(cfg: Config, lab: Any) -> list:
-    return [Cell(f"{task_label(t)}/{m}", {"task": t, "mixer": m}) for t in cfg.tasks for m in cfg.mixers]
+    cells = [Cell(f"{task_label(t)}/{m}", {"task": t, "mixer": m}) for t in cfg.tasks for m in cfg.mixers]
+    f = cfg.frontier
+    if f is not None:
+        cells += [Cell(f"frontier/{m}/d{w}", {"frontier": True, "task": f["task"], "mixer": m, "d_model": w})
+                  for m in f["mixers"] for w in f["widths"]]
+    return cells
 
 
 def run(cell: Any, cfg: Config, lab: Any, cell_dir: Path, progress: bool) -> dict[str, Any]:
+    if cell.spec.get("frontier"):
+        return run_frontier(cell, cfg, lab, progress)
     task_entry, mixer = cell.spec["task"], cell.spec["mixer"]
     train_params, eval_params = split_task(task_entry)
     task = make_task(task_entry["name"], **train_params)
@@ -126,6 +163,75 @@ def run(cell: Any, cfg: Config, lab: Any, cell_dir: Path, progress: bool) -> dic
     return out
 
 
+def run_frontier(cell: Any, cfg: Config, lab: Any, progress: bool) -> dict[str, Any]:
+    """One point of the recall-vs-state frontier: this mixer at this width, trained with the section's budget."""
+    params = {k: v for k, v in cell.spec["task"].items() if k != "name"}
+    task = make_task("mqar", **params)
+    fields = entry_fields({"vocab_size": task.vocab_size, **cfg.model}, cell.spec["mixer"])
+    model_cfg = ModelConfig.from_dict({**fields, "d_model": cell.spec["d_model"]})
+    model = build_model(model_cfg, seed=lab.seed)
+    train_cfg = cfg.train.replace(eval_batches=cfg.eval_batches, seed=lab.seed)
+    result = fit(model, task_batches(task, train_cfg), cross_entropy, train_cfg, progress=progress, desc=cell.id)
+    test = evaluate(model, task, cfg.eval_batches, cfg.train.batch_size, seed=lab.seed + 1)
+    queries = cfg.eval_batches * cfg.train.batch_size * task.num_pairs  # every sequence holds num_pairs queries
+    return {"mixer": cell.spec["mixer"], "d_model": model_cfg.d_model, "params": model.num_parameters(),
+            "state_bytes": model.state_bytes(task.seq_len), "seq_len": task.seq_len, "test": test,
+            "queries": queries, "interval": wilson(test["accuracy"], queries),
+            "chance_context": 1 / task.num_pairs, "chance_values": 2 / task.vocab_size,
+            "train_seconds": result["seconds"]}
+
+
+def wilson(p: float, n: int, z: float = 1.96) -> list[float]:
+    """The 95% Wilson score interval [lo, hi] of an accuracy p measured on n queries (sound at p = 0 or 1)."""
+    center, spread = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return [max(0.0, (center - spread) / (1 + z * z / n)), min(1.0, (center + spread) / (1 + z * z / n))]
+
+
+def render_frontier(sec: Section, cells: list[dict], out: Path) -> None:
+    ok = [c for c in cells if "error" not in c]
+    failed = [c for c in cells if "error" in c]
+    if not ok:
+        sec.table(["frontier cell", "error"], [[c["cell"], c["error"]] for c in failed])
+        return
+    first = ok[0]
+    sec.p(f"Recall against state size: MQAR at length {first['seq_len']}, each mixer at widths "
+          f"{', '.join(str(c['d_model']) for c in ok if c['mixer'] == first['mixer'])}, the same training budget; "
+          f"state bytes after the task's {first['seq_len']} tokens (attention: its KV cache). Accuracy over "
+          f"{first['queries']} queries, with its Wilson score interval (the usual level of confidence, two sigma); "
+          f"chance {first['chance_context']:.3f} (a random value from the context) and "
+          f"{first['chance_values']:.3f} (a random value token).")
+    headers = ["mixer", "d_model", "params", "state bytes", "accuracy (test)", "interval"]
+    rows = [[c["mixer"], str(c["d_model"]), f"{c['params']:,}", f"{c['state_bytes']:,}",
+             f"{c['test']['accuracy']:.3f}", f"{c['interval'][0]:.3f}-{c['interval'][1]:.3f}"] for c in ok]
+    sec.table(headers, rows + error_rows(failed, len(headers)))
+    path = "plots/quality-frontier.png"
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for mixer in dict.fromkeys(c["mixer"] for c in ok):
+        pts = sorted((c for c in ok if c["mixer"] == mixer), key=lambda c: c["state_bytes"])
+        acc = [float(c["test"]["accuracy"]) for c in pts]
+        ax.errorbar([c["state_bytes"] for c in pts], acc, marker="o", capsize=2, label=mixer,
+                    yerr=[[a - float(c["interval"][0]) for a, c in zip(acc, pts)],
+                          [float(c["interval"][1]) - a for a, c in zip(acc, pts)]])
+    ax.axhline(first["chance_context"], color="gray", ls="--", lw=1, label="chance: 1/P")
+    ax.axhline(first["chance_values"], color="gray", ls=":", lw=1, label="chance: 2/V")
+    ax.set_xscale("log")
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel(f"state bytes after {first['seq_len']} tokens (log)")
+    ax.set_ylabel("MQAR accuracy (test)")
+    ax.legend(fontsize=7, ncol=2)
+    save_figure(fig, out / path)
+    best = max(ok, key=lambda c: c["test"]["accuracy"])
+    learned = [c for c in ok if c["interval"][0] > c["chance_context"]]  # the interval clears 1/P
+    sec.figure(path, f"MQAR accuracy against state bytes (log scale), one line per mixer over its widths, with "
+                     f"Wilson intervals. Highest: {best['mixer']} at d_model {best['d_model']} "
+                     f"({best['test']['accuracy']:.3f} with {best['state_bytes']:,} bytes); "
+                     + ("above chance (a random value from the context) beyond their interval: "
+                        + ", ".join(f"{c['mixer']} at d_model {c['d_model']}" for c in learned) + "."
+                        if learned else "no point lies above chance (a random value from "
+                        "the context) beyond its interval: at this budget no model has learned the task, so the "
+                        "figure says nothing about the frontier."))
+
+
 def headline(task: str, cells: list[dict]) -> tuple[str, str, bool]:
     """(metric key, its label, higher is better) for a task's table and plot."""
     if any("bits_per_byte" in c["test"] for c in cells):
@@ -140,7 +246,8 @@ def render(results: dict[str, Any], out: Path) -> Section:
           + (f" at about {cfg['target_params']:,} parameters" if cfg["target_params"] else "")
           + "; d_model is chosen per mixer to match the parameter count. Test metrics use fresh batches, at the "
             "test length where it differs from the training length.")
-    cells = results["cells"]
+    frontier = [c for c in results["cells"] if c["spec"].get("frontier")]
+    cells = [c for c in results["cells"] if not c["spec"].get("frontier")]
     tasks = list(dict.fromkeys(task_label(c["spec"]["task"]) for c in cells))
     ok = [c for c in cells if "error" not in c]
     if len(tasks) > 1 and ok:  # at a glance: one row per mixer, one column per task
@@ -170,6 +277,8 @@ def render(results: dict[str, Any], out: Path) -> Section:
             _plot(task, rows_ok, key, label, out / path)
             sec.figure(path, f"{task}: {label} per mixer (left) and training loss (right); {who} best at "
                              f"{best['test'][key]:.3f}, {worst['mixer']} worst at {worst['test'][key]:.3f}.")
+    if frontier:
+        render_frontier(sec, frontier, out)
     return sec
 
 
@@ -191,7 +300,7 @@ def _plot(task: str, cells: list[dict], key: str, label: str, path: Path) -> Non
 
 def highlight(results: dict[str, Any]) -> str | None:
     """One sentence for the report's summary: the best mixer per task."""
-    ok = [c for c in results["cells"] if "error" not in c]
+    ok = [c for c in results["cells"] if "error" not in c and not c["spec"].get("frontier")]
     parts = []
     for task in dict.fromkeys(c["task"] for c in ok):
         mine = [c for c in ok if c["task"] == task]
