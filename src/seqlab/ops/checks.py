@@ -115,3 +115,24 @@ def check_minrnn(where, log_a, log_b, initial_state):
     expect(where, "log_b", log_b, (B, T, D))
     if initial_state is not None:
         expect(where, "initial_state", initial_state, (B, D))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# delta rule
+
+
+def check_delta_rule(where, q, k, v, beta, g, state, lead):
+    """q, k (*lead, dk), v (*lead, dv), beta and g (*lead) (g may be None), state (B, H, dk, dv). lead names the
+    leading dims: ("B", "H", "L") for the scan (where state is the initial state and may be None), ("B", "H") for
+    one step."""
+    expect(where, "q", q, (*lead, "dk"))
+    if len(lead) == 3 and q.shape[2] < 1:
+        raise InputError(f"{where}: q must have length L >= 1, got shape {tuple(q.shape)}")
+    dims, dk = tuple(q.shape[:-1]), q.shape[-1]
+    expect(where, "k", k, (*dims, dk))
+    expect(where, "v", v, (*dims, "dv"))
+    expect(where, "beta", beta, dims)
+    if g is not None:
+        expect(where, "g", g, dims)
+    if state is not None or len(lead) == 2:
+        expect(where, "initial_state" if len(lead) == 3 else "state", state, (*dims[:2], dk, v.shape[-1]))

@@ -2,6 +2,7 @@
 
     selective_scan_ref   Mamba-1's selective scan (the twin of `selective_scan` in ops/selective_scan.py)
     gla_ref              gated linear attention (the twin of `gla` in ops/gla.py)
+    delta_rule_ref       the (gated) delta rule (the twin of `delta_rule` in ops/delta_rule.py)
     minrnn_scan_ref      minGRU / minLSTM's linear recurrence (the twin of `minrnn_scan` in ops/minrnn.py)
 
 Nothing here is imported from the fast files, and the fast files' math imports nothing from here: the
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from seqlab.errors import InputError
-from seqlab.ops.checks import check_gla, check_minrnn, check_scale, check_selective_scan
+from seqlab.ops.checks import check_delta_rule, check_gla, check_minrnn, check_scale, check_selective_scan
 
 
 def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, initial_state=None,
@@ -127,3 +128,43 @@ def minrnn_scan_ref(log_a, log_b, initial_state=None, return_final_state=False, 
         h = torch.exp(a_t) * h + torch.exp(b_t)
         outs.append(h)
     return torch.stack(outs, 1).to(log_b.dtype), (h if return_final_state else None)
+
+
+def delta_rule_ref(q, k, v, beta, g=None, initial_state=None, return_final_state=False, impl="ref", chunk_size=64,
+                   scale=None):
+    """The (gated) delta rule, one time step at a time. Per head, with S_t a (dk, dv) matrix (keys along rows; the
+    paper's (dv, dk) state transposed), a_t = exp(g_t) (1 when g is None) and I the (dk, dk) identity:
+
+        S_t = a_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T
+        o_t = S_t^T (q_t * scale)
+
+    Args (as `delta_rule`): q, k (B, H, L, dk); v (B, H, L, dv); beta (B, H, L); g (B, H, L) log decay or None;
+        initial_state (B, H, dk, dv) or None (zeros); scale None means dk ** -0.5.
+
+    Returns:
+        (o, final_state): o (B, H, L, dv) in q's dtype; final_state (B, H, dk, dv) in fp32 (fp64 for fp64 inputs)
+        when return_final_state, else None.
+    """
+    if impl != "ref":
+        raise InputError(f"delta_rule_ref always runs impl='ref', got impl={impl!r}; "
+                         "call delta_rule(..., impl=...) to choose")
+    check_delta_rule("delta_rule_ref", q, k, v, beta, g, initial_state, ("B", "H", "L"))
+    check_scale("delta_rule_ref", scale)
+    dtype = torch.promote_types(q.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
+    q_c, k, v, beta = (t.to(dtype) for t in (q, k, v, beta))
+    Bn, H, L, dk = q.shape
+    q_c = q_c * (dk ** -0.5 if scale is None else float(scale))
+    a = torch.ones(Bn, H, L, dtype=dtype, device=q.device) if g is None else torch.exp(g.to(dtype))
+    eye = torch.eye(dk, dtype=dtype, device=q.device)
+
+    if initial_state is None:
+        S = torch.zeros(Bn, H, dk, v.shape[-1], dtype=dtype, device=q.device)
+    else:
+        S = initial_state.to(dtype)
+    outs = []
+    for q_t, k_t, v_t, b_t, a_t in zip(q_c.unbind(2), k.unbind(2), v.unbind(2), beta.unbind(2), a.unbind(2)):
+        b_t = b_t[..., None, None]
+        erase = eye - b_t * (k_t[..., :, None] @ k_t[..., None, :])  # (B, H, dk, dk): I - beta_t k_t k_t^T
+        S = a_t[..., None, None] * (erase @ S) + b_t * (k_t[..., :, None] @ v_t[..., None, :])  # (B, H, dk, dv)
+        outs.append((q_t[..., None, :] @ S)[..., 0, :])  # (B, H, dv): the row vector q_t^T S_t
+    return torch.stack(outs, dim=2).to(q.dtype), (S if return_final_state else None)
