@@ -4,7 +4,7 @@
     PYTHONPATH=src python benchmarks/bench_profile.py --quick     # tiny contexts and steps, a smoke run
     PYTHONPATH=src python benchmarks/bench_profile.py --skip hf   # only the profile (or --skip profile)
 
-1. Profile (`seqlab.infer.profile.run_profile`, what `seqlab profile` runs): every mixer (attention,
+1. Profile (`seqlab.infer.profile.run_profile`, what `seqlab profile` runs): every available mixer (--mixers; e.g. attention,
    sliding_attention, lstm, gru, conv, mamba, gla) at the non-embedding parameter count of a 2-layer d_model 64
    attention model, contexts 256 to 65,536; sliding attention with a 1,024-token window. Each (mixer, context) cell
    runs in a fresh process at one thread: chunked prefill (1,024 tokens per call, carrying the state), then greedy
@@ -47,13 +47,16 @@ from seqlab.infer.plan import DecodePlan
 from seqlab.infer.profile import ProfileConfig, _prefill, format_table, resolve_models, run_profile
 from seqlab.measure import Timer, load_average
 
-MIXERS = ("attention", "sliding_attention", "lstm", "gru", "conv", "mamba", "gla")
-RECURRENT = ("lstm", "gru", "conv", "mamba", "gla")
 SECTIONS = ("profile", "interleaved", "hf")
 
 
+def recurrent(args) -> tuple[str, ...]:
+    """The mixers whose state does not grow with the context (every mixer but the attentions)."""
+    return tuple(m for m in args.mixers if "attention" not in m)
+
+
 def profile_section(args) -> dict:
-    cfg = ProfileConfig(mixers=MIXERS, contexts=args.contexts, d_model=args.d_model, n_layers=args.layers,
+    cfg = ProfileConfig(mixers=args.mixers, contexts=args.contexts, d_model=args.d_model, n_layers=args.layers,
                         vocab_size=256, model={"attention": {"window": args.window}}, chunk=args.chunk,
                         decode_steps=args.decode_steps, warmup=16, repeats=3, threads=1, isolate=True,
                         timeout_s=1500)
@@ -62,7 +65,7 @@ def profile_section(args) -> dict:
     cells = {(c["mixer"], c["context"]): c for c in results["cells"] if "error" not in c}
     lo, hi = min(args.contexts), max(args.contexts)
     latency = {}
-    for m in RECURRENT:
+    for m in recurrent(args):
         if (m, lo) in cells and (m, hi) in cells:
             a, b = cells[(m, lo)], cells[(m, hi)]
             wall, cpu = b["decode_latency_s"] / a["decode_latency_s"], b["decode_cpu_s"] / a["decode_cpu_s"]
@@ -101,7 +104,7 @@ def interleaved_section(args) -> dict:
     """Each recurrent mixer's decode latency after the smallest and after the largest context, measured in one
     process with the steps of the two contexts alternating, so machine load hits both alike (the profile's cells run
     minutes apart in separate processes, and on a shared machine the load drifts more than 10% in minutes)."""
-    cfg = ProfileConfig(mixers=RECURRENT, d_model=args.d_model, n_layers=args.layers, vocab_size=256,
+    cfg = ProfileConfig(mixers=recurrent(args), d_model=args.d_model, n_layers=args.layers, vocab_size=256,
                         model={"attention": {"window": args.window}})
     lo, hi = min(args.contexts), max(args.contexts)
     out = {"contexts": [lo, hi], "steps": args.interleaved_steps, "warmup": 16, "per_mixer": {}}
@@ -268,6 +271,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny contexts, few steps: a smoke run")
     p.add_argument("--skip", default="", help="comma-separated sections to skip: profile, interleaved, hf "
                                               "(an existing --out file keeps its skipped sections)")
+    p.add_argument("--mixers", default=",".join(seqlab.available_mixers()), help="comma-separated mixers "
+                   "(default: every available one)")
     p.add_argument("--contexts", default="256,1024,4096,16384,65536")
     p.add_argument("--d-model", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)
@@ -282,6 +287,7 @@ def main(argv=None) -> int:
     p.add_argument("--hf-steps", type=int, default=200)
     args = p.parse_args(argv)
     args.contexts = tuple(int(c) for c in args.contexts.split(","))
+    args.mixers = tuple(m for m in args.mixers.split(",") if m)
     if args.quick:
         args.contexts, args.window, args.chunk, args.decode_steps, args.interleaved_steps = (64, 256), 128, 64, 16, 16
         args.hf_new_tokens, args.hf_repeats, args.hf_steps = 16, 2, 16
