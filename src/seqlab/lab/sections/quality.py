@@ -165,17 +165,23 @@ def run(cell: Any, cfg: Config, lab: Any, cell_dir: Path, progress: bool) -> dic
 
 def run_frontier(cell: Any, cfg: Config, lab: Any, progress: bool) -> dict[str, Any]:
     """One point of the recall-vs-state frontier: this mixer at this width, trained with the section's budget."""
-    params = {k: v for k, v in cell.spec["task"].items() if k != "name"}
-    task = make_task("mqar", **params)
-    fields = entry_fields({"vocab_size": task.vocab_size, **cfg.model}, cell.spec["mixer"])
-    model_cfg = ModelConfig.from_dict({**fields, "d_model": cell.spec["d_model"]})
-    model = build_model(model_cfg, seed=lab.seed)
-    train_cfg = cfg.train.replace(eval_batches=cfg.eval_batches, seed=lab.seed)
-    result = fit(model, task_batches(task, train_cfg), cross_entropy, train_cfg, progress=progress, desc=cell.id)
-    test = evaluate(model, task, cfg.eval_batches, cfg.train.batch_size, seed=lab.seed + 1)
-    queries = cfg.eval_batches * cfg.train.batch_size * task.num_pairs  # every sequence holds num_pairs queries
-    return {"mixer": cell.spec["mixer"], "d_model": model_cfg.d_model, "params": model.num_parameters(),
-            "state_bytes": model.state_bytes(task.seq_len), "seq_len": task.seq_len, "test": test,
+    return frontier_point(cell.spec["task"], cell.spec["mixer"], cell.spec["d_model"], cfg.model, cfg.train,
+                          cfg.eval_batches, lab.seed, progress=progress, desc=cell.id)
+
+
+def frontier_point(task_entry: dict, mixer: str, d_model: int, model: dict, train: TrainConfig, eval_batches: int,
+                   seed: int, progress: bool = False, desc: str = "frontier") -> dict[str, Any]:
+    """Train layer spec `mixer` at width `d_model` on the mqar task `task_entry` and measure its accuracy, the
+    bytes of its state after the task's T tokens, and the Wilson interval over the evaluated queries."""
+    task = make_task("mqar", **{k: v for k, v in task_entry.items() if k != "name"})
+    fields = entry_fields({"vocab_size": task.vocab_size, **model}, mixer)
+    net = build_model(ModelConfig.from_dict({**fields, "d_model": d_model}), seed=seed)
+    train_cfg = train.replace(eval_batches=eval_batches, seed=seed)
+    result = fit(net, task_batches(task, train_cfg), cross_entropy, train_cfg, progress=progress, desc=desc)
+    test = evaluate(net, task, eval_batches, train.batch_size, seed=seed + 1)
+    queries = eval_batches * train.batch_size * task.num_pairs  # every sequence holds num_pairs queries
+    return {"mixer": mixer, "d_model": d_model, "params": net.num_parameters(),
+            "state_bytes": net.state_bytes(task.seq_len), "seq_len": task.seq_len, "test": test,
             "queries": queries, "interval": wilson(test["accuracy"], queries),
             "chance_context": 1 / task.num_pairs, "chance_values": 2 / task.vocab_size,
             "train_seconds": result["seconds"]}
