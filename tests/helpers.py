@@ -13,7 +13,8 @@ def tiny(mixer: str | None = None, layers: tuple[str, ...] | None = None, **over
     """A tiny fp32 model for equivalence tests (sizes small enough for milliseconds per call)."""
     fields = dict(vocab_size=37, d_model=32, n_layers=2, attention={"n_heads": 4, "window": 5},
                   mamba={"chunk_size": 8}, gla={"n_heads": 2, "chunk_size": 8},
-                  deltanet={"n_heads": 2, "chunk_size": 8})
+                  deltanet={"n_heads": 2, "chunk_size": 8},
+                  mamba2={"d_state": 8, "head_dim": 8, "n_groups": 2, "chunk_size": 8})
     if layers is not None:
         fields.update(layers=layers, n_layers=len(layers))
     else:

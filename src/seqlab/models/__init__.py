@@ -12,7 +12,7 @@ from seqlab.errors import InputError
 # The mixers, in the order they are listed everywhere: importing a mixer's file registers it (its name, its config
 # section and its module). A new mixer is one more name on this line; the order is kept (isort is off here).
 # isort: off
-from seqlab.models import attention, rnn, conv, mamba, gla, deltanet, minrnn  # noqa: F401
+from seqlab.models import attention, rnn, conv, mamba, gla, deltanet, minrnn, mamba2  # noqa: F401
 # isort: on
 from seqlab.models.lm import LanguageModel
 from seqlab.models.recurrent_depth import RecurrentDepthModel

@@ -136,3 +136,47 @@ def check_delta_rule(where, q, k, v, beta, g, state, lead):
         expect(where, "g", g, dims)
     if state is not None or len(lead) == 2:
         expect(where, "initial_state" if len(lead) == 3 else "state", state, (*dims[:2], dk, v.shape[-1]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# state-space duality (Mamba-2)
+
+
+def _check_ssd_groups(where, H, G):
+    if H % G:
+        raise InputError(f"{where}: B and C have {G} groups, which must divide the {H} heads of x")
+
+
+def check_ssd(where, x, dt, A, B, C, D, dt_bias, initial_state):
+    """The scan's inputs: x (batch, L >= 1, H, P), dt (batch, L, H), A, D, dt_bias (H,), B, C (batch, L, G, N)
+    with G dividing H, initial_state (batch, H, P, N); D, dt_bias and initial_state may be None."""
+    expect(where, "x", x, ("batch", "L", "H", "P"))
+    b, L, H, P = x.shape
+    if L < 1:
+        raise InputError(f"{where}: x must have length L >= 1, got shape {tuple(x.shape)}")
+    expect(where, "dt", dt, (b, L, H))
+    expect(where, "A", A, (H,))
+    expect(where, "B", B, (b, L, "G", "N"))
+    G, N = B.shape[2], B.shape[3]
+    expect(where, "C", C, (b, L, G, N))
+    _check_ssd_groups(where, H, G)
+    for name, t, shape in (("D", D, (H,)), ("dt_bias", dt_bias, (H,)), ("initial_state", initial_state, (b, H, P, N))):
+        if t is not None:
+            expect(where, name, t, shape)
+
+
+def check_ssd_step(where, x, dt, A, B, C, state, D, dt_bias):
+    """One step's inputs: x (batch, H, P), dt (batch, H), A, D, dt_bias (H,), B, C (batch, G, N) with G dividing H,
+    state (batch, H, P, N); D and dt_bias may be None."""
+    expect(where, "x", x, ("batch", "H", "P"))
+    b, H, P = x.shape
+    expect(where, "dt", dt, (b, H))
+    expect(where, "A", A, (H,))
+    expect(where, "B", B, (b, "G", "N"))
+    G, N = B.shape[1], B.shape[2]
+    expect(where, "C", C, (b, G, N))
+    _check_ssd_groups(where, H, G)
+    expect(where, "state", state, (b, H, P, N))
+    for name, t in (("D", D), ("dt_bias", dt_bias)):
+        if t is not None:
+            expect(where, name, t, (H,))

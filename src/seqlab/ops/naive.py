@@ -4,6 +4,7 @@
     gla_ref              gated linear attention (the twin of `gla` in ops/gla.py)
     delta_rule_ref       the (gated) delta rule (the twin of `delta_rule` in ops/delta_rule.py)
     minrnn_scan_ref      minGRU / minLSTM's linear recurrence (the twin of `minrnn_scan` in ops/minrnn.py)
+    ssd_ref              Mamba-2's state-space duality scan (the twin of `ssd` in ops/ssd.py)
 
 Nothing here is imported from the fast files, and the fast files' math imports nothing from here: the
 discretization, the gating, the skip connection and the step are written a second time, on purpose, so that a bug
@@ -21,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from seqlab.errors import InputError
-from seqlab.ops.checks import check_delta_rule, check_gla, check_minrnn, check_scale, check_selective_scan
+from seqlab.ops.checks import check_delta_rule, check_gla, check_minrnn, check_scale, check_selective_scan, check_ssd
 
 
 def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, initial_state=None,
@@ -168,3 +169,48 @@ def delta_rule_ref(q, k, v, beta, g=None, initial_state=None, return_final_state
         S = a_t[..., None, None] * (erase @ S) + b_t * (k_t[..., :, None] @ v_t[..., None, :])  # (B, H, dk, dv)
         outs.append((q_t[..., None, :] @ S)[..., 0, :])  # (B, H, dv): the row vector q_t^T S_t
     return torch.stack(outs, dim=2).to(q.dtype), (S if return_final_state else None)
+
+
+def ssd_ref(x, dt, A, B, C, D=None, dt_bias=None, dt_softplus=False, initial_state=None, return_final_state=False,
+            impl="ref", chunk_size=64):
+    """Mamba-2's scan (state-space duality), one time step at a time. Per head h, with group g = h // (H / G) and
+    h_t a (P, N) matrix:
+
+        dt_t = softplus(dt_t + dt_bias)                  (bias and softplus each optional)
+        h_t  = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T      (x_t B_t^T: the head's x times its group's B, outer)
+        y_t  = h_t C_t + D x_t
+
+    Args (as `ssd`): x (B, L, H, P); dt (B, L, H); A, D, dt_bias (H,); B, C (B, L, G, N) with G dividing H;
+        initial_state (B, H, P, N) or None (zeros).
+
+    Returns:
+        (y, final_state): y (B, L, H, P) in x's dtype; final_state (B, H, P, N) in fp32 (fp64 for fp64 inputs)
+        when return_final_state, else None.
+    """
+    if impl != "ref":
+        raise InputError(f"ssd_ref always runs impl='ref', got impl={impl!r}; call ssd(..., impl=...) to choose")
+    check_ssd("ssd_ref", x, dt, A, B, C, D, dt_bias, initial_state)
+    dtype = torch.promote_types(x.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
+    x_c, dt, A, B, C = (t.to(dtype) for t in (x, dt, A, B, C))
+    if dt_bias is not None:
+        dt = dt + dt_bias.to(dtype)  # one bias per head
+    if dt_softplus:
+        dt = F.softplus(dt)
+    Bn, L, H, P = x.shape
+    heads_per_group = H // B.shape[2]
+    B = B.repeat_interleave(heads_per_group, dim=2)  # (B, L, H, N): head h reads group h // heads_per_group
+    C = C.repeat_interleave(heads_per_group, dim=2)
+
+    if initial_state is None:
+        h = torch.zeros(Bn, H, P, B.shape[-1], dtype=dtype, device=x.device)
+    else:
+        h = initial_state.to(dtype)
+    ys = []
+    for x_t, dt_t, B_t, C_t in zip(x_c.unbind(1), dt.unbind(1), B.unbind(1), C.unbind(1)):
+        decay = torch.exp(dt_t * A)[:, :, None, None]  # (B, H, 1, 1): exp(dt_t A), one scalar per head
+        h = decay * h + (dt_t[:, :, None] * x_t)[..., :, None] * B_t[:, :, None, :]  # (B, H, P, N)
+        ys.append((h * C_t[:, :, None, :]).sum(-1))  # (B, H, P): h_t C_t
+    y = torch.stack(ys, dim=1)  # (B, L, H, P)
+    if D is not None:
+        y = y + D.to(dtype)[:, None] * x_c  # the skip connection
+    return y.to(x.dtype), (h if return_final_state else None)

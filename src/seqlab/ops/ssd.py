@@ -1,0 +1,188 @@
+"""Mamba-2's state-space duality (SSD; Dao & Gu 2024, "Transformers are SSMs"), multi-head, as pure tensor functions.
+
+Glossary (code name -- paper symbol -- meaning)
+    x            x_t        inputs: (B, L, H, P), H heads of head_dim P
+    dt           Delta_t    step size per head: (B, L, H); with dt_softplus, softplus(dt + dt_bias) is the step
+    A            A          scalar decay rate per head, < 0: (H,); the per-step log decay is a_t = dt_t * A (<= 0)
+    B, C         B_t, C_t   input and output vectors, shared by the H / G heads of a group: (B, L, G, N), G | H
+                            (head h reads group h // (H / G), as Mamba-2 lays them out)
+    D            D          skip connection per head: (H,)
+    h, state     h_t        the state, one (P, N) matrix per head: (B, H, P, N); kept in fp32 (fp64 for fp64 inputs)
+    seg(s, t]               a_{s+1} + ... + a_t, the log decay from step s to step t (<= 0; 0 when s == t)
+    Q                       chunk size
+
+Recurrence, per head (B_t, C_t those of the head's group):
+    h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T          (x_t B_t^T is the (P, N) outer product)
+    y_t = h_t C_t + D x_t
+
+Its dual, the form trained here: within a chunk y = (L o C B^T) (dt x) with the decay mask L[t, s] = exp seg(s, t]
+for s <= t (0 above the diagonal), a masked attention-like matmul; across chunks the (P, N) states are passed on.
+
+Entry points:
+    ssd(..., impl="chunked")   the chunked SSD form; for training and prefill
+    ssd(..., impl="ref")       runs `ssd_ref` (ops/naive.py): the plain loop over time, written apart from this file
+                               (no shared helper), the twin the tests compare against
+    ssd_step(...)              one step from a state, with checks and casts; O(1) decoding
+    ssd_update(...)            the same step without checks or casts (what the mixer's step calls)
+
+Return convention: the scan ALWAYS returns a tuple `(y, final_state_or_None)`.
+
+dt: as in Mamba-2's reference kernels, `dt` is the raw step unless `dt_bias` / `dt_softplus` are given, in which
+case the step is softplus(dt + dt_bias) (each part optional), computed in fp32. The mixer passes its raw projection
+with dt_bias and dt_softplus=True, so the discretization happens once, in the compute dtype.
+
+Limits, honestly:
+- Eager PyTorch, no fused kernel; autograd through the chunked form (no hand-written backward).
+- A * dt must be <= 0 (A < 0, dt >= 0) for the no-overflow guarantee below; values are not checked (that would
+  force a device sync).
+- Across chunks the states move in a sequential pass, L / Q small steps: linear in L, but one Python step per chunk.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from seqlab.errors import InputError
+from seqlab.ops.checks import check_ssd, check_ssd_step
+from seqlab.ops.naive import ssd_ref
+
+IMPLS = ("ref", "chunked")
+
+
+def ssd(x, dt, A, B, C, D=None, dt_bias=None, dt_softplus=False, initial_state=None, return_final_state=False,
+        impl="chunked", chunk_size=64):
+    """Mamba-2's SSD scan over a whole sequence.
+
+    Args:
+        x: (B, L, H, P), any L >= 1. dt: (B, L, H). A: (H,), negative. B, C: (B, L, G, N), G divides H.
+        D: (H,) or None. dt_bias: (H,) or None, added to dt before the optional softplus.
+        dt_softplus: apply softplus to dt (after dt_bias).
+        initial_state: (B, H, P, N) or None (zeros); differentiable.
+        return_final_state: also return the state after the last step (differentiable).
+        impl: "chunked" (the SSD matmul form) or "ref" (the naive twin `ssd_ref`, a loop).
+        chunk_size: steps per chunk for impl="chunked" (ignored by "ref").
+
+    Returns:
+        (y, final_state): y (B, L, H, P) in x's dtype; final_state (B, H, P, N) in fp32 (fp64 for fp64 inputs) when
+        return_final_state, else None. Always a tuple.
+    """
+    if impl not in IMPLS:
+        raise InputError(f"ssd: unknown impl {impl!r}; expected one of {', '.join(map(repr, IMPLS))}")
+    if impl == "ref":  # the naive twin, which checks its own inputs
+        return ssd_ref(x, dt, A, B, C, D=D, dt_bias=dt_bias, dt_softplus=dt_softplus, initial_state=initial_state,
+                       return_final_state=return_final_state)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise InputError(f"ssd: chunk_size must be a positive int, got {chunk_size!r}")
+    check_ssd("ssd", x, dt, A, B, C, D, dt_bias, initial_state)
+    cdt = torch.promote_types(x.dtype, torch.float32)
+    dt = _discretize(dt.to(cdt), dt_bias, dt_softplus)
+    h0 = None if initial_state is None else initial_state.to(cdt)
+    y, h = _ssd_chunked(x.to(cdt), dt, A.to(cdt), B.to(cdt), C.to(cdt), h0, chunk_size)
+    if D is not None:
+        y = y + D.to(cdt)[:, None] * x.to(cdt)
+    return y.to(x.dtype), (h if return_final_state else None)
+
+
+def ssd_step(x, dt, A, B, C, state, D=None, dt_bias=None, dt_softplus=False):
+    """One recurrent step from `state`, for O(1) decoding. Same math as the scan with L = 1.
+
+    Args:
+        x: (B, H, P). dt: (B, H). A: (H,). B, C: (B, G, N). state: (B, H, P, N), fp32 (another float dtype is cast).
+        D, dt_bias: (H,) or None. dt_softplus as in `ssd`.
+
+    Returns:
+        (y, new_state): y (B, H, P) in x's dtype, new_state (B, H, P, N) in fp32 (fp64 for fp64 inputs).
+    """
+    check_ssd_step("ssd_step", x, dt, A, B, C, state, D, dt_bias)
+    cdt = torch.promote_types(x.dtype, torch.float32)
+    dt = _discretize(dt.to(cdt), dt_bias, dt_softplus)
+    y, h = ssd_update(state.to(cdt), x.to(cdt), dt, A.to(cdt), B.to(cdt), C.to(cdt),
+                      None if D is None else D.to(cdt))
+    return y.to(x.dtype), h
+
+
+def ssd_update(state, x, dt, A, B, C, D=None):
+    """The lean one-token update the mixer's step calls: no input checks, no dtype casts, dt already discretized.
+    state (b, H, P, N) and every input in the compute dtype: x (b, H, P), dt (b, H), A (H,), B, C (b, G, N),
+    D (H,) or None -> (y (b, H, P), new state). `ssd_step` is this with checks, casts and the discretization.
+    Plain ops only (expand + reshape for the groups), so the ONNX exporter traces it."""
+    b, H, P = x.shape
+    G, N = B.shape[1], B.shape[2]
+    Bh = B[:, :, None, :].expand(b, G, H // G, N).reshape(b, H, 1, N)  # each head its group's B
+    Ch = C[:, :, None, :].expand(b, G, H // G, N).reshape(b, H, N, 1)
+    decay = torch.exp(dt * A)[..., None, None]  # (b, H, 1, 1): exp(dt A)
+    h = torch.addcmul(decay * state, (dt[..., None] * x)[..., None], Bh)  # (b, H, P, N)
+    y = (h @ Ch).squeeze(-1)  # (b, H, P): h C
+    if D is not None:
+        y = y + D[:, None] * x
+    return y, h
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Math shared by the chunked scan and the step (not by the naive twin: it writes its own)
+
+
+def _discretize(dt, dt_bias, dt_softplus):
+    """dt (..., H) -> softplus(dt + dt_bias) (each part optional), in dt's dtype."""
+    if dt_bias is not None:
+        dt = dt + dt_bias.to(dt.dtype)
+    return F.softplus(dt) if dt_softplus else dt
+
+
+def _segsum(a):
+    """a (..., Q) -> seg (..., Q, Q) with seg[t, s] = a_{s+1} + ... + a_t for s <= t and -inf above the diagonal.
+
+    Each entry is a cumulative sum over exactly its range (the masked copy of a summed down the columns), never
+    the difference cumsum_t - cumsum_s: that difference loses ~|cumsum| * eps, which after a strong decay swamps
+    the small ranges. The mask is applied before the exp, so no exp of a positive number is ever taken."""
+    Q = a.shape[-1]
+    ones = torch.ones(Q, Q, dtype=torch.bool, device=a.device)
+    rows = a[..., :, None].expand(*a.shape, Q)  # (..., Q, Q): rows[k, s] = a_k
+    seg = rows.masked_fill(~torch.tril(ones, -1), 0).cumsum(-2)  # seg[t, s] = sum of a_k over s < k <= t
+    return seg.masked_fill(~torch.tril(ones), float("-inf"))
+
+
+def _ssd_chunked(x, dt, A, B, C, h0, chunk_size):
+    """The chunked SSD form. x (b, L, H, P), dt (b, L, H) discretized, A (H,), B, C (b, L, G, N), h0 (b, H, P, N)
+    or None -> (y without the D skip (b, L, H, P), final state (b, H, P, N)). Within each chunk of Q steps, for
+    step t with chunk-start state h_start (seg over the chunk's own steps):
+
+        y_t = exp seg(start, t] (h_start C_t)                          from earlier chunks
+            + sum_{s <= t} (C_t . B_s) exp seg(s, t] dt_s x_s          the chunk itself: a masked matmul
+        h_end = exp seg(start, end] h_start + sum_s exp seg(s, end] dt_s x_s B_s^T
+
+    Padded steps at the end (dt = 0, x = 0) neither decay nor feed the state. Every exponent is a range sum of
+    a = dt A <= 0, so nothing overflows, under any decay."""
+    b, L, H, P = x.shape
+    G, N = B.shape[2], B.shape[3]
+    R = H // G  # heads per group
+    Q = min(chunk_size, L)
+    nc = -(-L // Q)
+    pad = nc * Q - L
+    if pad:
+        x, dt, B, C = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, dt, B, C))
+    xdt = x * dt[..., None]  # dt_s x_s
+    xdt = xdt.reshape(b, nc, Q, G, R, P).permute(0, 3, 4, 1, 2, 5)  # (b, G, R, nc, Q, P)
+    a = (dt * A).reshape(b, nc, Q, G, R).permute(0, 3, 4, 1, 2)  # (b, G, R, nc, Q): log decay per step
+    B = B.reshape(b, nc, Q, G, N).permute(0, 3, 1, 2, 4).unsqueeze(2)  # (b, G, 1, nc, Q, N): shared by R heads
+    C = C.reshape(b, nc, Q, G, N).permute(0, 3, 1, 2, 4).unsqueeze(2)
+
+    seg = _segsum(a)  # (b, G, R, nc, Q, Q)
+    decay_in = a.cumsum(-1)  # (b, G, R, nc, Q): seg(start, t], a range sum from the chunk start
+    # inside the chunk: the masked "attention" matmul, C B^T once per group, the mask per head
+    y = ((C @ B.transpose(-1, -2)) * torch.exp(seg)) @ xdt  # (b, G, R, nc, Q, P)
+    # each chunk's own contribution to the state at its end: exponent seg(s, end], the last row of seg
+    dh = (xdt * torch.exp(seg[..., -1, :])[..., None]).transpose(-1, -2) @ B  # (b, G, R, nc, P, N)
+
+    # across chunks: nc sequential steps on (P, N) states
+    h = x.new_zeros(b, G, R, P, N) if h0 is None else h0.reshape(b, G, R, P, N)
+    starts = []
+    for decay_c, dh_c in zip(torch.exp(decay_in[..., -1]).unbind(-1), dh.unbind(3)):
+        starts.append(h)
+        h = decay_c[..., None, None] * h + dh_c
+    starts = torch.stack(starts, 3)  # (b, G, R, nc, P, N)
+    y = y + (C @ starts.transpose(-1, -2)) * torch.exp(decay_in)[..., None]  # earlier chunks, decayed to t
+
+    y = y.permute(0, 3, 4, 1, 2, 5).reshape(b, nc * Q, H, P)[:, :L]
+    return y, h.reshape(b, H, P, N)
