@@ -173,14 +173,16 @@ def _chunked(q, k, v, beta, g, S0, chunk_size):
     Ub, W = sol.split([dv, dk], -1)  # (B, H, nc, C, dv), (B, H, nc, C, dk)
 
     # across chunks: nc sequential steps on (dk, dv) states
+    # (unbind, not indexing: the backward of t[:, :, c] allocates a zero tensor of t's size per chunk, O(L^2) in all)
     S = S0 if S0 is not None else q.new_zeros(Bn, H, dk, dv)
+    decays = [None] * nc if chunk_decay is None else chunk_decay[..., None, None].unbind(2)
     starts, us = [], []
-    for c in range(nc):
+    for Ub_c, W_c, k_c, decay_c in zip(Ub.unbind(2), W.unbind(2), k_out.transpose(-1, -2).unbind(2), decays):
         starts.append(S)
-        u = Ub[:, :, c] - W[:, :, c] @ S  # (B, H, C, dv)
+        u = Ub_c - W_c @ S  # (B, H, C, dv)
         us.append(u)
-        S = S if chunk_decay is None else chunk_decay[:, :, c, None, None] * S
-        S = S + k_out[:, :, c].transpose(-1, -2) @ u
+        S = S if decay_c is None else decay_c * S
+        S = S + k_c @ u
     U = torch.stack(us, 2)  # (B, H, nc, C, dv)
     o = q_in @ torch.stack(starts, 2) + ((q @ k.transpose(-1, -2)) * decay) @ U  # (B, H, nc, C, dv)
     return o.reshape(Bn, H, nc * C, dv)[:, :, :L], S
