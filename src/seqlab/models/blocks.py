@@ -201,7 +201,7 @@ class BlockWeights(NamedTuple):
 
 
 def residual(x: torch.Tensor, state: Any, norm1: Fn, mixer: StepFn, post1: Fn | None, mlp: Fn | None,
-              norm2: Fn | None, post2: Fn | None) -> tuple[torch.Tensor, Any]:
+             norm2: Fn | None, post2: Fn | None) -> tuple[torch.Tensor, Any]:
     """x + mixer(norm1(x)), then x + mlp(norm2(x)); each branch through its post norm when sandwiched."""
     h, state = mixer(norm1(x), state)
     x = x + (post1(h) if post1 is not None else h)
