@@ -72,7 +72,9 @@ def main(argv=None) -> int:
                           "new_runs": [r[model] for r in runs["new"]]}
         print(f"{model}: seqlab/transformers decode, median of {args.rounds}: base {med['base']:.2f}x, new "
               f"{med['new']:.2f}x -> new/base {med['new'] / med['base']:.3f}")
-    result = {"command": " ".join(["python", *sys.argv]), "base": args.base, "new": args.new or "working tree",
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    result = {"command": " ".join(["python", *sys.argv]), "base": args.base,
+              "new": args.new or f"working tree at {head.stdout.strip()}",
               "load_before": load_before, "load_after": os.getloadavg(), "seconds": time.perf_counter() - start,
               "models": summary}
     out = Path(args.out)
