@@ -1,6 +1,6 @@
 """The deltanet / gated_deltanet mixers: the published parameterization, the 3:1 gated_deltanet + attention hybrid
-under the model contract, and layer-level parity with the Gated DeltaNet layer of transformers' OLMo-Hybrid (random
-weights copied into a seqlab mixer: one call, token by token, carried state)."""
+under the model contract, and layer-level parity with the Gated DeltaNet layers of transformers' OLMo-Hybrid and
+Qwen3-Next (random weights copied into a seqlab mixer: one call, token by token, the recurrent state)."""
 
 from __future__ import annotations
 
@@ -105,13 +105,13 @@ def test_olmo_hybrid_gated_deltanet_layer_parity(n_k_heads, n_v_heads, neg_eigva
 
     hf_cfg, layer = olmo_layer(n_k_heads, n_v_heads, neg_eigval)
     m = seqlab_copy(layer, n_k_heads, n_v_heads, neg_eigval)
-    x = torch.randn(2, 11, 32, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(2, 70, 32, generator=torch.Generator().manual_seed(1))  # past their chunk of 64
     with torch.no_grad():
         want = layer(x)
         got, _ = m(x)
         torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
         cache, state, hf_steps, our_steps = DynamicCache(config=hf_cfg), None, [], []
-        for t in range(11):  # token by token: their recurrent path and cache, our step
+        for t in range(70):  # token by token: their recurrent path and cache, our step
             hf_steps.append(layer(x[:, t:t + 1], cache=cache))
             y, state = m(x[:, t:t + 1], state)
             our_steps.append(y)
@@ -120,3 +120,70 @@ def test_olmo_hybrid_gated_deltanet_layer_parity(n_k_heads, n_v_heads, neg_eigva
         hf_S = cache.get_recurrent_state(0, state_idx=0)
         torch.testing.assert_close(state.S, hf_S, atol=1e-4, rtol=0)
     assert math.isclose(m.norm.eps, 1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# parity with transformers (Qwen3-Next's GatedDeltaNet layer: the same math, fused and interleaved projections)
+
+
+def qwen3_next_layer(n_k_heads, n_v_heads):
+    pytest.importorskip("transformers")
+    from transformers.models.qwen3_next import modeling_qwen3_next as qwen
+    from transformers.models.qwen3_next.configuration_qwen3_next import Qwen3NextConfig
+
+    cfg = Qwen3NextConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=2, num_key_value_heads=2, head_dim=16, linear_num_key_heads=n_k_heads,
+                          linear_num_value_heads=n_v_heads, linear_key_head_dim=8, linear_value_head_dim=6,
+                          layer_types=["linear_attention", "full_attention"], num_experts=2, num_experts_per_tok=1,
+                          moe_intermediate_size=16, shared_expert_intermediate_size=16)
+    torch.manual_seed(0)
+    layer = qwen.Qwen3NextGatedDeltaNet(cfg, 0).eval()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+        layer.A_log.copy_(torch.log(torch.rand(n_v_heads) * 16))
+        layer.dt_bias.copy_(torch.randn(n_v_heads))
+    return cfg, layer
+
+
+def seqlab_from_qwen3_next(layer, n_k_heads, n_v_heads):
+    """in_proj_qkvz holds, per key head h, the rows [q_h, k_h, v and z of its Hv / H value heads]; in_proj_ba, per
+    key head, [b, a] of its value heads. Regrouped into seqlab's separate projections (z is the output gate)."""
+    cfg = as_config(mixer="gated_deltanet", d_model=32, deltanet={
+        "n_heads": n_k_heads, "n_v_heads": n_v_heads, "head_dim": 8, "v_head_dim": 6,
+        "norm_eps": layer.norm.variance_epsilon, "chunk_size": 4})
+    m = build_mixer("gated_deltanet", cfg).eval()
+    r, dk, dv = n_v_heads // n_k_heads, 8, 6
+    qkvz = layer.in_proj_qkvz.weight.view(n_k_heads, 2 * dk + 2 * r * dv, 32)
+    q, k, v, z = qkvz.split([dk, dk, r * dv, r * dv], dim=1)
+    b, a = layer.in_proj_ba.weight.view(n_k_heads, 2 * r, 32).split([r, r], dim=1)
+    with torch.no_grad():
+        for ours, w in (("q_proj", q), ("k_proj", k), ("v_proj", v), ("g_proj", z), ("b_proj", b), ("a_proj", a)):
+            getattr(m, ours).weight.copy_(w.reshape(-1, 32))
+        for ours, theirs in (("conv", "conv1d"), ("norm", "norm"), ("out_proj", "out_proj")):
+            getattr(m, ours).weight.copy_(getattr(layer, theirs).weight)
+        m.A_log.copy_(layer.A_log)
+        m.dt_bias.copy_(layer.dt_bias)
+    return m
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("n_k_heads, n_v_heads", [(2, 2), (2, 4)])
+def test_qwen3_next_gated_deltanet_layer_parity(n_k_heads, n_v_heads):
+    from transformers.cache_utils import DynamicCache
+
+    hf_cfg, layer = qwen3_next_layer(n_k_heads, n_v_heads)
+    m = seqlab_from_qwen3_next(layer, n_k_heads, n_v_heads)
+    x = torch.randn(2, 11, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = layer(x)
+        got, _ = m(x)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+        cache, state, hf_steps, our_steps = DynamicCache(config=hf_cfg), None, [], []
+        for t in range(11):
+            hf_steps.append(layer(x[:, t:t + 1], cache=cache))
+            y, state = m(x[:, t:t + 1], state)
+            our_steps.append(y)
+        torch.testing.assert_close(torch.cat(our_steps, 1), want, atol=1e-4, rtol=0)
+        torch.testing.assert_close(torch.cat(our_steps, 1), torch.cat(hf_steps, 1), atol=1e-4, rtol=0)
+        torch.testing.assert_close(state.S, cache.get_recurrent_state(0, state_idx=0), atol=1e-4, rtol=0)
