@@ -1,5 +1,6 @@
-"""Hugging Face import: tiny random GPT-2, Llama (GQA) and Mamba models built with transformers match seqlab's import
-(logits and greedy tokens); bad folders get one clear error. The parity tests need the `hf` extra (transformers)."""
+"""Hugging Face import: tiny random GPT-2, Llama (GQA), Mamba and Mamba-2 models built with transformers match
+seqlab's import (logits and greedy tokens); bad folders get one clear error. The parity tests need the `hf` extra
+(transformers)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from safetensors.torch import save_file
 import seqlab
 from seqlab.cli import main
 from seqlab.errors import InputError
-from seqlab.interop.hf import from_hf
+from seqlab.interop.hf import from_hf, hf_to_config
 
 V = 97
 
@@ -30,6 +31,10 @@ def _hf_models():
             intermediate_size=48, rope_theta=500.0, **common)),
         "mamba": transformers.MambaForCausalLM(transformers.MambaConfig(
             hidden_size=32, num_hidden_layers=2, state_size=8, expand=2, conv_kernel=4, **common)),
+        # 4 heads of 16 in 2 groups; chunk 8, so a 24-token prompt runs transformers' chunked path over 3 chunks
+        "mamba2": transformers.Mamba2ForCausalLM(transformers.Mamba2Config(
+            hidden_size=32, num_hidden_layers=2, state_size=8, expand=2, conv_kernel=4, num_heads=4, head_dim=16,
+            n_groups=2, chunk_size=8, **common)),
     }
 
 
@@ -40,19 +45,19 @@ def hf_folders(tmp_path_factory):
     for name, model in _hf_models().items():
         model.eval()
         with torch.no_grad():  # random biases and norm weights, so a missed bias or norm mapping would show
-            for n, p in model.named_parameters():
-                if n.endswith("bias") or "norm" in n or "ln_" in n:
+            for n, p in model.named_parameters():  # (Mamba-2: also its per-head decay and skip)
+                if n.endswith("bias") or "norm" in n or "ln_" in n or name == "mamba2" and n.endswith((".D", "A_log")):
                     p.add_(0.1 * torch.randn_like(p))
         model.save_pretrained(root / name)
         out[name] = (model, root / name)
     return out
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "mamba"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "mamba", "mamba2"])
 def test_logits_and_greedy_tokens_match_transformers(hf_folders, family):
     hf, folder = hf_folders[family]
     ours = from_hf(folder)
-    assert ours.config.mixer == ("mamba" if family == "mamba" else "attention")
+    assert ours.config.mixer == (family if family.startswith("mamba") else "attention")
     tokens = torch.randint(0, V, (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = hf(tokens).logits
@@ -146,3 +151,16 @@ def test_new_options_keep_defaults_and_learned_positions_bound():
         seqlab.build_model(position="alibi")
     names = list(seqlab.build_model(d_model=16, n_layers=1, seed=0).state_dict())
     assert not [n for n in names if n.endswith("bias") or "pos_embed" in n]  # the defaults add no tensor
+
+
+def test_mamba2_config_refuses_what_it_cannot_match():
+    """A dt clamp other than transformers' default (0, inf), and heads that do not make expand * hidden_size, are
+    refused by name; the default limit, as transformers writes it to JSON, is accepted."""
+    base = {"model_type": "mamba2", "hidden_size": 16, "num_hidden_layers": 1, "vocab_size": 11, "num_heads": 2,
+            "head_dim": 16, "n_groups": 1, "state_size": 4}
+    cfg = hf_to_config({**base, "time_step_limit": [0.0, {"__float__": "Infinity"}]})
+    assert (cfg.mixer, cfg.mamba2.n_heads(16), cfg.mamba2.n_groups, cfg.mlp) == ("mamba2", 2, 1, "none")
+    with pytest.raises(InputError, match=r"time_step_limit = \[0.0, 0.1\] is not supported"):
+        hf_to_config({**base, "time_step_limit": [0.0, 0.1]})
+    with pytest.raises(InputError, match="num_heads \\* head_dim = 48 is not expand \\* hidden_size = 32"):
+        hf_to_config({**base, "num_heads": 3})

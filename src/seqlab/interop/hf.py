@@ -1,4 +1,4 @@
-"""Import Hugging Face checkpoints (GPT-2, Llama-style, Mamba-1) into seqlab models, reading safetensors only.
+"""Import Hugging Face checkpoints (GPT-2, Llama-style, Mamba-1, Mamba-2) into seqlab models, reading safetensors only.
 
     model = seqlab.from_hf("path/to/hf-folder")          # config.json + model.safetensors (or a sharded index)
     seqlab import-hf path/to/hf-folder --out ckpt/        # the same, saved as a seqlab checkpoint
@@ -11,6 +11,7 @@ through config options rather than approximations:
     GPT-2    gpt2            attention, position="learned", norm="layernorm", mlp="gelu_tanh", mlp_bias, attention.bias
     Llama    llama           attention (RoPE, "rotate half" layout, as HF stores q/k), GQA via n_kv_heads, swiglu
     Mamba-1  mamba           mamba, mlp="none" (a Mamba layer is norm -> mixer -> residual), mamba.proj/conv_bias
+    Mamba-2  mamba2          mamba2 (heads, n_groups, gated RMSNorm per group), mlp="none", mamba2.proj/conv_bias
 
 GPT-2 stores its linear layers as `Conv1D` with weights (in, out): they are transposed here. Weights are loaded in
 fp32 whatever their stored dtype.
@@ -33,7 +34,7 @@ from seqlab.config import ModelConfig
 from seqlab.errors import InputError
 from seqlab.models import build_model
 
-FAMILIES = ("gpt2", "llama", "mamba")
+FAMILIES = ("gpt2", "llama", "mamba", "mamba2")
 
 # Tensors some HF versions save that are buffers, not weights: skipped without complaint.
 _BUFFERS = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
@@ -172,10 +173,45 @@ def _mamba_config(hf: dict) -> ModelConfig:
     ))
 
 
+def _json_float(v: Any) -> Any:
+    """A number as transformers writes it to JSON: plain, or {"__float__": "Infinity"} for the non-finite ones."""
+    if isinstance(v, dict) and isinstance(v.get("__float__"), str):
+        try:
+            return float(v["__float__"])
+        except ValueError:
+            return v
+    return v
+
+
+def _mamba2_config(hf: dict) -> ModelConfig:
+    _require(hf, "hidden_act", ("silu",), "silu")
+    limit = hf.get("time_step_limit", (0.0, math.inf))
+    # transformers writes inf as {"__float__": "Infinity"} (JSON has no inf); the default (0, inf) clamps nothing,
+    # which is all seqlab's scan and step do
+    if not isinstance(limit, list | tuple) or [_json_float(v) for v in limit] != [0.0, math.inf]:
+        raise InputError(f"config.json: time_step_limit = {limit!r} is not supported; seqlab imports (0.0, inf)")
+    d, expand = _get(hf, "hidden_size", int), _get(hf, "expand", int, 2)
+    heads, head_dim = _get(hf, "num_heads", int), _get(hf, "head_dim", int, 64)
+    if heads * head_dim != expand * d:
+        raise InputError(f"config.json: num_heads * head_dim = {heads * head_dim} is not expand * hidden_size = "
+                         f"{expand * d}")
+    eps = float(_get(hf, "layer_norm_epsilon", (int, float), 1e-5))
+    return ModelConfig.from_dict(dict(
+        mixer="mamba2", vocab_size=_get(hf, "vocab_size", int), d_model=d,
+        n_layers=_get(hf, "num_hidden_layers", int), mlp="none", norm="rmsnorm", norm_eps=eps,
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        mamba2={"d_state": _get(hf, "state_size", int, 128), "d_conv": _get(hf, "conv_kernel", int, 4),
+                "expand": expand, "head_dim": head_dim, "n_groups": _get(hf, "n_groups", int, 8),
+                "proj_bias": bool(hf.get("use_bias", False)), "conv_bias": bool(hf.get("use_conv_bias", True)),
+                "norm_eps": eps},
+    ))
+
+
 def hf_to_config(hf: dict) -> ModelConfig:
     """The seqlab ModelConfig equivalent to a Hugging Face config.json (as a dict)."""
     family = hf.get("model_type")
-    build = {"gpt2": _gpt2_config, "llama": _llama_config, "mamba": _mamba_config}.get(family)  # type: ignore
+    build = {"gpt2": _gpt2_config, "llama": _llama_config, "mamba": _mamba_config,  # type: ignore
+             "mamba2": _mamba2_config}.get(family)
     if build is None:
         raise InputError(f"config.json: model_type {family!r} is not supported; seqlab imports "
                          f"{', '.join(FAMILIES)}")
@@ -261,7 +297,24 @@ def _mamba_map(cfg: ModelConfig) -> dict[str, tuple[str, _T]]:
     return m
 
 
-_MAPS = {"gpt2": (_gpt2_map, "transformer."), "llama": (_llama_map, "model."), "mamba": (_mamba_map, "backbone.")}
+def _mamba2_map(cfg: ModelConfig) -> dict[str, tuple[str, _T]]:
+    m = {"embed.weight": ("embeddings.weight", _same), "norm.weight": ("norm_f.weight", _same)}
+    for i in range(cfg.n_layers):
+        h, b = f"layers.{i}.", f"blocks.{i}."
+        m[f"{b}norm1.weight"] = (f"{h}norm.weight", _same)
+        for ours, theirs in (("in_proj", "in_proj"), ("conv", "conv1d"), ("out_proj", "out_proj")):
+            m[f"{b}mixer.{ours}.weight"] = (f"{h}mixer.{theirs}.weight", _same)
+            m[f"{b}mixer.{ours}.bias"] = (f"{h}mixer.{theirs}.bias", _same)
+        for name in ("dt_bias", "A_log", "D"):
+            m[f"{b}mixer.{name}"] = (f"{h}mixer.{name}", _same)
+        m[f"{b}mixer.norm_weight"] = (f"{h}mixer.norm.weight", _same)
+    if not cfg.tie_embeddings:
+        m["head.weight"] = ("lm_head.weight", _same)
+    return m
+
+
+_MAPS = {"gpt2": (_gpt2_map, "transformer."), "llama": (_llama_map, "model."), "mamba": (_mamba_map, "backbone."),
+         "mamba2": (_mamba2_map, "backbone.")}
 
 
 def _strip_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
