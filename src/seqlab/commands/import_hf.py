@@ -1,4 +1,4 @@
-"""`seqlab import-hf`: convert a Hugging Face model folder (GPT-2, Llama-style, Mamba-1) to a seqlab checkpoint."""
+"""`seqlab import-hf`: a Hugging Face model folder (GPT-2, Llama-style, Mamba-1, Mamba-2) as a seqlab checkpoint."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "model.safetensors.index.json) with safetensors alone (transformers is not needed and no code "
                     "from the folder runs), map it onto seqlab's mixers exactly, and save a seqlab checkpoint "
                     "(config.json + model.safetensors + manifest.json, plus import.json naming the source). "
-                    "Supported model_type: gpt2, llama, mamba. The tokenizer is not converted: feed token ids "
+                    "Supported model_type: gpt2, llama, mamba, mamba2. The tokenizer is not converted: feed token ids "
                     "(seqlab generate --tokens).",
     )
     p.add_argument("folder", help="Hugging Face model folder (written by save_pretrained or downloaded)")
