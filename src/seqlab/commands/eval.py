@@ -7,6 +7,7 @@ import argparse
 from seqlab.checkpoint import load
 from seqlab.commands import emit, parse_sets
 from seqlab.data import make_task
+from seqlab.data.tokenizer import tokenizer_of
 from seqlab.errors import InputError
 from seqlab.train import evaluate
 
@@ -14,7 +15,8 @@ from seqlab.train import evaluate
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate a checkpoint on a task",
                        description="Print a checkpoint's loss, accuracy and sequence accuracy (bits per byte on "
-                                   "the corpus) on held-out batches of a task.")
+                                   "the corpus, per UTF-8 byte of the same text whether the checkpoint reads bytes "
+                                   "or BPE tokens) on held-out batches of a task.")
     p.add_argument("checkpoint", help="checkpoint folder (written by seqlab train or seqlab.save)")
     p.add_argument("--task", required=True, help="task name, e.g. mqar, induction, corpus")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -35,6 +37,8 @@ def run(args: argparse.Namespace) -> int:
             raise InputError(f"--{name.replace('_', '-')} = {getattr(args, name)}: must be positive")
     model = load(args.checkpoint)
     task = make_task(args.task, **parse_sets(args.set))
+    if hasattr(task, "with_tokenizer"):  # text (the corpus): read through the checkpoint's tokenizer
+        task = task.with_tokenizer(tokenizer_of(model))
     if model.config.vocab_size < task.vocab_size:
         raise InputError(f"task '{task.name}' needs vocab_size {task.vocab_size}; checkpoint "
                          f"'{args.checkpoint}' has vocab_size {model.config.vocab_size}")

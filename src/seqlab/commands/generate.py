@@ -1,4 +1,5 @@
-"""`seqlab generate`: continue a prompt with a checkpoint (byte-level models read and write text)."""
+"""`seqlab generate`: continue a prompt with a checkpoint. Text goes through the checkpoint's tokenizer (its
+byte-level BPE, or UTF-8 bytes for a byte model); generation stops at the tokenizer's end-of-sequence tokens."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import time
 
 from seqlab.checkpoint import load
 from seqlab.commands import emit
+from seqlab.data.tokenizer import Tokenizer, text_tokenizer, tokenizer_of
 from seqlab.errors import InputError
 from seqlab.generate import decode_prompts
 from seqlab.infer.stream import Stream
@@ -22,7 +24,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", help="checkpoint folder")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append",
-                     help="prompt text, encoded as UTF-8 bytes (needs a model with vocab_size 256); repeat for a batch")
+                     help="prompt text, encoded with the checkpoint's tokenizer (UTF-8 bytes for a byte model, "
+                          "vocab_size 256); repeat for a batch")
+    src.add_argument("--chat", action="append", metavar="MESSAGE",
+                     help="a user message, rendered with the checkpoint's chat template (e.g. an imported GGUF "
+                          "model's) and answered; repeat for a batch")
     src.add_argument("--tokens", action="append",
                      help="prompt as comma-separated token ids, e.g. 1,2,3; repeat for a batch")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
@@ -30,6 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold in (0, 1]")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--no-stop", action="store_true",
+                   help="generate all --max-new-tokens even past the tokenizer's end-of-sequence tokens")
     p.add_argument("--stream", action="store_true", help="print each token as soon as it is produced (one prompt)")
     p.add_argument("--stats", action="store_true",
                    help="also report prefill and decode tokens/s and the state's bytes (on stderr without --json)")
@@ -48,37 +56,44 @@ def parse_tokens(text: str) -> list[int]:
 
 def run(args: argparse.Namespace) -> int:
     model = load(args.checkpoint).eval()
-    as_text = args.prompt is not None
-    if as_text:
-        if model.config.vocab_size < 256:
-            raise InputError(f"--prompt needs a byte-level model (vocab_size 256); this one has vocab_size "
-                             f"{model.config.vocab_size}: use --tokens")
-        prompts = [list(text.encode("utf-8")) for text in args.prompt]
+    as_text = args.tokens is None
+    tokenizer = text_tokenizer(model) if as_text else tokenizer_of(model)
+    if args.prompt is not None:
+        prompts = [tokenizer.encode_prompt(text) for text in args.prompt]
+    elif args.chat is not None:
+        prompts = [tokenizer.encode(tokenizer.render_chat([{"role": "user", "content": text}])) for text in args.chat]
     else:
         prompts = [parse_tokens(text) for text in args.tokens]
     if args.stream and (args.json or len(prompts) > 1):
         raise InputError("--stream prints the tokens of one prompt as they come: use it without --json and with "
                          "one --prompt or --tokens")
     stream = Stream(model, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    show = _printer(as_text) if args.stream else None
+    show = _printer(tokenizer if as_text else None) if args.stream else None
+    eos = set() if args.no_stop else set(tokenizer.eos_ids)
     new: list[list[int]] = [[] for _ in prompts]
+    ended = [False] * len(prompts)  # the row produced an end-of-sequence token (kept as its last new token)
     start = time.perf_counter()
-    decoding, first_new = None, 0  # when the first tokens were out (prefill done), and how many were new
+    decoding, first_new, steps = None, 0, 0  # when the first tokens were out (prefill done), how many were new
     for _, tokens, is_new in decode_prompts(stream, prompts, args.max_new_tokens):
         if decoding is None:
             decoding, first_new = time.perf_counter(), int(is_new.sum())
+        steps += 1
         for i in is_new.nonzero().flatten().tolist():
-            new[i].append(int(tokens[i]))
-        if show is not None:
-            show(new[0][-1])
+            if not ended[i]:
+                new[i].append(int(tokens[i]))
+                ended[i] = new[i][-1] in eos
+                if show is not None and i == 0:
+                    show(new[0][-1])
+        if all(ended):
+            break
     end = time.perf_counter()
     if show is not None:
         show(None)
     outputs = [{"prompt": p, "generated": g} for p, g in zip(prompts, new)]
     result: dict = dict(outputs[0]) if len(outputs) == 1 else {"outputs": outputs}
-    texts = [bytes(g).decode("utf-8", errors="replace") if as_text else ",".join(map(str, g)) for g in new]
+    texts = [tokenizer.decode(g) if as_text else ",".join(map(str, g)) for g in new]
     if args.stats:
-        result["stats"] = _stats(prompts, args.max_new_tokens, first_new, start, decoding or end, end,
+        result["stats"] = _stats(prompts, sum(map(len, new)), steps, first_new, start, decoding or end, end,
                                  stream.nbytes)
         if not args.json:
             s = result["stats"]
@@ -92,22 +107,25 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _stats(prompts: list[list[int]], max_new: int, first_new: int, start: float, decoding: float, end: float,
-           state_bytes: int) -> dict:
+def _stats(prompts: list[list[int]], made: int, steps: int, first_new: int, start: float, decoding: float,
+           end: float, state_bytes: int) -> dict:
     """Throughput figures. Prefill covers the shortest prompt's length (fed in parallel to every row) and the first
-    sample; decode covers every later step and the new tokens they made (see `decode_prompts`)."""
+    sample; decode covers every later step and the `made` - `first_new` new tokens they made (see
+    `decode_prompts`)."""
     B, first = len(prompts), min(len(p) for p in prompts)
-    steps = max(max_new - 1, 0) + max(len(p) for p in prompts) - first
-    decode_tokens = B * max_new - first_new
+    steps = max(steps - 1, 0)
+    decode_tokens = made - first_new
     return {"batch": B, "prefill_tokens": B * first, "prefill_seconds": decoding - start,
             "prefill_tokens_per_s": B * first / max(decoding - start, 1e-9), "decode_steps": steps,
             "decode_tokens": decode_tokens, "decode_seconds": end - decoding,
             "decode_tokens_per_s": decode_tokens / max(end - decoding, 1e-9), "state_bytes": state_bytes}
 
 
-def _printer(as_text: bool):
-    """A function printing tokens as they come (bytes decoded incrementally, so a multi-byte character prints
-    once complete); call it with None at the end."""
+def _printer(tokenizer: Tokenizer | None):
+    """A function printing tokens as they come: as text through `tokenizer` (each token's bytes decoded
+    incrementally, so a character split across tokens prints once complete), or as ids without one; call it with
+    None at the end."""
+    as_text = tokenizer is not None
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     sep = [""]
 
@@ -115,7 +133,7 @@ def _printer(as_text: bool):
         if token is None:
             text = decoder.decode(b"", final=True) + "\n" if as_text else "\n"
         elif as_text:
-            text = decoder.decode(bytes([token]))
+            text = decoder.decode(tokenizer.token_bytes(token))
         else:
             text, sep[0] = f"{sep[0]}{token}", ","
         sys.stdout.write(text)

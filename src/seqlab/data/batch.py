@@ -25,10 +25,12 @@ class Batch:
     targets: torch.Tensor  # (B, T) int64: next token / answer at each position
     mask: torch.Tensor  # (B, T) bool: True where loss and accuracy count
     byte_level: bool = False  # the tokens are bytes: metrics also report bits per byte
+    nbytes: torch.Tensor | None = None  # (B, T) int: UTF-8 bytes of text each target token stands for (BPE text)
 
     def __getitem__(self, rows: slice) -> Batch:
         """A slice of the rows (a data-parallel rank's share of a global batch)."""
-        return Batch(self.inputs[rows], self.targets[rows], self.mask[rows], self.byte_level)
+        nbytes = None if self.nbytes is None else self.nbytes[rows]
+        return Batch(self.inputs[rows], self.targets[rows], self.mask[rows], self.byte_level, nbytes)
 
     def __len__(self) -> int:
         return self.inputs.shape[0]
@@ -65,8 +67,9 @@ class Metrics:
     """Accumulates loss and accuracy over many batches, weighting every masked token (and sequence) equally.
 
     `compute()` returns loss (nats per masked token), accuracy (per masked token), seq_accuracy (the fraction
-    of sequences with every masked position right; sequences with no masked position are left out), and for
-    byte-level batches bits_per_byte = loss / ln 2. """
+    of sequences with every masked position right; sequences with no masked position are left out), and for text
+    (byte-level batches, or batches carrying `nbytes`) bits_per_byte = total nats / total UTF-8 bytes / ln 2,
+    which is loss / ln 2 for bytes and compares a BPE model with a byte model on the same text. """
 
     def __init__(self) -> None:
         self.loss_sum = 0.0
@@ -74,7 +77,8 @@ class Metrics:
         self.tokens = 0
         self.seq_correct = 0
         self.seqs = 0
-        self.byte_level = False
+        self.text_nats = 0.0  # loss and UTF-8 bytes of the text batches (byte-level or with nbytes)
+        self.text_bytes = 0
 
     @torch.no_grad()
     def update(self, logits: torch.Tensor, batch: Batch) -> Metrics:
@@ -83,8 +87,11 @@ class Metrics:
         targets = batch.targets.to(logits.device)
         counted = mask.sum().item()
         if counted:
-            loss = F.cross_entropy(logits[mask].float(), targets[mask], reduction="sum")
-            self.loss_sum += loss.item()
+            loss = F.cross_entropy(logits[mask].float(), targets[mask], reduction="sum").item()
+            self.loss_sum += loss
+            if batch.byte_level or batch.nbytes is not None:
+                self.text_nats += loss
+                self.text_bytes += int(counted) if batch.nbytes is None else int(batch.nbytes[mask.cpu()].sum())
         hit = (logits.argmax(dim=-1) == targets) & mask  # (B, T)
         right = hit | ~mask  # (B, T): True where right or not counted
         has_any = mask.any(dim=1)
@@ -92,7 +99,6 @@ class Metrics:
         self.tokens += int(counted)
         self.seq_correct += int((right.all(dim=1) & has_any).sum().item())
         self.seqs += int(has_any.sum().item())
-        self.byte_level = self.byte_level or batch.byte_level
         return self
 
     def compute(self) -> dict[str, float]:
@@ -102,8 +108,8 @@ class Metrics:
             "accuracy": self.correct / tokens,
             "seq_accuracy": self.seq_correct / seqs,
         }
-        if self.byte_level:
-            out["bits_per_byte"] = out["loss"] / math.log(2)
+        if self.text_bytes:
+            out["bits_per_byte"] = self.text_nats / self.text_bytes / math.log(2)
         return out
 
 

@@ -16,6 +16,10 @@ How it is built (deterministic: the same Python installation gives the same byte
 Reading it: `CorpusTask.batch` samples random windows (for training without state); `CorpusTask.stream` cuts a
 split into consecutive segments for stateful training with truncated backpropagation through time. Report
 bits per byte: the mean cross-entropy in nats divided by ln 2 (an order-0 byte model of this text is ~4.5-5).
+
+A model with a BPE tokenizer reads the same text as tokens: `task.with_tokenizer(tokenizer)` encodes the split
+(each file, then the end-of-file byte) and carries, for every token, the UTF-8 bytes it stands for, so bits per
+byte is total nats / total bytes / ln 2 of the same text whatever the tokenizer (`seqlab.data.batch.Metrics`).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import os
 import sys
 import sysconfig
 from collections.abc import Iterator
+from copy import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -34,6 +39,7 @@ import numpy as np
 import torch
 
 from seqlab.data.batch import Batch
+from seqlab.data.tokenizer import Tokenizer
 from seqlab.errors import InputError
 
 SPLITS = ("train", "validation", "test")
@@ -212,14 +218,14 @@ class CorpusStream:
     one. Carry the model state from segment i to segment i + 1 (detached), and reset it at segment 0.
     `segment(i)` is a pure function of i, so a trainer saves its position as one integer. """
 
-    def __init__(self, data: np.ndarray, batch_size: int, seq_len: int) -> None:
-        self.data, self.batch_size, self.seq_len = data, batch_size, seq_len
+    def __init__(self, data: np.ndarray, batch_size: int, seq_len: int, nbytes: np.ndarray | None = None) -> None:
+        self.data, self.batch_size, self.seq_len, self.nbytes = data, batch_size, seq_len, nbytes
         self.row_length = (len(data) - 1) // batch_size
         self.num_segments = self.row_length // seq_len
         if self.num_segments < 1:
             raise InputError(
-                f"task 'corpus': the split holds {len(data)} bytes, too few for {batch_size} streams of at "
-                f"least seq_len = {seq_len} bytes; use a smaller batch size or seq_len"
+                f"task 'corpus': the split holds {len(data)} tokens, too few for {batch_size} streams of at "
+                f"least seq_len = {seq_len} tokens; use a smaller batch size or seq_len"
             )
 
     def __len__(self) -> int:
@@ -229,17 +235,21 @@ class CorpusStream:
         if not 0 <= i < self.num_segments:
             raise IndexError(f"segment {i} out of range [0, {self.num_segments})")
         starts = np.arange(self.batch_size) * self.row_length + i * self.seq_len
-        return _windows(self.data, starts, self.seq_len)
+        return _windows(self.data, starts, self.seq_len, self.nbytes)
 
     def __iter__(self) -> Iterator[Batch]:
         return (self.segment(i) for i in range(self.num_segments))
 
 
-def _windows(data: np.ndarray, starts: np.ndarray, seq_len: int) -> Batch:
+def _windows(data: np.ndarray, starts: np.ndarray, seq_len: int, nbytes: np.ndarray | None = None) -> Batch:
+    """Windows of seq_len + 1 tokens; nbytes (per token of `data`, BPE text only): the bytes of each target."""
     idx = starts[:, None] + np.arange(seq_len + 1)  # (B, T + 1)
     window = torch.from_numpy(data[idx].astype(np.int64))
     inputs, targets = window[:, :-1], window[:, 1:]
-    return Batch(inputs, targets.contiguous(), torch.ones_like(inputs, dtype=torch.bool), byte_level=True)
+    mask = torch.ones_like(inputs, dtype=torch.bool)
+    if nbytes is None:
+        return Batch(inputs, targets.contiguous(), mask, byte_level=True)
+    return Batch(inputs, targets.contiguous(), mask, nbytes=torch.from_numpy(nbytes[idx[:, 1:]].astype(np.int64)))
 
 
 class CorpusTask:
@@ -254,7 +264,9 @@ class CorpusTask:
     """
 
     name: ClassVar[str] = "corpus"
-    vocab_size: ClassVar[int] = 256
+    vocab_size: int = 256  # bytes; a tokenized task (with_tokenizer) has its tokenizer's
+    nbytes: np.ndarray | None = None  # tokenized task: UTF-8 bytes of each token of `data`
+    tokenizer: Tokenizer | None = None  # tokenized task: the BPE tokenizer `data` was encoded with
 
     def __init__(
         self,
@@ -285,8 +297,32 @@ class CorpusTask:
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise InputError(f"task 'corpus': batch_size = {batch_size!r} must be an integer >= 1")
         starts = torch.randint(0, len(self.data) - self.seq_len, (batch_size,), generator=generator)
-        return _windows(self.data, starts.numpy(), self.seq_len)
+        return _windows(self.data, starts.numpy(), self.seq_len, self.nbytes)
 
     def stream(self, batch_size: int, seq_len: int | None = None) -> CorpusStream:
         """Consecutive segments of this split for truncated BPTT (segment length: the task's seq_len)."""
-        return CorpusStream(self.data, batch_size, seq_len or self.seq_len)
+        return CorpusStream(self.data, batch_size, seq_len or self.seq_len, self.nbytes)
+
+    def with_tokenizer(self, tokenizer: Tokenizer) -> CorpusTask:
+        """This split read through `tokenizer`: itself for bytes; for BPE, a copy whose data are token ids (each
+        file encoded alone, then the end-of-file byte) with the UTF-8 bytes of every token beside them. A file that
+        is not valid UTF-8 is read with U+FFFD for its bad bytes."""
+        if tokenizer.kind == "bytes" or self.tokenizer is tokenizer:
+            return self
+        if self.tokenizer is not None:
+            raise InputError("task 'corpus' is already tokenized with another tokenizer; start from the byte task")
+        files = bytes(self.data).split(END_OF_FILE)  # the last piece: b"", or a file cut short by max_bytes
+        end = tokenizer.encode(END_OF_FILE.decode())
+        ids: list[int] = []
+        for k, piece in enumerate(tokenizer.encode_batch([f.decode("utf-8", errors="replace") for f in files])):
+            ids += piece + (end if k < len(files) - 1 else [])
+        task = copy(self)
+        task.tokenizer = tokenizer
+        task.data = np.asarray(ids, dtype=np.int64)
+        task.nbytes = np.asarray([len(tokenizer.token_bytes(i)) for i in range(tokenizer.vocab_size)],
+                                 dtype=np.int64)[task.data]
+        task.vocab_size = tokenizer.vocab_size
+        if len(task.data) < self.seq_len + 1:
+            raise InputError(f"task 'corpus': split {self.split!r} holds {len(task.data)} tokens, fewer than "
+                             f"seq_len + 1 = {self.seq_len + 1}")
+        return task

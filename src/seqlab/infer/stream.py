@@ -4,6 +4,8 @@
     logits = stream.feed([5, 17, 3])             # (1, 3, V): the prompt, in one parallel call
     token = stream.sample()                      # (1, 1): the next token, ready to feed back
     logits = stream.feed(token)                  # (1, 1, V): one O(1) step for a recurrent model
+    logits = stream.feed("more text")            # text goes through the model's tokenizer (bytes if it has none)
+    new = stream.generate(64)                    # (1, <= 64): stops at the tokenizer's end-of-sequence tokens
     blob = stream.snapshot()                     # bytes: store them, send them to another process
     later = seqlab.Stream.restore(model, blob)   # same state, same sampler: continues exactly as `stream` would
 
@@ -36,6 +38,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from seqlab.data.tokenizer import Tokenizer, text_tokenizer, tokenizer_of
 from seqlab.errors import InputError
 from seqlab.infer.decode import Sampler, as_prompt, reserve
 from seqlab.infer.plan import DecodePlan
@@ -82,8 +85,18 @@ class Stream:
         """Bytes of the model state (KV caches' used entries or recurrent states)."""
         return self.state.nbytes if self.state is not None else 0
 
-    def feed(self, tokens: torch.Tensor | Sequence[int]) -> torch.Tensor:
-        """Consume tokens: a list of ids or a (T,) tensor (batch 1), or (B, T). Returns their logits (B, T, V)."""
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """The model's tokenizer (`seqlab.data.tokenizer`): how text is fed and generated tokens are read."""
+        return tokenizer_of(self.model)
+
+    def feed(self, tokens: torch.Tensor | Sequence[int] | str) -> torch.Tensor:
+        """Consume tokens: a list of ids or a (T,) tensor (batch 1), or (B, T), or text (batch 1, encoded with
+        the model's tokenizer; the BOS token first when the tokenizer asks for one and nothing was fed yet).
+        Returns their logits (B, T, V)."""
+        if isinstance(tokens, str):
+            tok = text_tokenizer(self.model)
+            tokens = tok.encode_prompt(tokens) if self.state is None else tok.encode(tokens)
         tokens = as_prompt(tokens, self._device)
         if self.batch is not None and tokens.shape[0] != self.batch:
             raise InputError(f"this stream holds {self.batch} sequences; got tokens of shape {tuple(tokens.shape)}: "
@@ -103,20 +116,30 @@ class Stream:
         with torch.inference_mode():
             return self.sampler(self.logits, self.pos, self._generator)[:, None]
 
-    def generate(self, n: int) -> torch.Tensor:
-        """Sample and feed n tokens, one at a time; returns them, (B, n)."""
+    def generate(self, n: int, stop_at_eos: bool = True) -> torch.Tensor:
+        """Sample and feed up to n tokens, one at a time; returns them, (B, n) or fewer: with stop_at_eos, it
+        stops once every row has produced one of the tokenizer's end-of-sequence tokens (fed like any token; a
+        row that ended earlier repeats its end token)."""
         if not isinstance(n, int) or n < 0:
             raise InputError(f"n = {n}: must be an integer >= 0")
         if self.logits is None:
             raise InputError("nothing to sample from yet: feed the stream some tokens first")
         out = torch.empty(self.batch, n, dtype=torch.long, device=self._device)
+        eos = torch.tensor(self.tokenizer.eos_ids if stop_at_eos else (), dtype=torch.long, device=self._device)
+        done = torch.zeros(self.batch, 1, dtype=torch.bool, device=self._device)
         self.reserve(n)
         step = self._step()
         for i in range(n):
-            out[:, i:i + 1] = token = self.sample()
+            token = self.sample()
+            if len(eos):
+                token = torch.where(done, out[:, i - 1:i], token) if i else token
+                done |= torch.isin(token, eos)
+            out[:, i:i + 1] = token
             with torch.inference_mode():
                 logits, self.state = step(token, self.state)
             self.logits = logits[:, -1]
+            if len(eos) and bool(done.all()):
+                return out[:, :i + 1]
         return out
 
     def _step(self) -> DecodePlan | torch.nn.Module:
