@@ -261,6 +261,39 @@ def test_exited_tokens_keep_their_latent():
         assert torch.equal(traj[n:, b, t], traj[n, b, t].expand_as(traj[n:, b, t]))
 
 
+@pytest.mark.parametrize("mixer", ["conv", "attention", "gru"])
+@pytest.mark.parametrize("kv_slots", [None, 2])
+def test_scheduler_skips_exited_tokens_and_changes_no_number(mixer, kv_slots):
+    model, x = rd(mixer, kv_slots=kv_slots), tokens(2, 12)
+    fixed = model.think(x, steps=8)
+    assert fixed.core_evals == 2 * 12 * 8 and fixed.coda_evals == 0  # one per (sequence, position, step)
+    state = None
+    for call in range(2):  # a fresh chunk, then a chunk continuing the state
+        for exit, threshold in (("latent", 0.2), ("kl", 1e-3)):
+            fast = model.think(x, state, steps=8, exit=exit, threshold=threshold)
+            slow = model.think(x, state, steps=8, exit=exit, threshold=threshold, schedule=False)
+            assert torch.equal(fast.steps_used, slow.steps_used)
+            torch.testing.assert_close(fast.logits, slow.logits, atol=1e-5, rtol=0)
+            assert_states_close(fast.state, slow.state, atol=1e-5)
+            assert fast.core_evals <= slow.core_evals and fast.coda_evals <= slow.coda_evals
+            if call == 0 and kv_slots is None:  # every step starts empty: the exited prefix is never rerun
+                assert fast.core_evals < slow.core_evals
+        state = fast.state
+
+
+def test_scheduler_decoding_stops_each_token_after_its_exit_and_counts_flops():
+    model, x = rd("attention", kv_slots=1), tokens(1, 6)
+    out = model.think(x[:, :1], steps=12, exit="latent", threshold=0.2)
+    assert out.core_evals == int(out.steps_used.sum()) < 12  # one token, one evaluation per step it used
+    state = out.state
+    for t in range(1, 6):  # token by token: each costs only the steps it used
+        out = model.think(x[:, t : t + 1], state, steps=12, exit="latent", threshold=0.2)
+        assert out.core_evals == int(out.steps_used.sum())
+        state = out.state
+    weights = sum(p.numel() for m in (model.adapter, *model.core) for p in m.parameters() if p.dim() >= 2)
+    assert model.core_flops_per_eval() == 2 * weights
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # KV cache across steps, warm start, trajectory
 

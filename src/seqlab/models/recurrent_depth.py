@@ -27,10 +27,29 @@ N >= r). `state.nbytes` counts whatever the slots really hold.
 
 Adaptive exit (inference): a token stops when its output distribution (`kl`: KL(p_i || p_{i-1}) through the
 coda and head) or its latent (`latent`: ||s_i - s_{i-1}|| / ||s_i||) changes by less than a threshold. Its latent
-is then frozen, and the core keeps running on the frozen latent while other tokens think, so that every step's
-state covers every position. The loop stops when all tokens have exited and every slot has been written (with
-kv_slots = N, after step N at the earliest; without sharing only at step r, so exit then saves no compute in this
-implementation: `steps_used` is what a per-token scheduler would spend).
+is then frozen: every later step sees it unchanged, so what the outputs and states are does not depend on how the
+work is scheduled. The scheduler ("wavefront") makes exited tokens stop costing core evaluations without changing
+any number (up to float rounding between one call and chunks):
+
+- the core is causal and an exited token's core input [s, e] is constant, so over the exited prefix of the chunk
+  (positions 0 .. q-1, every sequence of the batch exited there) a step computes exactly what an earlier step
+  with the same starting slot state computed. The scheduler keeps, per starting state, the core's layer states
+  after the longest prefix that was already frozen when it was computed, and runs a step only from there:
+  positions [p, T), split at q so that the next step can start at q. The KL criterion's coda pass uses the same
+  prefix cache for the coda. Core token-evaluations per step: B * (T - p).
+- steps whose slots start from the same state share one cache: a fresh chunk (no state: every slot starts empty)
+  or kv_slots = 1. With a state and N > 1 slots, each slot class keeps its own cache (it helps from the second
+  visit of the class on); with kv_slots unset and a state, every step starts from its own state, so prefill
+  saves nothing there.
+- one token at a time (decoding, warm start), the loop stops when the token has exited and every slot has been
+  written (after step N at the earliest, with kv_slots = N; at step r without sharing, where the exit then saves
+  only the KL criterion's coda passes). An exited token's slots hold what the latest step of each class computed
+  for it, on its frozen latent: the Huginn sharing rule above, unchanged (an attention core's slot i mod N holds
+  the key and value of the token as its last class-(i mod N) step saw it).
+
+`Thought.core_evals` counts the core token-evaluations actually run and `core_flops_per_eval()` their matmul
+FLOPs, so that a saving is measured in work, not in steps used (`think(..., schedule=False)` runs every position
+on every step: the reference the scheduler must match, and the cost without it).
 """
 
 from __future__ import annotations
@@ -67,12 +86,16 @@ class Thought:
     steps_used  (B, T) int64: the steps each token used (r for every token without adaptive exit)
     trajectory  (r + 1, B, T, D) float32: s_0, s_1, ..., s_r for every token, or None unless asked for.
                 An exited token's latent stays frozen at its exit value for the later entries.
+    core_evals  core token-evaluations run: one per (sequence, position, step) the core computed
+    coda_evals  coda token-evaluations the KL criterion ran (0 for the other criteria)
     """
 
     logits: torch.Tensor
     state: ModelState
     steps_used: torch.Tensor
     trajectory: torch.Tensor | None = None
+    core_evals: int = 0
+    coda_evals: int = 0
 
 
 def _run_blocks(blocks: nn.ModuleList, x: torch.Tensor, states: tuple) -> tuple[torch.Tensor, tuple]:
@@ -172,7 +195,7 @@ class RecurrentDepthModel(nn.Module):
 
     def think(self, tokens: torch.Tensor, state: ModelState | None = None, *, steps: int | None = None,
               exit: str | None = None, threshold: float | None = None, warm_start: bool | None = None,
-              trajectory: bool = False, generator: torch.Generator | None = None) -> Thought:
+              trajectory: bool = False, generator: torch.Generator | None = None, schedule: bool = True) -> Thought:
         """Run the model with r = `steps` core steps (the maximum with an exit criterion); see `Thought`.
 
         exit: "none", "kl" or "latent" (default `depth.exit`); threshold: default `depth.exit_threshold`.
@@ -181,6 +204,8 @@ class RecurrentDepthModel(nn.Module):
         trajectory: also return every s_i for every token.
         generator: the noise of s_0 (depth.init_scale > 0) and, in training mode with steps=None, the draw of r;
             None: the global torch RNG.
+        schedule: with an exit criterion, skip the work of exited tokens (see the module docstring); False runs
+            every position on every step until the loop stops (the same numbers, the cost without the scheduler).
         """
         d = self.config.depth
         LanguageModel.check_tokens(self, tokens)  # same checks and messages as every language model
@@ -201,18 +226,20 @@ class RecurrentDepthModel(nn.Module):
             n_nograd = max(0, steps - d.backprop_steps)
         parts = self._split_state(state, steps)
         if not warm_start:
-            return self._think_chunk(tokens, parts, steps, n_nograd, exit, threshold, False, trajectory, generator)
+            return self._think_chunk(tokens, parts, steps, n_nograd, exit, threshold, False, trajectory, generator,
+                                     schedule)
         # Warm start: token by token, each starting from the previous token's final latent.
         outs = []
         for t in range(tokens.shape[1]):
             out = self._think_chunk(tokens[:, t : t + 1], parts, steps, n_nograd, exit, threshold, True, trajectory,
-                                    generator)
+                                    generator, schedule)
             outs.append(out)
             parts = self._split_state(out.state, steps)
         return Thought(
             torch.cat([o.logits for o in outs], dim=1), outs[-1].state,
             torch.cat([o.steps_used for o in outs], dim=1),
             torch.cat([o.trajectory for o in outs], dim=2) if trajectory else None,
+            sum(o.core_evals for o in outs), sum(o.coda_evals for o in outs),
         )
 
     def core_step(self, s: torch.Tensor, e: torch.Tensor, states: tuple) -> tuple[torch.Tensor, tuple]:
@@ -232,12 +259,22 @@ class RecurrentDepthModel(nn.Module):
     def logits(self, s: torch.Tensor, coda_states: tuple) -> tuple[torch.Tensor, tuple]:
         """The coda and head on latents s (B, T, D) -> logits (B, T, V) and the new coda states."""
         h, coda_states = _run_blocks(self.coda, s, coda_states)
+        return self._project(h), coda_states
+
+    def _project(self, h: torch.Tensor) -> torch.Tensor:
+        """The final norm and the head: coda output (B, T, D) -> logits (B, T, V)."""
         h = self.norm(h)
-        return (self.head(h) if self.head is not None else F.linear(h, self.embed.weight)), coda_states
+        return self.head(h) if self.head is not None else F.linear(h, self.embed.weight)
+
+    def core_flops_per_eval(self) -> int:
+        """Matmul FLOPs of one core token-evaluation: 2 per weight of the adapter and the core blocks (an attention
+        core's score and value products, which grow with the context, are not in it)."""
+        weights = sum(p.numel() for m in (self.adapter, *self.core) for p in m.parameters() if p.dim() >= 2)
+        return 2 * weights
 
     def _think_chunk(self, tokens: torch.Tensor, parts: tuple, steps: int, n_nograd: int, exit: str,
                      threshold: float, warm_start: bool, trajectory: bool,
-                     generator: torch.Generator | None) -> Thought:
+                     generator: torch.Generator | None, schedule: bool) -> Thought:
         prelude_states, slots_before, coda_states, last, pos = parts
         B, T = tokens.shape
         e, prelude_states = _run_blocks(self.prelude, self.embed(tokens), prelude_states)  # (B, T, D)
@@ -249,14 +286,36 @@ class RecurrentDepthModel(nn.Module):
         n_slots = len(slots_before)
         used = torch.full((B, T), steps, dtype=torch.long, device=tokens.device)
         done = torch.zeros(B, T, dtype=torch.bool, device=tokens.device)
-        signal = self._exit_signal(exit, s, coda_states)
+        # The wavefront: per starting slot state, (p, core layer states after the frozen prefix [0, p)); one key
+        # for every slot when all start empty (a fresh chunk), else one per slot class.
+        fresh = all(st is None for slot in slots_before for st in slot)
+        prefix: dict[int, tuple[int, tuple]] = {}
+        coda_prefix = (0, coda_states)
+        core_evals = coda_evals = 0
+        signal = None
+        if exit == "kl":
+            signal, coda_prefix, n = self._kl_signal(s, coda_prefix, 0)
+            coda_evals += B * n
+        elif exit == "latent":
+            signal = s.detach().float()
         path = [s]
         for i in range(steps):
+            c = i % n_slots
+            key = 0 if fresh else c
+            q = self._exited_prefix(done) if schedule and exit != "none" else 0  # positions < q: all exited
+            p, start_states = prefix.get(key, (0, slots_before[c]))
             with torch.set_grad_enabled(torch.is_grad_enabled() and i >= n_nograd):
-                s_new, slots_after[i % n_slots] = self.core_step(s, e, slots_before[i % n_slots])
+                s_new, slots_after[c], states_q = self._core_from(s, e, p, q, start_states)
+            core_evals += B * (T - p)
+            if schedule and exit != "none":
+                prefix[key] = (q, states_q)
             if exit != "none":
                 s_new = torch.where(done[..., None], s, s_new)  # exited tokens keep their latent
-                new_signal = self._exit_signal(exit, s_new, coda_states)
+                if exit == "kl":
+                    new_signal, coda_prefix, n = self._kl_signal(s_new, coda_prefix, q)
+                    coda_evals += B * n
+                else:
+                    new_signal = s_new.detach().float()
                 converged = self._change(exit, signal, new_signal) < threshold
                 used = torch.where(converged & ~done, i + 1, used)
                 done = done | converged
@@ -273,16 +332,50 @@ class RecurrentDepthModel(nn.Module):
         if trajectory:
             path += [s] * (steps + 1 - len(path))  # after an early stop the latents stay frozen
             traj = torch.stack(path).float()  # (r + 1, B, T, D)
-        return Thought(logits, ModelState(tuple(layers), pos + T), used, traj)
+        return Thought(logits, ModelState(tuple(layers), pos + T), used, traj, core_evals, coda_evals)
 
-    def _exit_signal(self, exit: str, s: torch.Tensor, coda_states: tuple) -> torch.Tensor | None:
-        """What the exit criterion compares between steps: log-probabilities (kl), the latent itself (latent)."""
-        if exit == "kl":
-            with torch.no_grad():
-                return torch.log_softmax(self.logits(s, coda_states)[0].float(), dim=-1)  # (B, T, V)
-        if exit == "latent":
-            return s.detach().float()
-        return None
+    @staticmethod
+    def _exited_prefix(done: torch.Tensor) -> int:
+        """The number of leading positions at which every sequence of the batch has exited."""
+        all_done = done.all(dim=0)  # (T,)
+        return int(all_done.long().cumprod(0).sum())
+
+    def _core_from(self, s: torch.Tensor, e: torch.Tensor, p: int, q: int,
+                   states: tuple) -> tuple[torch.Tensor, tuple, tuple]:
+        """One core step on positions [p, T), starting from `states` (the core's layer states after [0, p)),
+        split at q >= p. Returns the new latents (B, T, D) (positions < p keep s: they are exited), the layer
+        states after the chunk and after [0, q)."""
+        q = max(q, p)
+        x = self.adapter(torch.cat([s[:, p:], e[:, p:]], dim=-1))  # (B, T - p, D)
+        parts, states_q = [], states
+        if q > p:
+            y, states_q = _run_blocks(self.core, x[:, : q - p], states)
+            parts.append(y)
+        states_end = states_q
+        if q < s.shape[1]:
+            y, states_end = _run_blocks(self.core, x[:, q - p :], states_q)
+            parts.append(y)
+        if not parts:  # every position was exited before p: nothing to compute
+            return s, states_end, states_q
+        out = self.latent_norm(torch.cat(parts, dim=1) if len(parts) > 1 else parts[0])
+        return (torch.cat([s[:, :p], out], dim=1) if p else out), states_end, states_q
+
+    def _kl_signal(self, s: torch.Tensor, cache: tuple[int, tuple], q: int) -> tuple[torch.Tensor, tuple, int]:
+        """Log-probabilities (B, T, V) for the KL criterion, through the coda from its layer states after the
+        frozen prefix `cache` = (p, states), advanced to q: (log-probabilities, the new cache, positions run).
+        Positions < q get zeros: they have exited, their signal is not read again."""
+        p, states = cache
+        q = max(q, p)
+        B, T, _ = s.shape
+        out = torch.zeros(B, T, self.config.vocab_size, dtype=torch.float32, device=s.device)
+        with torch.no_grad():
+            states_q = states
+            if q > p:
+                _, states_q = _run_blocks(self.coda, s[:, p:q], states)
+            if q < T:
+                h, _ = _run_blocks(self.coda, s[:, q:], states_q)
+                out[:, q:] = torch.log_softmax(self._project(h).float(), dim=-1)
+        return out, (q, states_q), T - p
 
     @staticmethod
     def _change(exit: str, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
