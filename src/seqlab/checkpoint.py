@@ -13,6 +13,7 @@ attaches it again; a checkpoint without them reads and writes bytes.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
@@ -31,6 +32,7 @@ from seqlab.errors import InputError
 from seqlab.models import build_model
 from seqlab.models.int8 import apply_layout, check_dtypes
 
+_LIBC = ctypes.CDLL(None, use_errno=True)  # the C library this process runs on, for renameat2 where it has it
 FORMAT = "seqlab-checkpoint"
 VERSION = 1
 
@@ -41,6 +43,16 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap folders `a` and `b` in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where the system or
+    the file system cannot, and nothing was changed."""
+    renameat2 = getattr(_LIBC, "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 def atomic_write_dir(path: str | Path, write: Any) -> Path:
@@ -62,7 +74,9 @@ def atomic_write_dir(path: str | Path, write: Any) -> Path:
     tmp.mkdir()
     try:
         write(tmp)
-        if path.exists():
+        if path.exists() and _exchange(tmp, path):
+            pass  # one atomic swap: `path` was never missing; tmp now holds the old folder, removed below
+        elif path.exists():  # no atomic exchange here: an instant without `path` (readers find the .old folder)
             old = path.parent / f".{path.name}.old-{tag}"
             os.rename(path, old)
             os.rename(tmp, path)
@@ -112,13 +126,17 @@ def _manifest(path: Path) -> dict:
     if not file.is_file():
         raise InputError(f"checkpoint '{path}' has no manifest.json; expected a folder written by seqlab.save")
     try:
-        manifest = json.loads(file.read_text())
+        manifest = json.loads(file.read_text(encoding="utf-8"))
         ok = manifest.get("format") == FORMAT and isinstance(manifest.get("sha256"), dict)
-    except (json.JSONDecodeError, AttributeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
         ok = False
     if not ok:
-        raise InputError(f"checkpoint '{path}': manifest.json is corrupt")
-    if manifest.get("version", 0) > VERSION:
+        raise InputError(f"checkpoint '{path}': manifest.json is corrupt (expected a UTF-8 JSON object written by "
+                         "seqlab.save)")
+    version = manifest.get("version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise InputError(f"checkpoint '{path}': manifest.json has format version {version!r}; expected an integer")
+    if version > VERSION:
         raise InputError(f"checkpoint '{path}' has format version {manifest['version']}; this seqlab reads "
                          f"version {VERSION} and older")
     return manifest
@@ -150,7 +168,9 @@ def read_tensors(path: str | Path, name: str = "model.safetensors") -> dict[str,
 def read_json(path: str | Path, name: str) -> Any:
     file = _verified(Path(path), name)
     try:
-        return json.loads(file.read_text())
+        return json.loads(file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise InputError(f"checkpoint '{path}': {name} is not UTF-8 text (byte {e.start}); expected JSON") from None
     except json.JSONDecodeError as e:
         raise InputError(f"checkpoint '{path}': {name} is not valid JSON: {e}") from None
 
@@ -163,17 +183,8 @@ def load_config(path: str | Path) -> ModelConfig:
         raise InputError(f"checkpoint '{path}': config.json: {e}") from None
 
 
-def load(path: str | Path, *, map_location: str | torch.device = "cpu"):
-    """Load a model saved with `save`. Every problem (missing file, corrupt data, shapes that do not match the
-    config) raises one InputError that names the file or tensor."""
-    path = Path(path)
-    cfg = load_config(path)
-    weights = read_tensors(path)
-    model = build_model(cfg)
-    quantized = "quantization.json" in _manifest(path)["sha256"]  # written by seqlab quantize
-    if quantized:
-        model = apply_layout(model, read_json(path, "quantization.json"), f"checkpoint '{path}'")
-    expected = model.state_dict()
+def _check_weights(path: Path, expected: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]) -> None:
+    """The checkpoint's tensors are exactly the model's, with the same shapes."""
     missing = sorted(set(expected) - set(weights))
     if missing:
         raise InputError(f"checkpoint '{path}': tensor '{missing[0]}' is missing from model.safetensors "
@@ -186,7 +197,24 @@ def load(path: str | Path, *, map_location: str | torch.device = "cpu"):
         if t.shape != expected[name].shape:
             raise InputError(f"checkpoint '{path}': tensor '{name}' has shape {tuple(t.shape)} but config.json "
                              f"implies {tuple(expected[name].shape)}")
+
+
+def load(path: str | Path, *, map_location: str | torch.device = "cpu", allow_large: bool = False):
+    """Load a model saved with `save`. Every problem (missing file, corrupt data, shapes that do not match the
+    config, a model too large for the memory available) raises one InputError that names the file or tensor.
+    The weights' shapes are compared with a meta-device model first, so a config.json that claims a huge model
+    is caught before anything is allocated; allow_large: skip the memory check (`seqlab.models.size`)."""
+    path = Path(path)
+    cfg = load_config(path)
+    weights = read_tensors(path)
+    quantized = "quantization.json" in _manifest(path)["sha256"]  # written by seqlab quantize
+    if not quantized:  # a quantized layout changes the tensors: compared after apply_layout below
+        with torch.device("meta"):
+            _check_weights(path, build_model(cfg).state_dict(), weights)
+    model = build_model(cfg, allow_large=allow_large)
     if quantized:
+        model = apply_layout(model, read_json(path, "quantization.json"), f"checkpoint '{path}'")
+        _check_weights(path, model.state_dict(), weights)
         check_dtypes(model, weights, f"checkpoint '{path}'")
     model.load_state_dict(weights)
     model.tokenizer = load_tokenizer(path)

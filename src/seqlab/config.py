@@ -85,7 +85,8 @@ def _type_name(hint: Any) -> str:
 
 
 def check_types(obj: Any, prefix: str) -> None:
-    """Every field of dataclass `obj` has its annotated type; else one InputError naming `prefix` + the field."""
+    """Every field of dataclass `obj` has its annotated type, and every float is finite (JSON's NaN and Infinity
+    parse, and would train to nan weights); else one InputError naming `prefix` + the field."""
     hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
@@ -93,13 +94,15 @@ def check_types(obj: Any, prefix: str) -> None:
             raise InputError(
                 f"config field '{prefix}{f.name}' = {value!r}: expected {_type_name(hints[f.name])}"
             )
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InputError(f"config field '{prefix}{f.name}' = {value!r}: expected a finite number")
 
 
 def positive(obj: Any, prefix: str, *names: str) -> None:
-    """Each named field of `obj` is None or > 0."""
+    """Each named field of `obj` is None or > 0 (and finite: NaN compares false with everything)."""
     for name in names:
         value = getattr(obj, name)
-        if value is not None and value <= 0:
+        if value is not None and not (value > 0 and math.isfinite(value)):
             raise InputError(f"config field '{prefix}{name}' = {value!r}: must be > 0")
 
 
@@ -147,9 +150,13 @@ def read_json(path: str | Path, what: str = "config file") -> Any:
     if not path.is_file():
         raise InputError(f"{what} '{path}' does not exist")
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise InputError(f"{what} '{path}' is not UTF-8 text (byte {e.start}): expected a JSON file") from None
     except json.JSONDecodeError as e:
         raise InputError(f"{what} '{path}' is not valid JSON: {e}") from None
+    except RecursionError:
+        raise InputError(f"{what} '{path}' is nested too deeply to be a config") from None
 
 
 class Section:

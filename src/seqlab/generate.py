@@ -17,6 +17,7 @@ from seqlab.errors import InputError
 from seqlab.infer.decode import Sampler, as_prompt, reserve, sample_next  # noqa: F401  (re-exported)
 from seqlab.infer.plan import DecodePlan
 from seqlab.infer.stream import Stream
+from seqlab.models.size import check_decode_fits
 
 
 @torch.inference_mode()
@@ -43,6 +44,7 @@ def generate(model: torch.nn.Module, prompt: torch.Tensor | Sequence[int], max_n
     device = next(model.parameters()).device
     tokens = as_prompt(prompt, device)
     B, T = tokens.shape
+    check_decode_fits(model, B, T + max_new_tokens, device)
     out = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=device)  # filled in place, no concatenation
     out[:, :T] = tokens
     if max_new_tokens == 0:
@@ -77,7 +79,7 @@ def generate_batch(model: torch.nn.Module, prompts: Sequence[torch.Tensor | Sequ
     followed by its `max_new_tokens` new tokens, or fewer with stop_at_eos, up to and including its first
     end-of-sequence token. See `decode_prompts` for how the batch advances."""
     stream = Stream(model, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-    rows, buf = _prompt_rows(prompts, max_new_tokens, stream._device)
+    rows, buf = _prompt_rows(prompts, max_new_tokens, stream._device, model)
     eos = set(tokenizer_of(model).eos_ids if stop_at_eos else ())
     ends = [len(r) + max_new_tokens for r in rows]  # where each row's output stops
     for p, tokens, new in decode_prompts(stream, prompts, max_new_tokens):
@@ -106,7 +108,7 @@ def decode_prompts(stream, prompts: Sequence[torch.Tensor | Sequence[int]],
         raise InputError(f"max_new_tokens = {max_new_tokens}: must be an integer >= 0")
     if stream.state is not None:
         raise InputError("decode_prompts needs a fresh stream (nothing fed yet)")
-    rows, buf = _prompt_rows(prompts, max_new_tokens, stream._device)
+    rows, buf = _prompt_rows(prompts, max_new_tokens, stream._device, stream.model)
     lengths = torch.tensor([len(r) for r in rows], device=buf.device)
     first, last = int(lengths.min()), buf.shape[1]  # positions [first, last) are decoded
     if max_new_tokens == 0:
@@ -121,9 +123,10 @@ def decode_prompts(stream, prompts: Sequence[torch.Tensor | Sequence[int]],
             stream.feed(buf[:, p:p + 1])
 
 
-def _prompt_rows(prompts: Sequence[torch.Tensor | Sequence[int]], max_new_tokens: int,
-                 device: torch.device) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """The prompts as 1-D tensors, and a (B, max length + max_new_tokens) buffer holding them left-aligned."""
+def _prompt_rows(prompts: Sequence[torch.Tensor | Sequence[int]], max_new_tokens: int, device: torch.device,
+                 model: torch.nn.Module) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The prompts as 1-D tensors, and a (B, max length + max_new_tokens) buffer holding them left-aligned (after
+    checking that it and `model`'s state for that length fit)."""
     if isinstance(prompts, torch.Tensor) or len(prompts) == 0:
         raise InputError("prompts must be a non-empty list of prompts (each a list of ids or a 1-D tensor)")
     rows = []
@@ -132,6 +135,7 @@ def _prompt_rows(prompts: Sequence[torch.Tensor | Sequence[int]], max_new_tokens
         if t.shape[0] != 1:
             raise InputError(f"prompt {i} has shape {tuple(t.shape)}: each prompt must be one sequence of ids")
         rows.append(t[0])
+    check_decode_fits(model, len(rows), max(len(r) for r in rows) + max_new_tokens, device)
     buf = torch.zeros(len(rows), max(len(r) for r in rows) + max_new_tokens, dtype=torch.long, device=device)
     for i, r in enumerate(rows):
         buf[i, :len(r)] = r

@@ -38,24 +38,32 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--no-stop", action="store_true",
                    help="generate all --max-new-tokens even past the tokenizer's end-of-sequence tokens")
+    p.add_argument("--allow-large", action="store_true",
+                   help="skip the check that the model fits in the memory seqlab sees")
     p.add_argument("--stream", action="store_true", help="print each token as soon as it is produced (one prompt)")
     p.add_argument("--stats", action="store_true",
                    help="also report prefill and decode tokens/s and the state's bytes (on stderr without --json)")
     p.add_argument("--json", action="store_true",
-                   help='print JSON: {"prompt", "generated"} for one prompt, {"outputs": [...]} for several, '
-                        'plus "stats" with --stats')
+                   help='print JSON: {"prompt", "generated", "text" (with --prompt or --chat)} for one prompt, '
+                        '{"outputs": [...]} for several, plus "stats" with --stats')
     p.set_defaults(func=run)
 
 
-def parse_tokens(text: str) -> list[int]:
-    try:
-        return [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise InputError(f"--tokens {text!r}: expected comma-separated integers, e.g. 1,2,3") from None
+def parse_tokens(text: str, vocab_size: int) -> list[int]:
+    """Comma-separated ids, each in [0, vocab_size); an empty item (`1,,2`) or a trailing comma is an error."""
+    expected = f"expected comma-separated integers, token ids in [0, {vocab_size}), e.g. 1,2,3"
+    parts = text.split(",")
+    if not all(t.strip().isdigit() and t.strip().isascii() for t in parts):
+        raise InputError(f"--tokens {text!r}: {expected}")
+    ids = [int(t) for t in parts]
+    bad = next((t for t in ids if t >= vocab_size), None)
+    if bad is not None:
+        raise InputError(f"--tokens {text!r}: token id {bad} is out of range; {expected}")
+    return ids
 
 
 def run(args: argparse.Namespace) -> int:
-    model = load(args.checkpoint).eval()
+    model = load(args.checkpoint, allow_large=args.allow_large).eval()
     as_text = args.tokens is None
     tokenizer = text_tokenizer(model) if as_text else tokenizer_of(model)
     if args.prompt is not None:
@@ -63,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     elif args.chat is not None:
         prompts = [tokenizer.encode(tokenizer.render_chat([{"role": "user", "content": text}])) for text in args.chat]
     else:
-        prompts = [parse_tokens(text) for text in args.tokens]
+        prompts = [parse_tokens(text, model.config.vocab_size) for text in args.tokens]
     if args.stream and (args.json or len(prompts) > 1):
         raise InputError("--stream prints the tokens of one prompt as they come: use it without --json and with "
                          "one --prompt or --tokens")
@@ -89,9 +97,10 @@ def run(args: argparse.Namespace) -> int:
     end = time.perf_counter()
     if show is not None:
         show(None)
-    outputs = [{"prompt": p, "generated": g} for p, g in zip(prompts, new)]
-    result: dict = dict(outputs[0]) if len(outputs) == 1 else {"outputs": outputs}
     texts = [tokenizer.decode(g) if as_text else ",".join(map(str, g)) for g in new]
+    outputs = [{"prompt": p, "generated": g, **({"text": t} if as_text else {})}
+               for p, g, t in zip(prompts, new, texts)]
+    result: dict = dict(outputs[0]) if len(outputs) == 1 else {"outputs": outputs}
     if args.stats:
         result["stats"] = _stats(prompts, sum(map(len, new)), steps, first_new, start, decoding or end, end,
                                  stream.nbytes)

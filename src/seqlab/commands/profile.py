@@ -18,8 +18,14 @@ def _ints(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, e.g. 256,1024; got {text!r}") from None
 
 
-def _names(text: str) -> tuple[str, ...]:
-    return tuple(t.strip() for t in text.split(",") if t.strip())
+def _names(text: str | None) -> tuple[str, ...]:
+    """--mixers: comma-separated names, none empty (so `--mixers ""` is an error, not "every mixer")."""
+    if text is None:
+        return ()
+    names = tuple(t.strip() for t in text.split(","))
+    if not all(names):
+        raise InputError(f"--mixers {text!r}: expected comma-separated mixer names, e.g. gru,attention")
+    return names
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -35,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "than attention.",
         epilog=f"JSON fields (--json, --out):\n{fields}\ncells[]:\n{cell}\ncrossover[]:\n{cross}",
     )
-    p.add_argument("--mixers", type=_names, default=(),
+    p.add_argument("--mixers", default=None,
                    help="comma-separated mixers, hybrids as a+b (default: every available mixer)")
     p.add_argument("--contexts", type=_ints, default=(256, 1024, 4096, 16384, 65536),
                    help="comma-separated context lengths (default 256,1024,4096,16384,65536)")
@@ -71,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         if key in model:
             raise InputError(f"--set {key}=...: use --{key.replace('_', '-').replace('n-layers', 'layers')} instead")
     cfg = ProfileConfig(
-        mixers=args.mixers, contexts=args.contexts, d_model=args.d_model, n_layers=args.layers,
+        mixers=_names(args.mixers), contexts=args.contexts, d_model=args.d_model, n_layers=args.layers,
         vocab_size=args.vocab_size, params=args.params, model=model, batch=args.batch, chunk=args.chunk,
         decode_steps=args.decode_steps, warmup=args.warmup, repeats=args.repeats, threads=args.threads,
         device=args.device, isolate=not args.no_isolate, timeout_s=args.timeout, seed=args.seed,

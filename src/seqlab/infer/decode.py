@@ -8,6 +8,8 @@ autograd bookkeeping is kept and attention appends to a preallocated KV cache in
 from __future__ import annotations
 
 import hashlib
+import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -40,7 +42,14 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | Non
 def as_prompt(prompt: torch.Tensor | Sequence[int], device: torch.device) -> torch.Tensor:
     """A (B, T) int64 tensor from a 2-D tensor, a 1-D tensor or a list of token ids."""
     if not isinstance(prompt, torch.Tensor):
-        prompt = torch.tensor(list(prompt), dtype=torch.long)
+        ids = list(prompt)
+        bad = next((t for t in ids if not isinstance(t, numbers.Integral) or isinstance(t, bool)
+                    or not -2**63 <= t < 2**63), None)
+        if bad is not None:
+            raise InputError(f"prompt token {bad!r}: expected integer token ids")
+        prompt = torch.tensor(ids, dtype=torch.long)
+    if prompt.is_floating_point() or prompt.is_complex() or prompt.dtype == torch.bool:  # else truncated silently
+        raise InputError(f"prompt must hold int64 token ids, got dtype {prompt.dtype}")
     if prompt.dim() == 1:
         prompt = prompt[None]
     if prompt.dim() != 2 or prompt.shape[1] == 0:
@@ -63,11 +72,12 @@ class Sampler:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
-            raise InputError(f"temperature = {self.temperature}: must be >= 0 (0 means greedy)")
+        t = self.temperature
+        if not isinstance(t, (int, float)) or isinstance(t, bool) or not (0 <= t < math.inf):
+            raise InputError(f"temperature = {t!r}: must be a finite number >= 0 (0 means greedy)")
         if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
             raise InputError(f"top_k = {self.top_k}: must be an integer >= 1")
-        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+        if self.top_p is not None and not (isinstance(self.top_p, (int, float)) and 0.0 < self.top_p <= 1.0):
             raise InputError(f"top_p = {self.top_p}: must be in (0, 1]")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise InputError(f"seed = {self.seed}: must be an integer >= 0")

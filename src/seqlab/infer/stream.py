@@ -42,6 +42,7 @@ from seqlab.data.tokenizer import Tokenizer, text_tokenizer, tokenizer_of
 from seqlab.errors import InputError
 from seqlab.infer.decode import Sampler, as_prompt, reserve
 from seqlab.infer.plan import DecodePlan
+from seqlab.models.size import check_decode_fits
 from seqlab.models.state import ModelState, State
 
 FORMAT = "seqlab-stream"
@@ -124,6 +125,7 @@ class Stream:
             raise InputError(f"n = {n}: must be an integer >= 0")
         if self.logits is None:
             raise InputError("nothing to sample from yet: feed the stream some tokens first")
+        check_decode_fits(self.model, self.batch, self.pos + n, self._device)
         out = torch.empty(self.batch, n, dtype=torch.long, device=self._device)
         eos = torch.tensor(self.tokenizer.eos_ids if stop_at_eos else (), dtype=torch.long, device=self._device)
         done = torch.zeros(self.batch, 1, dtype=torch.bool, device=self._device)

@@ -18,13 +18,17 @@ full (for a GPU: larger models, longer contexts, more steps).
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
 from seqlab.config import Section, check_types, choice, positive
+from seqlab.data import make_task
 from seqlab.errors import InputError
 from seqlab.lab.sections import SECTIONS, distill, inference, latents, quality, thinking, training
+from seqlab.lab.sections.quality import split_task, task_label
 
 PRESETS = ("quick", "standard", "full")
 
@@ -47,9 +51,36 @@ class LabConfig(Section):
         positive(self, "", "threads")
         for i, name in enumerate(self.sections):
             choice("", f"sections[{i}]", name, tuple(SECTIONS))
+        for name in self.sections:
+            check_tasks(f"{name}.", self.section(name))
 
     def section(self, name: str) -> Section:
         return getattr(self, name)
+
+
+def task_entries(prefix: str, section: Section) -> Iterator[tuple[str, dict]]:
+    """(where, entry) for every task entry of a section: a `task` dict, each entry of a `tasks` list, and the
+    `task` of a dict field (e.g. quality's frontier)."""
+    for f in dataclasses.fields(section):  # type: ignore[arg-type]
+        value = getattr(section, f.name)
+        if f.name == "task" and isinstance(value, dict):
+            yield f"{prefix}task", value
+        elif f.name == "tasks" and isinstance(value, tuple):
+            yield from ((f"{prefix}tasks[{i}]", t) for i, t in enumerate(value))
+        elif isinstance(value, dict) and isinstance(value.get("task"), dict):
+            yield f"{prefix}{f.name}.task", value["task"]
+
+
+def check_tasks(prefix: str, section: Section) -> None:
+    """Every task a section names builds, with its training and its evaluation parameters, so a bad parameter is
+    one error before the first cell runs rather than every cell failing."""
+    for where, entry in task_entries(prefix, section):
+        task_label(entry)  # the entry's shape: {"name": TASK, ...}
+        for params in split_task(entry):
+            try:
+                make_task(entry["name"], **params)
+            except InputError as e:
+                raise InputError(f"config field '{where}': {e}") from None
 
 
 def preset_path(name: str) -> Path:

@@ -17,10 +17,12 @@ from seqlab.models import attention, rnn, conv, mamba, gla, deltanet, minrnn, ma
 from seqlab.models.lm import LanguageModel
 from seqlab.models.recurrent_depth import RecurrentDepthModel
 from seqlab.models.registry import available_mixers, build_mixer, register_mixer
+from seqlab.models.size import check_fits, estimate_bytes
 from seqlab.models.state import ModelState, State
 
 __all__ = ["LanguageModel", "ModelState", "State", "available_mixers", "build_mixer", "build_model",
-           "register_mixer", "as_config", "RecurrentDepthModel", "count_parameters", "matched_width"]
+           "register_mixer", "as_config", "check_fits", "estimate_bytes", "RecurrentDepthModel", "count_parameters",
+           "matched_width"]
 
 
 def as_config(config: ModelConfig | dict | None = None, **fields: Any) -> ModelConfig:
@@ -36,12 +38,18 @@ def as_config(config: ModelConfig | dict | None = None, **fields: Any) -> ModelC
     return ModelConfig.from_dict(config)
 
 
-def build_model(config: ModelConfig | dict | None = None, *, seed: int | None = None, **fields: Any):
+def build_model(config: ModelConfig | dict | None = None, *, seed: int | None = None, allow_large: bool = False,
+                **fields: Any):
     """Build a model: `build_model(mixer="gru", d_model=128)`, `build_model(cfg)` or `build_model({...})`.
 
-    With `seed`, the initial weights depend on the seed alone (the global RNG is left as it was).
+    With `seed`, the initial weights depend on the seed alone (the global RNG is left as it was). Weights that
+    would not fit in the memory available are refused before anything is allocated (`seqlab.models.size`);
+    `allow_large=True` skips that check.
     """
     cfg = as_config(config, **fields)
+    device = torch.get_default_device()
+    if device.type != "meta":
+        check_fits(cfg, "build_model", device=device, allow_large=allow_large)
     cls = RecurrentDepthModel if cfg.arch == "recurrent_depth" else LanguageModel
     if seed is None:
         return cls(cfg)

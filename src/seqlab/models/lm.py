@@ -22,7 +22,7 @@ from torch import nn
 from seqlab.config import ModelConfig
 from seqlab.errors import InputError
 from seqlab.models.blocks import Block, BlockWeights, Fn, linear_fn, make_norm, norm_fn, residual
-from seqlab.models.state import ModelState
+from seqlab.models.state import ModelState, check_layer_state
 
 
 class LanguageModel(nn.Module):
@@ -72,6 +72,10 @@ class LanguageModel(nn.Module):
                 f"state must be the ModelState this model returned ({len(self.blocks)} layers), got "
                 f"{type(state).__name__}"
             )
+        for i, (block, s) in enumerate(zip(self.blocks, state.layers)):  # each layer's class and tensor shapes
+            if s is not None:  # None: that layer starts from zeros
+                check_layer_state(block.mixer, s, batch, self.embed.weight,
+                                  f"state layer {i} ({block.mixer_name})")
 
     def forward(self, tokens: torch.Tensor, state: ModelState | None = None) -> tuple[torch.Tensor, ModelState]:
         """tokens (B, T) int64 -> logits (B, T, V) and the state after the last token."""

@@ -8,10 +8,14 @@ device or serialized (see `seqlab.infer.stream`).
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+from torch import nn
+
+from seqlab.errors import InputError
 
 
 class State:
@@ -70,3 +74,43 @@ class ModelState:
 
     def to(self, *args: Any, **kwargs: Any) -> ModelState:
         return self.map(lambda t: t.to(*args, **kwargs))
+
+
+# A mixer's state layout (its state class and each tensor's shape), probed once per mixer module with one token.
+_LAYOUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _layout(mixer: nn.Module, like: torch.Tensor) -> tuple[type, dict[str, tuple[int, ...]]]:
+    layout = _LAYOUTS.get(mixer)
+    if layout is None:
+        with torch.no_grad():
+            _, probe = mixer(torch.zeros(1, 1, like.shape[-1], dtype=like.dtype, device=like.device))
+        layout = _LAYOUTS[mixer] = (type(probe), {k: tuple(v.shape) for k, v in probe.tensors().items()})
+    return layout
+
+
+def check_layer_state(mixer: nn.Module, state: Any, batch: int, like: torch.Tensor, where: str) -> None:
+    """`state` is a state `mixer` could have returned for `batch` sequences: its state class, and each tensor the
+    shape the mixer's own state has (any length along `time_axis`, `batch` along `batch_axis`); else one
+    InputError naming `where` (e.g. "state layer 1 (gru)") and the mismatch. `like`: a tensor of the mixer's
+    input width (D), dtype and device, for the one-token probe that reads the layout (kept per mixer module)."""
+    cls, shapes = _layout(mixer, like)
+    if type(state) is not cls:
+        raise InputError(f"{where}: got a {type(state).__name__}, but this model's mixer there keeps a "
+                         f"{cls.__name__}; pass the state this model returned")
+    tensors = state.tensors()
+    for name, shape in shapes.items():
+        t = tensors.get(name)
+        if t is None:
+            raise InputError(f"{where}: {cls.__name__} field '{name}' is not a tensor; pass the state this model "
+                             "returned")
+        got = tuple(t.shape)
+        axes = [a % len(shape) for a in (cls.batch_axis, cls.time_axis) if a is not None]
+        same = len(got) == len(shape) and all(g == s or i in axes for i, (g, s) in enumerate(zip(got, shape)))
+        if not same:
+            want = tuple("B" if i == axes[0] else "T" if i in axes else s for i, s in enumerate(shape))
+            raise InputError(f"{where}: {cls.__name__}.{name} has shape {got}, but this model's mixer there keeps "
+                             f"{want}; the state comes from another model")
+        if got[axes[0]] != batch:
+            raise InputError(f"{where}: {cls.__name__}.{name} holds {got[axes[0]]} sequences but the tokens have "
+                             f"batch {batch}; pass the state of the same batch")

@@ -183,6 +183,8 @@ class Counters:
     tokens: int = 0  # tokens trained on, all processes together
     skipped: int = 0  # steps skipped for a non-finite loss or gradient
     bad_in_a_row: int = 0
+    result: dict | None = None  # the finished run's result (final evaluation, throughput): in the last checkpoint,
+    #                             so resuming a finished run returns it instead of evaluating (and logging) again
 
 
 def save_checkpoint(folder: Path, model: nn.Module, loss_fn: Any, opt: torch.optim.Optimizer,
@@ -212,7 +214,7 @@ def restore_checkpoint(path: Path, model: nn.Module, loss_fn: Any, opt: torch.op
         loss_fn.load_state_dict({k[len("loss."):]: v.to(device) for k, v in tensors.items() if k.startswith("loss.")})
     load_optimizer(opt, {k: v.to(device) if not k.endswith(".step") else v for k, v in opt_tensors.items()})
     batches.load_state_tensors(tensors)
-    counters = Counters(**{f.name: saved[f.name] for f in dataclasses.fields(Counters)})
+    counters = Counters(**{f.name: saved.get(f.name, f.default) for f in dataclasses.fields(Counters)})
     carry: list[ModelState | None] = [None] * grad_accum
     if any(entry is not None for entry in saved["carry"]):
         with torch.no_grad():

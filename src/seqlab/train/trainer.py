@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -35,7 +36,7 @@ from tqdm.auto import tqdm
 from seqlab.config import RunConfig, TrainConfig
 from seqlab.data import Batch, Metrics, Task, make_task
 from seqlab.errors import InputError
-from seqlab.models import ModelState, build_model
+from seqlab.models import ModelState, build_model, check_fits
 from seqlab.train import resume
 from seqlab.train.batches import BatchSource, task_batches
 from seqlab.train.distributed import World, check_divisible, init_world
@@ -236,19 +237,23 @@ def fit(model: nn.Module, batches: BatchSource, loss_fn: LossFn, cfg: TrainConfi
         if due and counters.bad_in_a_row == 0:  # during a streak of bad steps, keep the last good checkpoint
             checkpoint()
     bar.close()
+    if counters.result is not None:  # resumed after the final checkpoint: the run is done, nothing to redo
+        if Path(resume_from).name != "checkpoint":
+            checkpoint()  # restored from the copy a crash left aside (`resume.find_checkpoint`): put it in place
+        world.barrier()
+        return {**counters.result, "history": history}
     seconds = time.perf_counter() - start
-    final = run_eval()
-    checkpoint()
-    world.barrier()  # nobody leaves before rank 0 has written the final checkpoint
-    return {
-        "eval": final,
+    counters.result = {
+        "eval": run_eval(),
         "train_loss": history[-1]["loss"] if history else None,
         "steps": counters.step,
         "skipped_steps": counters.skipped,
         "seconds": seconds,
         "tokens_per_s": (counters.tokens - tokens_at_start) / max(seconds, 1e-9),
-        "history": history,
     }
+    checkpoint()
+    world.barrier()  # nobody leaves before rank 0 has written the final checkpoint
+    return {**counters.result, "history": history}
 
 
 def _optimizer_step(net: nn.Module, loss_fn: LossFn, own: list[nn.Parameter], opt: torch.optim.Optimizer,
@@ -334,12 +339,14 @@ def _build_task(params: dict[str, Any]) -> Task:
 
 
 def train(config: RunConfig | dict | str | Path, task: str | None = None, out: str | Path = "runs/train", *,
-          progress: bool = True, resume: bool = False) -> dict[str, Any]:
+          progress: bool = True, resume: bool = False, allow_large: bool = False) -> dict[str, Any]:
     """Train the model a RunConfig describes; write out/config.json, out/metrics.jsonl, out/result.json and
     out/checkpoint (a `seqlab.load`-able folder that also holds what `resume=True` needs to continue the run).
 
     `config` is a RunConfig, a dict, or the path of a JSON file; `task`, if given and not the config's task,
     replaces it (with its default parameters; set others with `task.<param>` in the config).
+    A run whose weights, optimizer state and one micro-batch's activations cannot fit in the memory available is
+    refused before anything is allocated (`seqlab.models.size`); allow_large=True skips that check.
     """
     config = _as_run_config(config)
     if task is not None and task != config.task["name"]:
@@ -359,9 +366,13 @@ def train(config: RunConfig | dict | str | Path, task: str | None = None, out: s
         raise InputError(f"output folder '{out}' already holds a run (checkpoint/); pass --resume to continue it, "
                          "or choose another --out")
     world = init_world(config.train.device)
+    micro = -(-config.train.batch_size // (config.train.grad_accum * world.size))  # rows per forward, rounded up
+    check_fits(config.model, f"training with {micro} rows of {task_obj.seq_len} tokens per micro-batch", batch=micro,
+               tokens=max(task_obj.seq_len, eval_obj.seq_len), training=True,
+               device=resolve_device(config.train.device, world), allow_large=allow_large)
     if world.is_main:
         _prepare_out(out, resolved, resumed_at=_step_of(resume_from))
-    model = build_model(config.model, seed=config.train.seed)
+    model = build_model(config.model, seed=config.train.seed, allow_large=True)  # checked above, with the rest
 
     metrics_file = open(out / "metrics.jsonl", "a") if world.is_main else None
     try:
@@ -376,7 +387,7 @@ def train(config: RunConfig | dict | str | Path, task: str | None = None, out: s
             metrics_file.close()
     result = {k: v for k, v in result.items() if k != "history"}
     if world.is_main:
-        (out / "result.json").write_text(json.dumps(_finite_floats(result), indent=2) + "\n")
+        _write_atomic(out / "result.json", json.dumps(_finite_floats(result), indent=2) + "\n")
     return result
 
 
@@ -403,16 +414,33 @@ def _step_of(checkpoint: Path | None) -> int | None:
 
 
 def _prepare_out(out: Path, resolved: dict, resumed_at: int | None) -> None:
-    """Create `out`, write the resolved config, and start metrics.jsonl (on resume: cut to the checkpoint)."""
+    """Create `out`, write the resolved config, and start metrics.jsonl (on resume: cut to the checkpoint's step).
+    Each file is replaced by a rename, so a kill at any instant leaves the old file or the new one, never a
+    truncated one."""
     try:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(resolved, indent=2) + "\n")
+        _write_atomic(out / "config.json", json.dumps(resolved, indent=2) + "\n")
         metrics = out / "metrics.jsonl"
         if resumed_at is None:
-            metrics.write_text("")
+            _write_atomic(metrics, "")
         else:
             rows = metrics.read_text().splitlines() if metrics.exists() else []
-            kept = [r for r in rows if r.strip() and json.loads(r)["step"] <= resumed_at]
-            metrics.write_text("".join(r + "\n" for r in kept))
+            kept = [r for r in rows if r.strip() and _row_step(r) <= resumed_at]
+            _write_atomic(metrics, "".join(r + "\n" for r in kept))
     except OSError as e:
         raise InputError(f"cannot write to output folder '{out}': {e.strerror or e}") from None
+
+
+def _row_step(row: str) -> float:
+    """The step of a metrics.jsonl line; a line cut short by a kill mid-write counts as after the checkpoint."""
+    try:
+        return json.loads(row)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file and a rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
