@@ -1,6 +1,7 @@
 """ssd (Mamba-2's state-space duality): the chunked scan, the step and the lean update against the naive twin
 (ops/naive.py, which shares no helper with them: outputs, final state, every gradient), the twin against the equation
-in plain Python floats, groups, strong decay, bf16, tracing, and bad input."""
+in plain Python floats, groups, strong decay, bf16, tracing, and bad input; the mamba2 mixer's head width, init and
+config errors."""
 
 import math
 
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+import seqlab
 from seqlab.errors import InputError
 from seqlab.ops import ssd, ssd_ref, ssd_step, ssd_update
 
@@ -214,3 +216,24 @@ def test_bad_input_names_the_problem():
         ssd_step(x["x"][:, 0], x["dt"][:, 0], x["A"], x["B"][:, 0], x["C"][:, 0], torch.zeros(1, 4, 2, 2))
     with pytest.raises(InputError, match="x must be a floating-point tensor"):
         ssd(**{**x, "x": torch.zeros(1, 4, 4, 2, dtype=torch.long)})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the mamba2 mixer's own choices (its contract, steps, export and HF parity are checked by the generic tests)
+
+
+def test_mamba2_head_width_init_and_bad_config():
+    """head_dim None: 64 where it divides d_inner (as published), else the widest divisor below it; the published
+    init (A in [-16, -1], dt = softplus(dt_bias) in [dt_min, dt_max], D = 1); heads and groups that do not divide
+    are refused by name."""
+    widths = {d: seqlab.build_model(mixer="mamba2", d_model=d, n_layers=1, vocab_size=11).config.mamba2.head_width(d)
+              for d in (16, 48, 64, 96)}
+    assert widths == {16: 32, 48: 48, 64: 64, 96: 64}
+    mixer = seqlab.build_model(mixer="mamba2", d_model=128, n_layers=1, vocab_size=11, seed=0).blocks[0].mixer
+    A, dt = -torch.exp(mixer.A_log), F.softplus(mixer.dt_bias)
+    assert mixer.H == 4 and (A <= -1).all() and (A >= -16).all() and A.unique().numel() == 4
+    assert (dt >= 0.001 - 1e-7).all() and (dt <= 0.1 + 1e-7).all() and (mixer.D == 1).all()
+    with pytest.raises(InputError, match="'mamba2.head_dim' = 24: d_inner = expand \\* d_model = 64"):
+        seqlab.build_model(mixer="mamba2", d_model=32, mamba2={"head_dim": 24})
+    with pytest.raises(InputError, match="'mamba2.n_groups' = 3: must divide the 4 heads"):
+        seqlab.build_model(mixer="mamba2", d_model=32, mamba2={"head_dim": 16, "n_groups": 3})

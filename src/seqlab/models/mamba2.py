@@ -48,7 +48,7 @@ class Mamba2Config(Section):
     d_state: int = 128
     d_conv: int = 4
     expand: int = 2
-    head_dim: int | None = None  # None: 64 as published, or d_inner when the model is narrower than one such head
+    head_dim: int | None = None  # None: 64 as published where it divides d_inner, else the widest that does
     n_groups: int = 1
     A_init_min: float = 1.0  # A = -uniform[A_init_min, A_init_max] at init
     A_init_max: float = 16.0
@@ -75,8 +75,10 @@ class Mamba2Config(Section):
         return self.expand * d_model
 
     def head_width(self, d_model: int) -> int:
-        """P, the head width."""
-        return self.head_dim or min(64, self.d_inner(d_model))
+        """P, the head width: head_dim, or (None) the widest divisor of d_inner up to the published 64, so any width
+        builds (a d_model 48 model gets heads of 48)."""
+        d_inner = self.d_inner(d_model)
+        return self.head_dim or max(p for p in range(1, min(64, d_inner) + 1) if d_inner % p == 0)
 
     def n_heads(self, d_model: int) -> int:
         return self.d_inner(d_model) // self.head_width(d_model)
