@@ -39,6 +39,7 @@ import math
 import os
 import platform
 import socket
+import statistics
 import sys
 import tempfile
 import time
@@ -51,8 +52,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import seqlab
 from seqlab.analysis import scaling_curve
+from seqlab.analysis.thinking import evaluate_steps
 from seqlab.config import TrainConfig
 from seqlab.data import Metrics, make_task
+from seqlab.measure import load_average
 from seqlab.models import RecurrentDepthModel
 from seqlab.train import cross_entropy, fit, recurrent_depth, task_batches
 
@@ -170,20 +173,51 @@ def plain_stack(args: argparse.Namespace) -> dict:
 
 
 def adaptive_exit(args: argparse.Namespace, model: RecurrentDepthModel, max_steps: int) -> dict:
-    """Mean steps used against sequence accuracy at the test length: adaptive exit (at most `max_steps`) per
-    criterion and threshold, beside fixed r."""
+    """Work against accuracy at the test length: fixed r (r = 1 .. max_steps) and adaptive exit (at most
+    `max_steps`) per criterion and threshold, with the wavefront scheduler and without it (every position on every
+    step: what exit cost before the scheduler). Each row: sequence accuracy on `--exit-batches` held-out batches,
+    mean steps used, core token-evaluations and their FLOPs per token, the KL criterion's coda passes, and the
+    median CPU and wall seconds over `--repeats` runs, the configurations alternating in one process. Then, for each
+    exit row, the cheapest fixed r that is at least as accurate, and the ratios of core FLOPs and CPU time."""
     task = make_task("prefix_parity", seq_len=args.test_len)
-    rows = []
+    configs = [("fixed", r, None, True) for r in step_grid(max_steps / args.top_factor, args.top_factor)]
     for name, thresholds in (("kl", args.kl_thresholds), ("latent", args.latent_thresholds)):
         for threshold in thresholds:
-            curve = scaling_curve(model, task, [max_steps], (name, threshold), 1, args.eval_batch_size, seed=4321)
-            row = curve["adaptive"][0]
-            rows.append({"criterion": name, "threshold": threshold, "max_steps": max_steps,
-                         "mean_steps_used": row["mean_steps_used"], "accuracy": row["accuracy"],
-                         "seq_accuracy": row["seq_accuracy"]})
-            print(f"  exit {name}:{threshold:g}  mean steps {row['mean_steps_used']:6.2f} / {max_steps}  "
-                  f"seq_acc {row['seq_accuracy']:.3f}", flush=True)
-    return {"task": task.name, "seq_len": args.test_len, "max_steps": max_steps, "rows": rows}
+            configs += [(name, max_steps, threshold, True), (name, max_steps, threshold, False)]
+    runs: dict[tuple, list[dict]] = {c: [] for c in configs}
+    for _ in range(args.repeats):
+        for c in configs:  # alternate the configurations, so that load changes hit all of them alike
+            criterion, steps, threshold, schedule = c
+            exit = None if criterion == "fixed" else (criterion, threshold)
+            runs[c].append(evaluate_steps(model, task, steps, exit, args.exit_batches, args.eval_batch_size,
+                                          seed=4321, schedule=schedule))
+    rows = []
+    for (criterion, steps, threshold, schedule), results in runs.items():
+        first = results[0]  # every repeat computes the same numbers; only the clocks differ
+        rows.append({"criterion": criterion, "threshold": threshold, "max_steps": steps, "scheduler": schedule,
+                     "sequences": args.exit_batches * args.eval_batch_size, "seq_accuracy": first["seq_accuracy"],
+                     "accuracy": first["accuracy"], "mean_steps_used": first["mean_steps_used"],
+                     "core_evals_per_token": first["core_evals_per_token"],
+                     "core_flops_per_token": first["core_flops_per_token"],
+                     "coda_evals_per_token": first["coda_evals_per_token"],
+                     "cpu_s": statistics.median(r["cpu_s"] for r in results),
+                     "wall_s": statistics.median(r["wall_s"] for r in results), "repeats": len(results)})
+        row = rows[-1]
+        label = "fixed" if criterion == "fixed" else f"{criterion}:{threshold:g}{'' if schedule else ' (no sched)'}"
+        print(f"  {label:24s} r<={steps:4d}  steps used {row['mean_steps_used']:6.2f}  core evals/token "
+              f"{row['core_evals_per_token']:7.2f}  seq_acc {row['seq_accuracy']:.3f}  cpu {row['cpu_s']:.2f}s  "
+              f"wall {row['wall_s']:.2f}s", flush=True)
+    fixed = sorted((r for r in rows if r["criterion"] == "fixed"), key=lambda r: r["core_flops_per_token"])
+    for row in rows:
+        if row["criterion"] == "fixed":
+            continue
+        match = next((f for f in fixed if f["seq_accuracy"] >= row["seq_accuracy"]), None)
+        row["cheapest_fixed_as_accurate"] = match and {
+            "steps": match["max_steps"], "seq_accuracy": match["seq_accuracy"],
+            "flops_ratio": row["core_flops_per_token"] / match["core_flops_per_token"],
+            "cpu_ratio": row["cpu_s"] / match["cpu_s"] if match["cpu_s"] else None}
+    return {"task": task.name, "seq_len": args.test_len, "max_steps": max_steps, "threads": torch.get_num_threads(),
+            "load_average": load_average(), "core_flops_per_eval": model.core_flops_per_eval(), "rows": rows}
 
 
 def lm_loss_curve(args: argparse.Namespace) -> dict:
@@ -329,9 +363,11 @@ def plot_results(result: dict, path: Path) -> Path:
                         label=f"{name.replace('_', '-')}, length {length}")
         if result.get("exit"):
             for crit, marker in (("kl", "x"), ("latent", "+")):
-                rows = [r for r in result["exit"]["rows"] if r["criterion"] == crit]
-                ax.plot([r["mean_steps_used"] for r in rows], [r["seq_accuracy"] for r in rows], marker, ms=9,
-                        label=f"adaptive exit ({crit}), length {result['exit']['seq_len']}: mean steps")
+                rows = [r for r in result["exit"]["rows"] if r["criterion"] == crit and r.get("scheduler", True)]
+                ax.plot([r.get("core_evals_per_token", r["mean_steps_used"]) for r in rows],
+                        [r["seq_accuracy"] for r in rows], marker, ms=9,
+                        label=f"adaptive exit ({crit}), length {result['exit']['seq_len']}: core evaluations "
+                              "per token (work done)")
         st = result.get("stack")
         if st:  # one pass of a plain stack: plotted at r = 1
             for length, marker in zip(s["test_lens"], ("^", "v")):
@@ -392,6 +428,8 @@ def main() -> int:
                    default=[1e-2, 5e-4, 1e-5, 1e-7, 1e-9])
     p.add_argument("--latent-thresholds", type=lambda t: [float(x) for x in t.split(",")],
                    default=[3e-2, 3e-3, 3e-4, 3e-5])
+    p.add_argument("--repeats", type=int, default=3, help="timed runs of each exit/fixed configuration (median)")
+    p.add_argument("--exit-batches", type=int, default=2, help="held-out batches of --eval-batch-size for exit")
     p.add_argument("--checkpoint", type=Path, default=Path("runs/bench_thinking/parity"),
                    help="where the scaling section saves the parity model, and the exit section alone loads it")
     p.add_argument("--merge", action="store_true", help="update the sections run in an existing --out JSON")
@@ -403,7 +441,7 @@ def main() -> int:
         return 0
     if args.quick:
         args.steps, args.lm_steps, args.eval_batches, args.eval_batch_size, args.kv_len = 30, 20, 1, 16, 32
-        args.top_factor = 2
+        args.top_factor, args.repeats, args.exit_batches = 2, 1, 1
     torch.set_num_threads(1)
     sections = set(args.only.split(","))
     result: dict = {"command": " ".join(["python", *sys.argv]), "args": {k: str(v) if isinstance(v, Path) else v
@@ -428,10 +466,12 @@ def main() -> int:
         expected = d.mean_steps + (1 if d.sampler == "poisson_lognormal" else 0)
         result["exit"] = adaptive_exit(args, model, int(round(args.top_factor * expected)))
         if previous and "exit" in previous:  # add to the rows of the earlier sweep (same model: same seed)
-            new = {(row["criterion"], row["threshold"]) for row in result["exit"]["rows"]}
-            rows = [row for row in previous["exit"]["rows"] if (row["criterion"], row["threshold"]) not in new]
-            result["exit"]["rows"] = sorted(rows + result["exit"]["rows"],
-                                            key=lambda row: (row["criterion"], -row["threshold"]))
+            key = lambda row: (row["criterion"], row.get("threshold") or 0, row.get("max_steps"),  # noqa: E731
+                               row.get("scheduler", True))
+            new = {key(row) for row in result["exit"]["rows"]}
+            rows = [row for row in previous["exit"]["rows"] if "core_evals_per_token" in row and key(row) not in new]
+            result["exit"]["rows"] = sorted(rows + result["exit"]["rows"], key=lambda row: (row["criterion"],
+                                            -(row.get("threshold") or 0), row["max_steps"]))
     if "lm" in sections:
         result["lm"] = lm_loss_curve(args)
     if "kv_cache" in sections:

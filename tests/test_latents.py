@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
 from helpers import tiny
 
 import seqlab
-from seqlab.analysis.latents import Rules, analyze, capture, classify, fit_pca, spearman
+from seqlab.analysis.latents import KINDS, Rules, analyze, capture, classify, fit_pca, spearman, synthetic
 from seqlab.cli import main
 from seqlab.config import ARCHS
 from seqlab.data import make_task
@@ -24,53 +23,61 @@ def _gen():
     return torch.Generator().manual_seed(0)
 
 
-def contraction(g, rate=0.5):
-    """s_i = c + rate^i (s_0 - c): converges to the fixed point c."""
+def contraction(rate: float, steps: int = S) -> torch.Tensor:
+    """One trajectory (steps + 1, 1, D): s_i = c + rate^i (s_0 - c)."""
+    g = _gen()
     c, x = torch.randn(D, generator=g) * 3, torch.randn(D, generator=g) * 3
-    return torch.stack([c + rate**i * (x - c) for i in range(S + 1)])
+    return torch.stack([c + rate**i * (x - c) for i in range(steps + 1)])[:, None]
 
 
-def rotation(g, period):
-    """A circle of radius 2 in a random plane around a random centre, `period` steps per turn, tiny noise."""
-    c = torch.randn(D, generator=g) * 3
-    u, v = torch.linalg.qr(torch.randn(D, 2, generator=g))[0].T
-    return torch.stack([c + 2 * (math.cos(2 * math.pi * i / period) * u + math.sin(2 * math.pi * i / period) * v)
-                        + 0.01 * torch.randn(D, generator=g) for i in range(S + 1)])
+@pytest.mark.parametrize("noise", [0.0, 0.003])
+def test_classifier_labels_the_synthetic_generators(noise):
+    for kind in KINDS:
+        c = classify(synthetic(kind, 64, n=48, noise=noise, seed=2))
+        assert c.shares()[kind] >= 0.95, (kind, c.shares())
+    orbits = classify(synthetic("orbit", 32, n=8, period=12, seed=3))  # period 12 within 32 steps: seen twice
+    assert orbits.labels == ["orbit"] * 8 and orbits.period.tolist() == [12] * 8
+    two = classify(synthetic("orbit", 32, n=8, period=2, noise=noise, seed=4))
+    assert two.period.tolist() == [2] * 8
+    fixed = classify(synthetic("fixed_point", 64, n=8, seed=5))
+    assert (fixed.converge_step > 0).all() and (fixed.converge_step < 64).all() and (fixed.period == 0).all()
 
 
-def drift(g):
-    """s_i = s_0 + i v (+ tiny noise): a slider."""
-    x, v = torch.randn(D, generator=g) * 3, torch.randn(D, generator=g) * 0.3
-    return torch.stack([x + i * v + 0.01 * torch.randn(D, generator=g) for i in range(S + 1)])
+def test_classifier_is_scale_free_and_sees_slow_motion():
+    drift = synthetic("slider", 64, n=16, seed=6)
+    labels = classify(drift).labels
+    for scale in (1e-3, 1e3):
+        assert classify(drift * scale).labels == labels
+    # a drift of 0.2% of the norm per step, and one of 5% per step over 256 steps, are sliders
+    c = torch.randn(D, generator=_gen())
+    v = torch.randn(D, generator=_gen())
+    for rate, steps in ((0.002, 32), (0.05, 256)):
+        line = torch.stack([c + i * rate * c.norm() * v / v.norm() for i in range(steps + 1)])[:, None]
+        assert classify(line).labels == ["slider"]
+    # at 1% noise a contraction is still a fixed point and a drift still a slider
+    assert classify(synthetic("fixed_point", 64, n=32, noise=0.01, seed=7)).shares()["fixed_point"] >= 0.95
+    assert classify(synthetic("slider", 128, n=32, noise=0.01, seed=8)).shares()["slider"] >= 0.95
 
 
-def test_classifier_labels_synthetic_trajectories():
-    g = _gen()
-    trajs = [contraction(g), contraction(g, 0.7), rotation(g, 3), rotation(g, 5), rotation(g, 8), drift(g),
-             torch.randn(S + 1, D, generator=g) * 3]
-    c = classify(torch.stack(trajs, 1))
-    assert c.labels == ["fixed_point", "fixed_point", "orbit", "orbit", "orbit", "slider", "other"]
-    assert c.period.tolist() == [0, 0, 3, 5, 8, 0, 0]
-    # contraction by 0.5: the relative step 0.5^i |s_0 - c| / scale drops below tol = 0.01 after a few steps
-    steps = c.converge_step.tolist()
-    assert 3 <= steps[0] < steps[1] < S - 3 and steps[2:] == [-1] * 5
-    assert c.shares() == pytest.approx({"fixed_point": 2 / 7, "orbit": 3 / 7, "slider": 1 / 7, "other": 1 / 7})
-
-
-def test_classifier_rules_are_the_documented_ones():
-    g = _gen()
-    # A contraction that has not settled within S steps is not a fixed point, and shrinking steps are no slider.
-    slow = contraction(g, 0.95)
-    assert classify(slow[:, None]).labels == ["other"]
-    # A rotation too slow to close within the tail slides (its period is not measurable there).
-    assert classify(rotation(g, 30)[:, None]).labels == ["slider"]
-    # A stricter tolerance turns the fast contraction's late steps into "still moving".
-    fast = contraction(g)[:, None]
-    assert classify(fast, Rules(tol=1e-12)).labels == ["other"]
+def test_classifier_asks_for_more_steps_when_it_cannot_tell():
+    # a period longer than half the trajectory (seen once), a contraction still slowing down: undecided
+    assert set(classify(synthetic("orbit", 16, n=8, period=12, seed=9)).labels) == {"undecided"}
+    assert classify(contraction(0.9, 16)).labels == ["undecided"]
+    assert classify(contraction(0.9, 256)).labels == ["fixed_point"]
+    # slower than slide_keep per half tail, a contraction cannot be told from a drift: it reads as a slider
+    assert classify(contraction(0.97, 16)).labels == ["slider"]
+    # fewer tail steps than `hold`: undecided; noise with no structure: other
+    assert classify(contraction(0.5, 6)).labels == ["undecided"]
+    noise = torch.randn(65, 4, D, generator=_gen())
+    assert set(classify(noise).labels) == {"other"}
     with pytest.raises(InputError, match="tol"):
         Rules(tol=0)
+    with pytest.raises(InputError, match="max_period"):
+        Rules(max_period=1)
     with pytest.raises(InputError, match="at least 2 steps"):
         classify(torch.zeros(2, 1, D))
+    with pytest.raises(InputError, match="kind"):
+        synthetic("spiral", 8)
 
 
 def test_pca_reconstructs_within_the_explained_variance():

@@ -3,7 +3,7 @@
     cap = capture(model, tokens, steps=32)       # cap.trajectory (S + 1, B, T, D): s_0 .. s_S for every token
     pca = fit_pca(cap.trajectory.flatten(0, 2), k=6)    # one PCA over every step of every token
     z = pca.project(cap.trajectory)              # (S + 1, B, T, 6)
-    c = classify(cap.trajectory.flatten(1, 2))   # one label per token: fixed_point, orbit, slider, other
+    c = classify(cap.trajectory.flatten(1, 2))   # one label per token: fixed_point, orbit, slider, other, undecided
 
 Glossary
     S      steps: core iterations r; a trajectory holds S + 1 states s_0 .. s_S
@@ -11,27 +11,31 @@ Glossary
     D      d_model, the latent width
     s_i    the latent after step i, exactly what the coda would read if the loop stopped there (the model's
            `latent_norm` is applied inside each step); s_0 is the initial latent (zeros or noise)
-    r_i    relative step size ||s_i - s_{i-1}|| / scale, i = 1 .. S, where scale is the token's mean ||s_i||
-           (one number per token, so s_0 = 0 does not blow it up)
+    E      the trajectory's excursion: its largest distance from the tail's centre over s_1 .. s_S (s_0 may be zeros)
+    R(k)   the lag profile over the orbit tail: mean ||s_i - s_{i-k}||
 
-The classifier's rules (`Rules` holds the thresholds), tried in this order, first match wins:
-    fixed_point  the step size falls below `tol` and stays there: r_i < tol for every i >= c, with at least
-                 `hold` such steps at the end. Steps to converge: c - 1, the first step after which the state
-                 moves by less than tol per step.
-    orbit        the state returns close to an earlier state, far from its last step, with a measurable
-                 period: over the tail (the last `tail` share of the steps), the smallest p >= 2 with
-                 mean ||s_i - s_{i-p}|| < orbit_ratio * mean ||s_i - s_{i-1}||, searched up to half the tail
-                 (so the loop is seen at least twice). p is the period.
-    slider       successive steps keep one direction and do not vanish: over the tail, the mean cosine between
-                 successive differences is >= slide_cos, the mean step is >= tol, and the steps of the tail's
-                 second half are on average >= slide_keep times those of its first half (a slow contraction
-                 along a line fails this).
-    other        none of the above (e.g. noise, or a contraction that has not settled within S steps).
-A rotation too slow to close within the tail is a slider by these rules: its period is not measurable there.
+Every rule compares lengths of the same trajectory (scale-free: multiplying a trajectory by any factor keeps its
+label), and reads displacements over many steps rather than single steps (noise averages out). The tail is the
+last `tail` share of the steps; the orbit rule reads at least 2 * max_period + 1 steps. First match wins:
+    orbit        the smallest p in 2 .. max_period with R(p) < orbit_ratio * max_{k < p} R(k) and R(2p) too (the
+                 return seen twice). p is the period.
+    slider       the tail's first half and second half displace the state the same way (cosine >= slide_cos), the
+                 second about as far as the first (>= slide_keep times: a contraction slows down), and the tail's
+                 net displacement exceeds 2 tol E.
+    fixed_point  the tail's RMS distance from its centre is <= tol E. Steps to converge: one past the last state
+                 farther than 2 tol E from that centre.
+    undecided    more steps would tell: fewer than `hold` steps in the tail, a return seen only once (a period
+                 longer than half the orbit tail), or a direction kept while slowing down (a contraction that has
+                 not settled).
+    other        none of the above (noise larger than the motion, or motion with no structure).
+A rotation too slow to close within the tail, or a contraction slower than slide_keep per half tail, reads as a
+slider. The generators `synthetic` (contraction, drift, rotation of any period, with noise) are what the tests
+and benchmarks/bench_classifier.py tune and check the rules on.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -39,7 +43,7 @@ import torch
 
 from seqlab.errors import InputError
 
-LABELS = ("fixed_point", "orbit", "slider", "other")
+LABELS = ("fixed_point", "orbit", "slider", "other", "undecided")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -133,32 +137,41 @@ def fit_pca(x: torch.Tensor, k: int) -> PCA:
 
 @dataclass(frozen=True)
 class Rules:
-    """Thresholds of the classifier; see the module docstring for the rules that read them."""
+    """Thresholds of the classifier; see the module docstring for the rules that read them. Every threshold is a
+    ratio of two lengths of the same trajectory, so the rules do not depend on the state's scale."""
 
-    tol: float = 1e-2  # relative step size below which a token counts as standing still
-    hold: int = 3  # a fixed point needs at least this many still steps at the end
-    orbit_ratio: float = 0.25  # return distance / step size below this: the state came back
-    slide_cos: float = 0.9  # mean cosine of successive differences at least this: one direction
-    slide_keep: float = 0.75  # a slider's later steps are at least this share of its earlier ones
-    tail: float = 0.5  # share of the steps (from the end) that the orbit and slider rules read
+    tol: float = 0.1  # fixed point: the tail's spread is at most this share of the trajectory's excursion
+    hold: int = 8  # fewer steps than this in the tail: undecided (too short to tell anything)
+    orbit_ratio: float = 0.25  # orbit: the return distance at the period / the largest distance at shorter lags
+    slide_cos: float = 0.9  # slider: cosine between the tail's first-half and second-half displacements
+    slide_keep: float = 0.75  # slider: the second half moves at least this share of the first (no decay)
+    tail: float = 0.5  # share of the steps (from the end) the rules read; at least 2 * max_period + 1 steps
+    max_period: int = 16  # the longest period looked for
 
     def __post_init__(self) -> None:
         for name in ("tol", "orbit_ratio", "slide_keep"):
             if not getattr(self, name) > 0:
                 raise InputError(f"classifier rule {name} = {getattr(self, name)!r}: must be > 0")
-        if not isinstance(self.hold, int) or self.hold < 1:
-            raise InputError(f"classifier rule hold = {self.hold!r}: must be an integer >= 1")
+        for name in ("hold", "max_period"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < (2 if name == "max_period" else 1):
+                raise InputError(f"classifier rule {name} = {getattr(self, name)!r}: must be an integer >= "
+                                 f"{2 if name == 'max_period' else 1}")
         if not -1 <= self.slide_cos <= 1:
             raise InputError(f"classifier rule slide_cos = {self.slide_cos!r}: must be in [-1, 1]")
         if not 0 < self.tail <= 1:
             raise InputError(f"classifier rule tail = {self.tail!r}: must be in (0, 1]")
 
+    def tail_steps(self, steps: int) -> int:
+        """Steps in the tail of a trajectory of `steps` steps: the `tail` share, at least 2 * max_period + 1
+        (a period seen twice), at most all of them."""
+        return min(steps, max(math.ceil(self.tail * steps), 2 * self.max_period + 1))
+
 
 @dataclass(frozen=True)
 class Classification:
     """Per token (N of them): labels, converge_step (-1 unless fixed_point), period (0 unless orbit), the
-    relative step sizes r (S, N), the tail's mean successive cosine (N,), and the relative distance to the final
-    state ||s_i - s_S|| / scale, (S + 1, N)."""
+    step sizes relative to the trajectory's excursion (S, N), the tail's half-displacement cosine (N,), and the
+    relative distance to the final state ||s_i - s_S|| / mean ||s||, (S + 1, N)."""
 
     labels: list[str]
     converge_step: torch.Tensor
@@ -180,52 +193,117 @@ def classify(traj: torch.Tensor, rules: Rules | None = None) -> Classification:
                          f"{tuple(traj.shape)}")
     traj = traj.double()
     S, N = traj.shape[0] - 1, traj.shape[1]
-    scale = traj.norm(dim=-1).mean(0).clamp_min(1e-12)  # (N,)
-    diff = traj[1:] - traj[:-1]  # (S, N, D): d_i = s_i - s_{i-1}
-    r = diff.norm(dim=-1) / scale  # (S, N)
-    dist_final = (traj - traj[-1]).norm(dim=-1) / scale  # (S + 1, N)
+    L = rules.tail_steps(S)  # steps in the tail; the tail holds L + 1 states
+    x = traj[S - L :]  # (L + 1, N, D)
 
-    # fixed point: r_i < tol from step c on; c is one past the last step with r >= tol
-    moving = r >= rules.tol  # (S, N)
-    idx = torch.arange(1, S + 1)[:, None].expand(S, N)  # step numbers 1 .. S
-    last_moving = torch.where(moving, idx, torch.zeros_like(idx)).max(0).values  # (N,), 0 if never moving
-    still_at_end = S - last_moving  # steps at the end that stand still
-    fixed = still_at_end >= min(rules.hold, S)
-    converge = torch.where(fixed, last_moving, torch.full_like(last_moving, -1))  # c - 1 = last moving step
-
-    # the tail: states t0 .. S
-    t0 = min(int(S * (1 - rules.tail)), S - 2)
-    tail = traj[t0:]  # (L, N, D)
-    L = tail.shape[0]
-    step = r[t0:].mean(0)  # (N,) mean relative step over the tail (steps t0 + 1 .. S)
-
-    # orbit: the smallest period p in [2, L // 2] whose mean return distance is small against the step
+    # orbit: lag profile R(k) = mean ||x_i - x_{i-k}||; the smallest p >= 2 whose return R(p) is small against
+    # the largest R at shorter lags; seen twice (R(2p) small too) or else undecided
+    lags = torch.stack([(x[k:] - x[:-k]).norm(dim=-1).mean(0) for k in range(1, L + 1)])  # (L, N): R(1) .. R(L)
+    running_max = lags.cummax(0).values  # (L, N): max_{j <= k} R(j)
     period = torch.zeros(N, dtype=torch.long)
-    for p in range(L // 2, 1, -1):  # descending, so the smallest qualifying p is written last
-        ret = (tail[p:] - tail[:-p]).norm(dim=-1).mean(0) / scale  # (N,)
-        period = torch.where(ret < rules.orbit_ratio * step, torch.full_like(period, p), period)
-    orbit = (period > 0) & (step >= rules.tol)
+    seen_once = torch.zeros(N, dtype=torch.bool)
+    for p in range(min(rules.max_period, L), 1, -1):  # descending: the smallest qualifying p is written last
+        ref = running_max[p - 2]  # max over lags 1 .. p - 1
+        back = lags[p - 1] < rules.orbit_ratio * ref
+        twice = back & (lags[2 * p - 1] < rules.orbit_ratio * ref) if 2 * p <= L else torch.zeros_like(back)
+        period = torch.where(twice, torch.full_like(period, p), period)
+        seen_once = torch.where(back, ~twice, seen_once)
+    orbit = period > 0
+    seen_once &= ~orbit
 
-    # slider: consistent direction, non-vanishing steps
-    d_tail = diff[t0:]  # (L - 1, N, D)
-    cos = torch.nn.functional.cosine_similarity(d_tail[1:], d_tail[:-1], dim=-1, eps=1e-12).mean(0)  # (N,)
-    r_tail = r[t0:]
-    half = r_tail.shape[0] // 2
-    keeps = r_tail[half:].mean(0) >= rules.slide_keep * r_tail[:half].mean(0)
-    slider = (cos >= rules.slide_cos) & (step >= rules.tol) & keeps
+    # slider and fixed point read the `tail` share of the steps (the orbit rule may need more)
+    Lf = max(2, math.ceil(rules.tail * S))
+    x = traj[S - Lf :]  # (Lf + 1, N, D)
+    center = x.mean(0)
+    excursion = (traj[1:] - center).norm(dim=-1).max(0).values.clamp_min(1e-300)
+    spread = (x - center).norm(dim=-1).pow(2).mean(0).sqrt()
+
+    # slider: the tail's two halves move the same way (a displacement over many steps averages the noise out),
+    # and the second moves about as far as the first (a contraction slows down)
+    h = Lf // 2
+    first, second = x[h] - x[0], x[-1] - x[h]  # (N, D)
+    cos = torch.nn.functional.cosine_similarity(first, second, dim=-1, eps=1e-300)  # (N,)
+    keeps = second.norm(dim=-1) >= rules.slide_keep * first.norm(dim=-1)
+    moves = (x[-1] - x[0]).norm(dim=-1) > 2 * rules.tol * excursion  # beyond what a fixed point could drift
+    slider = (cos >= rules.slide_cos) & keeps & moves
+    step_size = (traj[1:] - traj[:-1]).norm(dim=-1) / excursion  # (S, N)
+
+    # fixed point: the tail stays within tol of the trajectory's excursion around its centre
+    fixed = spread <= rules.tol * excursion
+    near = (traj - center).norm(dim=-1) <= 2 * rules.tol * excursion  # (S + 1, N)
+    idx = torch.arange(S + 1)[:, None].expand(S + 1, N)
+    last_far = torch.where(~near, idx, torch.full_like(idx, -1)).max(0).values  # (N,)
+    converge = torch.where(fixed & ~orbit & ~slider, last_far + 1, torch.full_like(last_far, -1))
+    # still contracting (the second half moved less than the first) or a period seen once: more steps would tell
+    slowing = (cos >= rules.slide_cos) & ~keeps
 
     labels = []
     for i in range(N):
-        if fixed[i]:
-            labels.append("fixed_point")
+        if Lf < rules.hold:
+            labels.append("undecided")
         elif orbit[i]:
             labels.append("orbit")
         elif slider[i]:
             labels.append("slider")
+        elif fixed[i]:
+            labels.append("fixed_point")
+        elif seen_once[i] or slowing[i]:
+            labels.append("undecided")
         else:
             labels.append("other")
-    period = torch.where(orbit & ~fixed, period, torch.zeros_like(period))
-    return Classification(labels, converge, period, r.float(), cos.float(), dist_final.float())
+    scale = traj.norm(dim=-1).mean(0).clamp_min(1e-12)
+    dist_final = (traj - traj[-1]).norm(dim=-1) / scale  # (S + 1, N)
+    if Lf < rules.hold:
+        period, converge = torch.zeros_like(period), torch.full_like(converge, -1)
+    return Classification(labels, converge, period, step_size.float(), cos.float(), dist_final.float())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# synthetic trajectories (the classifier's tests and benchmarks/bench_classifier.py)
+
+KINDS = ("fixed_point", "slider", "orbit")
+
+
+def synthetic(kind: str, steps: int, n: int = 64, d: int = 32, noise: float = 0.0, seed: int = 0,
+              period: int | None = None) -> torch.Tensor:
+    """n trajectories (steps + 1, n, d) of one kind around a random centre c of norm sqrt(d) (the latent's scale):
+
+        fixed_point  s_i = c + lambda^i a, ||a|| = 0.5 sqrt(d), lambda ~ U(0.6, 0.9): a contraction
+        slider       s_i = c + (i - steps / 2) v, ||v|| / sqrt(d) log-uniform in [0.002, 0.05]: a drift
+        orbit        s_i = c + rho (cos(2 pi i / p + phi) u + sin(...) w), u, w orthonormal, rho / sqrt(d)
+                     log-uniform in [0.01, 0.3], p = `period` or uniform in 2 .. 16: a rotation (p = 2: a 2-cycle)
+
+    plus independent Gaussian noise of norm about `noise` x sqrt(d) per state (noise = 0.01: 1% of the norm)."""
+    if kind not in KINDS:
+        raise InputError(f"synthetic trajectory kind {kind!r} does not exist; expected one of {', '.join(KINDS)}")
+    g = torch.Generator().manual_seed(seed)
+    root = math.sqrt(d)
+
+    def unit(*shape: int) -> torch.Tensor:
+        v = torch.randn(*shape, d, generator=g, dtype=torch.float64)
+        return v / v.norm(dim=-1, keepdim=True)
+
+    def log_uniform(lo: float, hi: float) -> torch.Tensor:
+        return torch.exp(math.log(lo) + torch.rand(n, 1, generator=g, dtype=torch.float64) * math.log(hi / lo))
+
+    c = root * unit(n)  # (n, d)
+    i = torch.arange(steps + 1, dtype=torch.float64)[:, None, None]  # (S + 1, 1, 1)
+    if kind == "fixed_point":
+        lam = 0.6 + 0.3 * torch.rand(n, 1, generator=g, dtype=torch.float64)
+        traj = c + lam**i * (0.5 * root * unit(n))
+    elif kind == "slider":
+        traj = c + (i - steps / 2) * (log_uniform(0.002, 0.05) * root * unit(n))
+    else:
+        u = unit(n)
+        w = unit(n)
+        w = w - (w * u).sum(-1, keepdim=True) * u
+        w = w / w.norm(dim=-1, keepdim=True)
+        p = torch.full((n, 1), float(period)) if period else torch.randint(2, 17, (n, 1), generator=g).double()
+        theta = 2 * math.pi * i / p + 2 * math.pi * torch.rand(n, 1, generator=g, dtype=torch.float64)
+        traj = c + log_uniform(0.01, 0.3) * root * (theta.cos() * u + theta.sin() * w)
+    if noise > 0:
+        traj = traj + noise * torch.randn(traj.shape, generator=g, dtype=torch.float64)  # norm ~ noise sqrt(d)
+    return traj.float()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -351,7 +429,8 @@ def plot_classes(summary: dict, converge: torch.Tensor, loss: torch.Tensor | Non
     fig, axes = plt.subplots(1, 2 if has_loss else 1, figsize=(10 if has_loss else 5, 3.8), squeeze=False)
     ax = axes[0][0]
     shares = summary["shares"]
-    ax.bar(list(shares), list(shares.values()), color=["tab:green", "tab:purple", "tab:orange", "tab:gray"])
+    ax.bar(list(shares), list(shares.values()),
+           color=["tab:green", "tab:purple", "tab:orange", "tab:gray", "tab:olive"][: len(shares)])
     ax.set_ylim(0, 1)
     ax.set_ylabel("share of tokens")
     ax.set_title(f"trajectory classes ({summary['tokens']} tokens)")

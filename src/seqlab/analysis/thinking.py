@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from seqlab.data import Metrics, Task
 from seqlab.errors import InputError
+from seqlab.measure import Timer
 from seqlab.models.recurrent_depth import EXITS, RecurrentDepthModel
 
 
@@ -33,18 +34,26 @@ def parse_steps(text: str) -> list[int]:
     return steps
 
 
+# The threshold `--exit kl` or `--exit latent` uses when none is given. Chosen by measurement on prefix parity at
+# 4x the training length (benchmarks/bench_thinking.py --only exit; README "Adaptive exit"): kl 5e-4, the old
+# default, exited with 0% of the sequences right, kl 1e-9 with 81%; the relative latent change at 3e-4 with 98%
+# (benchmarks/results/thinking_exit_small.json: 64 sequences of 128 bits, one model, one seed).
+DEFAULT_THRESHOLDS = {"kl": 1e-9, "latent": 3e-4}
+
+
 def parse_exit(text: str | None) -> tuple[str, float] | None:
-    """"kl", "kl:5e-4", "latent:0.01" or "none" -> (criterion, threshold) or None (the default threshold: 5e-4)."""
+    """"kl", "kl:1e-9", "latent:0.003" or "none" -> (criterion, threshold) or None (without a threshold: the
+    criterion's `DEFAULT_THRESHOLDS` entry)."""
     if text is None:
         return None
     name, _, value = text.partition(":")
     if name not in EXITS:
         raise InputError(f"--exit {text!r}: criterion {name!r} does not exist; expected one of {', '.join(EXITS)} "
-                         "(optionally with :THRESHOLD, e.g. kl:5e-4)")
+                         "(optionally with :THRESHOLD, e.g. latent:3e-3)")
     if name == "none":
         return None
     try:
-        threshold = float(value) if value else 5e-4
+        threshold = float(value) if value else DEFAULT_THRESHOLDS[name]
     except ValueError:
         raise InputError(f"--exit {text!r}: threshold {value!r} is not a number") from None
     if not threshold >= 0:
@@ -54,26 +63,34 @@ def parse_exit(text: str | None) -> tuple[str, float] | None:
 
 @torch.no_grad()
 def evaluate_steps(model: RecurrentDepthModel, task: Task, steps: int, exit: tuple[str, float] | None = None,
-                   batches: int = 4, batch_size: int = 64, seed: int = 1234) -> dict[str, float]:
-    """The task's metrics with r = `steps` (at most, with `exit`), plus mean_steps_used and effective_depth."""
+                   batches: int = 4, batch_size: int = 64, seed: int = 1234, schedule: bool = True) -> dict[str, float]:
+    """The task's metrics with r = `steps` (at most, with `exit`), plus mean_steps_used, effective_depth, the work
+    done (core_evals_per_token: core token-evaluations per token, core_flops_per_token: their matmul FLOPs,
+    coda_evals_per_token: the KL criterion's coda passes) and the CPU and wall seconds of the model calls."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
     noise = torch.Generator(device=device).manual_seed(seed)  # s_0 noise, when the model starts from noise
-    metrics, used, count = Metrics(), 0.0, 0
+    metrics, used, count, core, coda, cpu, wall, timer = Metrics(), 0.0, 0, 0, 0, 0.0, 0.0, Timer()
     for _ in range(batches):
         batch = task.batch(batch_size, gen)
         name, threshold = exit if exit is not None else ("none", 0.0)
-        out = model.think(batch.inputs.to(device), steps=steps, exit=name, threshold=threshold, generator=noise)
+        with timer:
+            out = model.think(batch.inputs.to(device), steps=steps, exit=name, threshold=threshold, generator=noise,
+                              schedule=schedule)
+        cpu, wall = cpu + timer.cpu[-1], wall + timer.last_wall
         metrics.update(out.logits.float(), batch)
         used += out.steps_used.sum().item()
         count += out.steps_used.numel()
+        core, coda = core + out.core_evals, coda + out.coda_evals
     model.train(was_training)
     mean_used = used / count
     d = model.config.depth
     return {"steps": steps, "mean_steps_used": mean_used,
-            "effective_depth": d.prelude + mean_used * d.core + d.coda, **metrics.compute()}
+            "effective_depth": d.prelude + mean_used * d.core + d.coda,
+            "core_evals_per_token": core / count, "core_flops_per_token": core / count * model.core_flops_per_eval(),
+            "coda_evals_per_token": coda / count, "cpu_s": cpu, "wall_s": wall, **metrics.compute()}
 
 
 def scaling_curve(model: torch.nn.Module, task: Task, steps: list[int], exit: tuple[str, float] | None = None,
