@@ -11,13 +11,15 @@ import torch
 from helpers import assert_states_close, tiny
 
 import seqlab
+from seqlab.config import layer_plan
 from seqlab.errors import InputError
 from seqlab.models import as_config, build_mixer
 
-HYBRID = ("gated_deltanet", "gated_deltanet", "gated_deltanet", "attention")
+HYBRID = layer_plan("3:1 gated_deltanet:attention", 4)  # the hybrid grammar
 
 
 def test_three_to_one_hybrid_one_call_equals_chunks_equals_steps():
+    assert HYBRID == ("gated_deltanet", "gated_deltanet", "gated_deltanet", "attention")
     model = tiny(layers=HYBRID)
     tokens = torch.randint(0, 37, (2, 19), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
