@@ -17,10 +17,16 @@ from seqlab.document import Document, Section, sourced, write
 from seqlab.errors import InputError
 from seqlab.lab.sections import SECTIONS
 
+SMOKE_PRESETS = ("quick",)  # presets whose budgets only check that everything runs
+
 
 def header_note(meta: dict) -> str:
     m = meta["machine"]
-    return (f"Machine: {m['processor']}, {m['cpu_count']} CPUs ({m['torch_threads']} torch threads), device "
+    smoke = (f"SMOKE RUN (preset `{meta['preset']}`): every model trains for a handful of steps to check that the "
+             "lab runs end to end; most have not learned their tasks, so no number below compares mixers or says "
+             "what a method is worth. Run the standard preset for a comparison. "
+             if meta["preset"] in SMOKE_PRESETS else "")
+    return smoke + (f"Machine: {m['processor']}, {m['cpu_count']} CPUs ({m['torch_threads']} torch threads), device "
             f"{m['device']}, torch {m['torch']}, Python {m['python']}. Preset `{meta['preset']}`, seed "
             f"{meta['seed']}. Started {meta['started']}; the run took {meta.get('seconds', 0):.0f} s.")
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib.pyplot as plt
+import torch
 
 from seqlab.config import Section as ConfigSection
 from seqlab.config import check_types, positive
@@ -27,6 +28,7 @@ from seqlab.errors import InputError
 from seqlab.infer.profile import ProfileConfig, crossovers, run_profile
 from seqlab.lab.cell import Cell, error_rows
 from seqlab.lab.sections.quality import check_entry
+from seqlab.measure import load_average
 
 TITLE = "Inference"
 
@@ -72,6 +74,7 @@ def profile_config(cfg: Config, mixer: str, lab: Any):
 
 
 def run(cell: Any, cfg: Config, lab: Any, cell_dir: Path, progress: bool) -> dict[str, Any]:
+    load_before = load_average()  # timings on a shared machine: the load they were taken under
     prof = run_profile(profile_config(cfg, cell.spec["mixer"], lab))
     model = prof["models"][0]
     (cell_dir / "model_config.json").write_text(json.dumps(model["config"], indent=2) + "\n")
@@ -84,6 +87,7 @@ def run(cell: Any, cfg: Config, lab: Any, cell_dir: Path, progress: bool) -> dic
         raise RuntimeError(f"every context failed; first error: {points[0]['error']}")
     return {"mixer": cell.spec["mixer"], "params": model["params"], "d_model": model["d_model"],
             "state_formula": model["state_formula"], "memory_method": prof["meta"]["memory_method"],
+            "threads": torch.get_num_threads(), "load_average": {"before": load_before, "after": load_average()},
             "points": points}
 
 
@@ -101,7 +105,8 @@ def summarize(cells: list[dict], cfg: Config) -> dict[str, Any]:
             base = at["attention"]
             out["vs_attention_at_largest"] = {
                 m: {"state_ratio": base["state_bytes"] / max(p["state_bytes"], 1),
-                    "decode_speedup": base["decode_latency_s"] / p["decode_latency_s"]}
+                    "decode_speedup": base["decode_latency_s"] / p["decode_latency_s"],
+                    "decode_cpu_speedup": base["decode_cpu_s"] / max(p["decode_cpu_s"], 1e-12)}
                 for m, p in at.items() if m != "attention"}
     return out
 
@@ -119,19 +124,27 @@ def render(results: dict[str, Any], out: Path) -> Section:
           + ("" if cfg["isolate"] else " Measured in the lab's process, where memory freed by earlier cells is "
              "reused, so small states may show no growth; `isolate: true` (the standard preset) gives clean peaks."))
     headers = ["mixer", "params", "context", "state bytes", "formula bytes", "peak growth", "prefill tokens/s",
-               "decode (ms)"]
+               "decode wall (ms)", "decode CPU (ms)"]
     rows = []
     for c in ok:
         for p in c["points"]:
             if "error" in p:
                 rows.append([c["mixer"], f"{c['params']:,}", str(p["context"]), f"failed: {p['error']}", "", "", "",
-                             ""])
+                             "", ""])
                 continue
             formula = "-" if p["state_bytes_formula"] is None else f"{p['state_bytes_formula']:,}"
             rows.append([c["mixer"], f"{c['params']:,}", str(p["context"]), f"{p['state_bytes']:,}", formula,
                          fmt_bytes(p["peak_growth_bytes"]), f"{p['prefill_tokens_per_s']:,.0f}",
-                         f"{1000 * p['decode_latency_s']:.3f}"])
+                         f"{1000 * p['decode_latency_s']:.3f}", f"{1000 * p['decode_cpu_s']:.3f}"])
     sec.table(headers, rows + error_rows(results["cells"], len(headers)))
+    loads = [c for c in ok if c.get("load_average") and c["load_average"]["before"]]
+    if loads:
+        sec.p("Wall time is what a user waits; CPU time (all threads of the process) is stretched less by other "
+              "processes on a shared machine. The machine's load (one-minute average) when each cell started and "
+              "ended, with the torch threads it ran on: "
+              + "; ".join(f"{c['mixer']} {c['load_average']['before'][0]:.2f} to "
+                          f"{c['load_average']['after'][0]:.2f} ({c['threads']} threads)" for c in loads)
+              + ". A load above the number of CPUs means the timings were taken on a busy machine.")
     summary = results.get("summary") or {}
     if summary.get("crossover"):
         sec.p("Crossover: the context beyond which a mixer decodes faster than attention, interpolated on the "
@@ -195,7 +208,8 @@ def highlight(results: dict[str, Any]) -> str | None:
     crossing = [x for x in summary["crossover"] if x["status"] == "crosses"]
     text = (f"At {summary['largest_context']:,} tokens of context, {small}'s state is "
             f"{vs[small]['state_ratio']:.1f}x smaller than attention's KV cache and {fast} decodes "
-            f"{vs[fast]['decode_speedup']:.2f}x as fast as attention")
+            f"{vs[fast]['decode_speedup']:.2f}x as fast as attention in wall time"
+            + (f" ({vs[fast]['decode_cpu_speedup']:.2f}x in CPU time)" if "decode_cpu_speedup" in vs[fast] else ""))
     if crossing:
         first = min(crossing, key=lambda x: x["context"])
         text += f"; {first['mixer']} overtakes attention first, at ~{first['context']:,.0f} tokens"

@@ -26,6 +26,7 @@ from seqlab.analysis.latents import (
     plot_distance_to_final,
     plot_pc_pairs,
 )
+from seqlab.analysis.stats import chance_accuracy, learned, wilson
 from seqlab.checkpoint import load
 from seqlab.config import Section as ConfigSection
 from seqlab.config import check_types, positive
@@ -81,7 +82,13 @@ def run(cell: Any, cfg: Config, lab: Any, cell_dir: Path, progress: bool) -> dic
     res = analyze(model, batch.inputs, batch.targets, batch.mask, cfg.steps, rules=cfg.classifier_rules(),
                   components=cfg.components, plots_dir=None, byte_level=batch.byte_level)
     # The plotted coordinates: the same capture and PCA as `analyze`, kept for the chosen tokens (row 0).
-    traj = capture(model, batch.inputs, cfg.steps).trajectory  # (S + 1, B, T, D)
+    cap = capture(model, batch.inputs, cfg.steps)
+    traj = cap.trajectory  # (S + 1, B, T, D)
+    mask = batch.mask.bool()
+    queries = int(mask.sum())
+    accuracy = float((cap.logits.argmax(-1) == batch.targets)[mask].float().mean()) if queries else 0.0
+    chance = chance_accuracy(task)
+    interval = wilson(accuracy, queries)
     S1, B, T, D = traj.shape
     flat = traj.reshape(S1, B * T, D)
     pca = fit_pca(flat.reshape(-1, D), cfg.components)
@@ -94,6 +101,8 @@ def run(cell: Any, cfg: Config, lab: Any, cell_dir: Path, progress: bool) -> dic
     return {
         "model_source": source, "task": task_label(lab.thinking.task), "seq_len": task.seq_len,
         "steps": res["steps"], "rows": res["rows"], "positions": res["positions"], "d_model": res["d_model"],
+        "accuracy": accuracy, "queries": queries, "interval": interval, "chance": chance,
+        "learned": learned(interval, chance),
         "pca": {**res["pca"], "explained_first_two": sum(res["pca"]["explained_ratio"][:2])},
         "rules": res["rules"], "summary": res["summary"], "mean_loss": res["mean_loss"],
         "labels": list(LABELS), "chosen": res["chosen"],
@@ -113,7 +122,14 @@ def render(results: dict[str, Any], out: Path) -> Section:
         sec.p(f"The recurrent-depth model from {c['model_source']}, run for {c['steps']} core steps on {c['rows']} "
               f"rows of {c['task']} ({c['positions']} positions each, {s['tokens']} tokens). One PCA over every "
               f"latent of every step; PC1-PC{count(c['pca']['explained_ratio'])} explain "
-              f"{c['pca']['explained_total']:.1%} of the variance.")
+              f"{c['pca']['explained_total']:.1%} of the variance."
+              + (f" The model's accuracy on these tokens: {c['accuracy']:.3f} over {c['queries']:,} queries "
+                 f"(interval {c['interval'][0]:.3f}-{c['interval'][1]:.3f}"
+                 + (f", chance {c['chance']:.3f})." if c.get("chance") is not None else ").")
+                 if "accuracy" in c else ""))
+        if c.get("learned") is False:
+            sec.p("Flag: this model has not learned its task (accuracy within noise of chance). Its trajectories "
+                  "describe an untrained loop: read nothing about how a working model thinks into the classes below.")
         headers = ["class", "share", "tokens", "mean loss (nats)"]
         loss_by = s.get("loss_by_class", {})
         rows = [[label, f"{s['shares'][label]:.3f}", str(s["counts"][label]),
@@ -157,6 +173,8 @@ def highlight(results: dict[str, Any]) -> str | None:
     if c is None:
         return None
     shares = c["summary"]["shares"]
-    return (f"Over {c['steps']} core steps, " + ", ".join(f"{shares[k]:.1%} {k.replace('_', ' ')}s" if k != "other"
-                                                        else f"{shares[k]:.1%} other" for k in c["labels"])
-            + f"; PC1-PC2 explain {c['pca']['explained_first_two']:.1%} of the latent variance.")
+    flag = (" (from a model that has not learned its task: no conclusion)" if c.get("learned") is False else "")
+    return (f"Over {c['steps']} core steps, "
+            + ", ".join(f"{shares[k]:.1%} {k.replace('_', ' ')}s" if k not in ("other", "undecided")
+                        else f"{shares[k]:.1%} {k}" for k in c["labels"])
+            + f"; PC1-PC2 explain {c['pca']['explained_first_two']:.1%} of the latent variance{flag}.")

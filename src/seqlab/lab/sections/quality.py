@@ -19,13 +19,13 @@ levels (1/P: a random value from the context; 2/V: a random value token).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import matplotlib.pyplot as plt
 
+from seqlab.analysis.stats import chance_accuracy, eval_counts, learned, separated, spread, wilson
 from seqlab.checkpoint import save
 from seqlab.config import MIXERS, ModelConfig, TrainConfig, check_types, choice, layer_plan, positive
 from seqlab.config import Section as ConfigSection
@@ -48,11 +48,12 @@ class Config(ConfigSection):
     target_params: int | None = None  # None: every mixer uses model.d_model as given
     train: TrainConfig = field(default_factory=TrainConfig)
     eval_batches: int = 16
+    seeds: int = 1  # models per cell (seeds lab.seed, lab.seed + 1, ...): the report gives their mean and spread
     frontier: dict | None = None  # {"task": {...}, "mixers": [...], "widths": [...]}: recall vs state size
 
     def __post_init__(self) -> None:
         check_types(self, "quality.")
-        positive(self, "quality.", "target_params", "eval_batches")
+        positive(self, "quality.", "target_params", "eval_batches", "seeds")
         if self.frontier is not None:
             check_frontier(self.frontier)
         if not self.mixers:
@@ -150,16 +151,34 @@ def run(cell: Any, cfg: Config, lab: Any, cell_dir: Path, progress: bool) -> dic
     task = make_task(task_entry["name"], **train_params)
     eval_task = make_task(task_entry["name"], **eval_params)
     model_cfg = matched_config({"vocab_size": task.vocab_size, **cfg.model}, mixer, cfg.target_params, cfg.depth)
-    model = build_model(model_cfg, seed=lab.seed)
-    train_cfg = cfg.train.replace(eval_batches=cfg.eval_batches, seed=lab.seed)
-    result = fit(model, task_batches(task, train_cfg), cross_entropy, train_cfg, progress=progress, desc=cell.id)
-    test = evaluate(model, eval_task, cfg.eval_batches, cfg.train.batch_size, seed=lab.seed + 1)
+    runs = []
+    for k in range(cfg.seeds):  # seed lab.seed + k: model init and training batches; the test batches stay fixed
+        model = build_model(model_cfg, seed=lab.seed + k)
+        train_cfg = cfg.train.replace(eval_batches=cfg.eval_batches, seed=lab.seed + k)
+        result = fit(model, task_batches(task, train_cfg), cross_entropy, train_cfg, progress=progress,
+                     desc=cell.id if cfg.seeds == 1 else f"{cell.id} seed {lab.seed + k}")
+        test = evaluate(model, eval_task, cfg.eval_batches, cfg.train.batch_size, seed=lab.seed + 1)
+        runs.append((model, train_cfg, result, test))
+        if k == 0:  # the first seed's model is the cell's checkpoint
+            save(model, cell_dir / "checkpoint", json_files={"train_config.json": train_cfg.to_dict()})
+    model, train_cfg, result, _ = runs[0]
+    tests = [r[3] for r in runs]
+    test = {key: spread([t[key] for t in tests])["mean"] for key in tests[0]}  # the mean over seeds
+    counts = eval_counts(eval_task, cfg.eval_batches, cfg.train.batch_size, seed=lab.seed + 1)
+    queries = counts["queries"] * cfg.seeds
+    chance = chance_accuracy(eval_task)
+    interval = wilson(test["accuracy"], queries)
     out = {"task": task_label(task_entry), "mixer": mixer, "params": model.num_parameters(),
            "d_model": model_cfg.d_model, "train_eval": result["eval"], "test": test,
+           "seeds": [lab.seed + k for k in range(cfg.seeds)], "test_seeds": tests,
+           "test_spread": {key: spread([t[key] for t in tests]) for key in tests[0]},
+           "queries": queries, "interval": interval, "chance": chance,
+           "order0_bits_per_token": counts["order0_bits_per_token"],
+           "learned": learned(interval if chance is not None else None, chance, test["loss"],
+                              counts["order0_bits_per_token"] if chance is None else None),
            "train_seq_len": task.seq_len, "test_seq_len": eval_task.seq_len,
-           "train_seconds": result["seconds"], "train_tokens_per_s": result["tokens_per_s"],
+           "train_seconds": sum(r[2]["seconds"] for r in runs), "train_tokens_per_s": result["tokens_per_s"],
            "loss_curve": [[r["step"], r["loss"]] for r in result["history"]]}
-    save(model, cell_dir / "checkpoint", json_files={"train_config.json": train_cfg.to_dict()})
     return out
 
 
@@ -185,12 +204,6 @@ def frontier_point(task_entry: dict, mixer: str, d_model: int, model: dict, trai
             "queries": queries, "interval": wilson(test["accuracy"], queries),
             "chance_context": 1 / task.num_pairs, "chance_values": 2 / task.vocab_size,
             "train_seconds": result["seconds"]}
-
-
-def wilson(p: float, n: int, z: float = 1.96) -> list[float]:
-    """The 95% Wilson score interval [lo, hi] of an accuracy p measured on n queries (sound at p = 0 or 1)."""
-    center, spread = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return [max(0.0, (center - spread) / (1 + z * z / n)), min(1.0, (center + spread) / (1 + z * z / n))]
 
 
 def render_frontier(sec: Section, cells: list[dict], out: Path) -> None:
@@ -267,32 +280,109 @@ def render(results: dict[str, Any], out: Path) -> Section:
         rows_ok = [c for c in mine if "error" not in c]
         failed = [c for c in mine if "error" in c]
         key, label, higher = headline(task, rows_ok) if rows_ok else ("accuracy", "accuracy (test)", True)
-        headers = ["mixer", "params", "d_model", label, "test loss", "train-length " + key, "train tokens/s"]
-        rows = [[c["mixer"], f"{c['params']:,}", str(c["d_model"]), f"{c['test'][key]:.3f}",
-                 f"{c['test']['loss']:.3f}", f"{c['train_eval'][key]:.3f}", f"{c['train_tokens_per_s']:,.0f}"]
-                for c in rows_ok]
+        seeds = len(rows_ok[0].get("seeds", [0])) if rows_ok else 1
+        headers = ["mixer", "params", "d_model", label + (" (mean over seeds)" if seeds > 1 else "")]
+        headers += ["spread (std)"] if seeds > 1 else []
+        headers += ["interval"] if key == "accuracy" and rows_ok and "interval" in rows_ok[0] else []
+        headers += ["test loss", "train-length " + key, "train tokens/s", "learned"]
         sec.p(f"Task {task}: trained at length {rows_ok[0]['train_seq_len'] if rows_ok else '?'}, tested at "
-              f"length {rows_ok[0]['test_seq_len'] if rows_ok else '?'}.")
-        sec.table(headers, rows + error_rows(failed, len(headers)))
+              f"length {rows_ok[0]['test_seq_len'] if rows_ok else '?'}." + (_noise_note(rows_ok[0], key)
+                                                                            if rows_ok else ""))
+        sec.table(headers, [_row(c, key, seeds) for c in rows_ok] + error_rows(failed, len(headers)))
         if rows_ok:
-            best = (max if higher else min)(rows_ok, key=lambda c: c["test"][key])
-            worst = (min if higher else max)(rows_ok, key=lambda c: c["test"][key])
-            ties = [c["mixer"] for c in rows_ok if f"{c['test'][key]:.3f}" == f"{best['test'][key]:.3f}"]
-            who = best["mixer"] + " is" if len(ties) == 1 else ", ".join(ties) + " tie as"
             path = f"plots/quality-{task}.png"
             _plot(task, rows_ok, key, label, out / path)
-            sec.figure(path, f"{task}: {label} per mixer (left) and training loss (right); {who} best at "
-                             f"{best['test'][key]:.3f}, {worst['mixer']} worst at {worst['test'][key]:.3f}.")
+            sec.figure(path, f"{task}: {label} per mixer (left; bars from zero, with the interval and chance where "
+                             f"known) and training loss (right). " + reading(rows_ok, key, label, higher))
     if frontier:
         render_frontier(sec, frontier, out)
     return sec
 
 
+def _noise_note(c: dict, key: str) -> str:
+    """What the task's numbers rest on: queries and chance (accuracy), seeds, the order-0 entropy (a corpus)."""
+    parts = []
+    if key == "accuracy" and "queries" in c:
+        parts.append(f" Accuracy over {c['queries']:,} evaluated queries"
+                     + (f", seeds {', '.join(str(s) for s in c['seeds'])} pooled" if len(c.get("seeds", [])) > 1
+                        else "") + ", with its Wilson score interval (about two standard errors)"
+                     + (f"; chance {c['chance']:.3f}." if c.get("chance") is not None else "."))
+    if key != "accuracy" and c.get("order0_bits_per_token") is not None:
+        parts.append(f" A model that ignores the context reaches {c['order0_bits_per_token']:.3f} bits per token "
+                     "(the targets' order-0 entropy).")
+    return "".join(parts)
+
+
+def _row(c: dict, key: str, seeds: int) -> list[str]:
+    row = [c["mixer"], f"{c['params']:,}", str(c["d_model"]), f"{c['test'][key]:.3f}"]
+    if seeds > 1:
+        row.append(f"{c['test_spread'][key]['std']:.3f}")
+    if key == "accuracy" and "interval" in c:
+        row.append(f"{c['interval'][0]:.3f}-{c['interval'][1]:.3f}")
+    row += [f"{c['test']['loss']:.3f}", f"{c['train_eval'][key]:.3f}", f"{c['train_tokens_per_s']:,.0f}",
+            "yes" if c.get("learned", True) else "no (near chance)" if key == "accuracy" else "no (near order-0)"]
+    return row
+
+
+def _noise_interval(c: dict, key: str) -> list[float] | None:
+    """The interval a difference must clear: the Wilson interval (accuracy), else mean +- 2 std over seeds (None
+    with one seed: no noise estimate)."""
+    if key == "accuracy" and "interval" in c:
+        return [float(c["interval"][0]), float(c["interval"][1])]
+    s = c.get("test_spread", {}).get(key)
+    if s and s["n"] > 1:
+        return [s["mean"] - 2 * s["std"], s["mean"] + 2 * s["std"]]
+    return None
+
+
+def reading(cells: list[dict], key: str, label: str, higher: bool) -> str:
+    """One honest sentence: a leader only when it learned the task and is ahead of the runner-up beyond the noise;
+    the models that have not learned the task are named, never ranked."""
+    ok = [c for c in cells if c.get("learned", True)]
+    unlearned = [c["mixer"] for c in cells if not c.get("learned", True)]
+    note = (" Not learned (within noise of " + ("chance" if key == "accuracy" else "order-0") + "), so not ranked: "
+            + ", ".join(unlearned) + ".") if unlearned else ""
+    if not ok:
+        return "No model has learned this task at this budget: the comparison says nothing." + note
+    order = sorted(ok, key=lambda c: c["test"][key], reverse=higher)
+    best = order[0]
+    if len(order) == 1:
+        return f"Only {best['mixer']} learned the task ({label} {best['test'][key]:.3f})." + note
+    a, b = _noise_interval(best, key), _noise_interval(order[1], key)
+    if a is None or b is None:
+        return (f"Leading: {best['mixer']} at {best['test'][key]:.3f}, but one seed gives no noise estimate: the "
+                "ranking is not tested against noise." + note)
+    if separated(a, b):
+        return (f"{best['mixer']} leads at {best['test'][key]:.3f}, ahead of {order[1]['mixer']} "
+                f"({order[1]['test'][key]:.3f}) beyond the noise." + note)
+    tied = [c["mixer"] for c in order if not separated(a, _noise_interval(c, key) or a)]
+    return (f"No leader: {', '.join(tied)} overlap within the noise (highest {best['mixer']} at "
+            f"{best['test'][key]:.3f})." + note)
+
+
 def _plot(task: str, cells: list[dict], key: str, label: str, path: Path) -> None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.6))
     names = [c["mixer"] for c in cells]
-    ax1.barh(names, [c["test"][key] for c in cells], color="tab:blue")
-    ax1.set_xlabel(label)
+    values = [float(c["test"][key]) for c in cells]
+    bounds = [_noise_interval(c, key) for c in cells]
+    err = None
+    if all(b is not None for b in bounds):
+        err = [[max(v - b[0], 0) for v, b in zip(values, bounds)], [max(b[1] - v, 0) for v, b in zip(values, bounds)]]
+    colors = ["tab:blue" if c.get("learned", True) else "tab:gray" for c in cells]
+    ax1.barh(names, values, xerr=err, color=colors, capsize=2)
+    if key == "accuracy":
+        ax1.set_xlim(0, 1.0)
+        chance = cells[0].get("chance")
+        if chance is not None:
+            ax1.axvline(float(chance), color="black", ls="--", lw=1, label="chance")
+            ax1.legend(fontsize=7)
+    else:
+        ax1.set_xlim(0, max(values + [float(cells[0].get("order0_bits_per_token") or 0)]) * 1.05)
+        if cells[0].get("order0_bits_per_token") is not None:
+            ax1.axvline(float(cells[0]["order0_bits_per_token"]), color="black", ls="--", lw=1,
+                        label="order-0 (bits per token)")
+            ax1.legend(fontsize=7)
+    ax1.set_xlabel(label + " (grey: not learned)")
     ax1.invert_yaxis()
     for c in cells:
         steps, losses = zip(*c["loss_curve"])
@@ -305,12 +395,11 @@ def _plot(task: str, cells: list[dict], key: str, label: str, path: Path) -> Non
 
 
 def highlight(results: dict[str, Any]) -> str | None:
-    """One sentence for the report's summary: the best mixer per task."""
+    """One sentence for the report's summary: per task, a leader only beyond the noise (see `reading`)."""
     ok = [c for c in results["cells"] if "error" not in c and not c["spec"].get("frontier")]
     parts = []
     for task in dict.fromkeys(c["task"] for c in ok):
         mine = [c for c in ok if c["task"] == task]
         key, label, higher = headline(task, mine)
-        best = (max if higher else min)(mine, key=lambda c: c["test"][key])
-        parts.append(f"{task} {best['mixer']} ({label.replace(' (test)', '')} {best['test'][key]:.3f})")
-    return "Best per task: " + "; ".join(parts) + "." if parts else None
+        parts.append(f"{task}: {reading(mine, key, label.replace(' (test)', ''), higher)}")
+    return " ".join(parts) if parts else None

@@ -15,6 +15,7 @@ from typing import Any
 
 import matplotlib.pyplot as plt
 
+from seqlab.analysis.stats import chance_accuracy, eval_counts, learned, separated, wilson
 from seqlab.analysis.thinking import evaluate_steps, scaling_curve
 from seqlab.checkpoint import load, save
 from seqlab.config import Section as ConfigSection
@@ -38,8 +39,8 @@ class Config(ConfigSection):
         "depth": {"prelude": 1, "core": 1, "coda": 1, "mean_steps": 4, "backprop_steps": 2}})
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=200, batch_size=16))
     steps: tuple[int, ...] = (1, 2, 4, 8, 16)  # the r values of the curve
-    exit: str = "kl"  # kl | latent: the adaptive exit criterion
-    thresholds: tuple[float, ...] = (1e-2, 1e-3, 1e-4)  # the first also gives the adaptive curve over r
+    exit: str = "latent"  # kl | latent: the adaptive exit criterion (latent: measured better, see analysis.thinking)
+    thresholds: tuple[float, ...] = (3e-2, 3e-3, 3e-4)  # the first also gives the adaptive curve over r
     eval_batches: int = 4
     eval_batch_size: int = 64
 
@@ -96,9 +97,15 @@ def run(cell: Any, cfg: Config, lab: Any, cell_dir: Path, progress: bool) -> dic
     r_max = max(cfg.steps)
     sweep = [{"threshold": t, **evaluate_steps(model, task, r_max, (cfg.exit, t), cfg.eval_batches,
                                                cfg.eval_batch_size, seed)} for t in cfg.thresholds]
+    queries = eval_counts(task, cfg.eval_batches, cfg.eval_batch_size, seed)["queries"]
+    for row in [*curve["fixed"], *curve["adaptive"], *sweep]:
+        row["interval"] = wilson(row["accuracy"], queries)
     fixed = {row["steps"]: row for row in curve["fixed"]}
     best = max(curve["fixed"], key=lambda row: row["accuracy"])
+    chance = chance_accuracy(task)
     return {"task": task_label(cfg.task), "seq_len": task.seq_len, "train_mean_steps": curve["train_mean_steps"],
+            "queries": queries, "chance": chance, "learned": learned(best["interval"], chance),
+            "gain_beyond_noise": separated(best["interval"], fixed[min(fixed)]["interval"]),
             "exit": curve["exit"], "fixed": curve["fixed"], "adaptive": curve["adaptive"], "exit_sweep": sweep,
             "best_steps": best["steps"], "best_accuracy": best["accuracy"],
             "gain_best_over_r1": best["accuracy"] - fixed[min(fixed)]["accuracy"],
@@ -121,17 +128,26 @@ def render(results: dict[str, Any], out: Path) -> Section:
         ex = scaling["exit"]
         sec.p(f"Task {scaling['task']} at length {scaling['seq_len']}. Fixed: exactly r core steps for every token. "
               f"Adaptive: at most r steps; a token exits when its {ex['criterion']} change falls below "
-              f"{ex['threshold']:g}. Every row reads the same held-out batches.")
+              f"{ex['threshold']:g}. Every row reads the same held-out batches"
+              + (f": {scaling['queries']:,} evaluated queries, accuracy with its Wilson score interval"
+                 if "queries" in scaling else "")
+              + (f"; chance {scaling['chance']:.3f}." if scaling.get("chance") is not None else "."))
+        if scaling.get("learned") is False:
+            sec.p("Flag: this model has not learned its task (its best accuracy is within noise of chance), so "
+                  "nothing below says how test-time compute helps a model that works.")
         adaptive = {row["steps"]: row for row in scaling["adaptive"]}
-        headers = ["r", "effective depth", "accuracy", "loss", "adaptive: mean steps", "adaptive: accuracy"]
-        rows = [[str(r["steps"]), f"{r['effective_depth']:.0f}", f"{r['accuracy']:.3f}", f"{r['loss']:.3f}",
-                 f"{adaptive[r['steps']]['mean_steps_used']:.2f}", f"{adaptive[r['steps']]['accuracy']:.3f}"]
-                for r in scaling["fixed"]]
+        headers = ["r", "effective depth", "accuracy", "interval", "loss", "adaptive: mean steps",
+                   "adaptive: accuracy"]
+        rows = [[str(r["steps"]), f"{r['effective_depth']:.0f}", f"{r['accuracy']:.3f}", _interval(r),
+                 f"{r['loss']:.3f}", f"{adaptive[r['steps']]['mean_steps_used']:.2f}",
+                 f"{adaptive[r['steps']]['accuracy']:.3f}"] for r in scaling["fixed"]]
         sec.table(headers, rows)
         sec.table([f"{ex['criterion']} threshold (at most {scaling['max_steps']} steps)", "mean steps used",
-                   "accuracy", "loss"],
-                  [[f"{s['threshold']:g}", f"{s['mean_steps_used']:.2f}", f"{s['accuracy']:.3f}", f"{s['loss']:.3f}"]
-                   for s in scaling["exit_sweep"]])
+                   "core evaluations per token", "CPU s", "accuracy", "interval", "loss"],
+                  [[f"{s['threshold']:g}", f"{s['mean_steps_used']:.2f}",
+                    f"{s['core_evals_per_token']:.2f}" if "core_evals_per_token" in s else "-",
+                    f"{s['cpu_s']:.2f}" if "cpu_s" in s else "-", f"{s['accuracy']:.3f}", _interval(s),
+                    f"{s['loss']:.3f}"] for s in scaling["exit_sweep"]])
         path = "plots/thinking.png"
         _plot(scaling, out / path)
         cheapest = min(scaling["exit_sweep"], key=lambda s: s["mean_steps_used"])
@@ -144,12 +160,22 @@ def render(results: dict[str, Any], out: Path) -> Section:
     return sec
 
 
+def _interval(row: dict) -> str:
+    return f"{row['interval'][0]:.3f}-{row['interval'][1]:.3f}" if "interval" in row else "-"
+
+
 def _curve_words(scaling: dict) -> str:
-    """How accuracy moves with r, in words: at r = 1, and the highest and lowest r values reach."""
+    """How accuracy moves with r, in words: at r = 1, and the highest and lowest r values reach; whether the
+    highest is above r = 1 beyond the noise, and a flag when the model has not learned its task."""
     fixed = scaling["fixed"]
     first, hi, lo = fixed[0], max(fixed, key=lambda r: r["accuracy"]), min(fixed, key=lambda r: r["accuracy"])
-    return (f"accuracy is {first['accuracy']:.3f} at r = {first['steps']}, highest at r = {hi['steps']} "
-            f"({hi['accuracy']:.3f}) and lowest at r = {lo['steps']} ({lo['accuracy']:.3f})")
+    words = (f"accuracy is {first['accuracy']:.3f} at r = {first['steps']}, highest at r = {hi['steps']} "
+             f"({hi['accuracy']:.3f}) and lowest at r = {lo['steps']} ({lo['accuracy']:.3f})")
+    if scaling.get("learned") is False:
+        return words + " (the model has not learned its task: no conclusion)"
+    if scaling.get("gain_beyond_noise") is False:
+        return words + " (no difference beyond the noise)"
+    return words
 
 
 def _plot(scaling: dict, path: Path) -> None:
@@ -159,6 +185,14 @@ def _plot(scaling: dict, path: Path) -> None:
     ax1.plot([r["mean_steps_used"] for r in adaptive], [r["accuracy"] for r in adaptive], "x--",
              label=f"adaptive ({scaling['exit']['criterion']} < {scaling['exit']['threshold']:g}), at mean steps")
     ax1.axvline(scaling["train_mean_steps"], color="gray", linestyle=":", label="training mean r")
+    if scaling.get("chance") is not None:
+        for a in (ax1, ax2):
+            a.axhline(scaling["chance"], color="black", linestyle="--", lw=1, label="chance")
+    if "interval" in fixed[0]:
+        ax1.fill_between([r["steps"] for r in fixed], [r["interval"][0] for r in fixed],
+                         [r["interval"][1] for r in fixed], alpha=0.2, label="Wilson interval")
+    ax1.set_ylim(0, 1.02)
+    ax2.set_ylim(0, 1.02)
     ax1.set(xscale="log", xlabel="core steps r", ylabel="accuracy")
     ax1.set_xscale("log", base=2)
     ax1.legend(fontsize=7)
