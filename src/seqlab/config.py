@@ -273,7 +273,12 @@ def layer_plan(spec: str, n_layers: int) -> tuple[str, ...]:
     for name in names:
         if name not in MIXERS:
             raise InputError(f"layer spec {spec!r}: mixer {name!r} is not available; {expected}")
-    return tuple(pattern[i % len(pattern)] for i in range(n_layers))
+    layers = tuple(pattern[i % len(pattern)] for i in range(n_layers))
+    missing = [name for name in names if name not in layers]
+    if missing and len(words) == 2:  # a ratio that the depth truncates before it is met is a mistake
+        raise InputError(f"layer spec {spec!r} with n_layers = {n_layers} never reaches mixer {missing[0]!r}: the "
+                         f"pattern has {len(pattern)} layers; use more layers or a shorter pattern")
+    return layers
 
 
 # ---------------------------------------------------------------------------------------------------------------
