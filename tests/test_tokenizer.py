@@ -13,8 +13,10 @@ from helpers import tiny
 
 import seqlab
 from seqlab.cli import main
+from seqlab.config import TrainConfig
 from seqlab.data import CorpusTask, Metrics
 from seqlab.data.tokenizer import BPETokenizer, ByteTokenizer, byte_alphabet, tokenizer_of
+from seqlab.distill import DistillConfig, distill_and_compare
 from seqlab.errors import InputError
 from seqlab.interop.gguf import gguf_tokenizer
 
@@ -143,3 +145,31 @@ def test_bits_per_byte_counts_utf8_bytes_of_the_same_text(tmp_path):
     assert math.isclose(byte_metrics["bits_per_byte"], byte_metrics["loss"] / math.log(2), rel_tol=1e-9)
     stream = tokenized.stream(2)
     assert stream.segment(0).nbytes.shape == (2, 16)
+
+
+def test_distillation_reads_text_with_the_teachers_tokenizer(tmp_path):
+    teacher = tiny("attention", vocab_size=300)
+    teacher.tokenizer = bpe()
+    cfg = DistillConfig(transfer=False, train=TrainConfig(steps=2, batch_size=2, lr=1e-3, warmup_steps=1,
+                                                          log_every=1, eval_batches=1))
+    comp = distill_and_compare(teacher, dict(mixer="gru", vocab_size=300, d_model=16, n_layers=1), _corpus(tmp_path),
+                               cfg, context=0, progress=False)
+    assert comp.student.tokenizer is teacher.tokenizer and comp.scratch.tokenizer is teacher.tokenizer
+    assert "bits_per_byte" in comp.report["distilled"]["eval"]
+    seqlab.save(comp.student, tmp_path / "student")
+    assert seqlab.load(tmp_path / "student").tokenizer.encode(TEXT) == teacher.tokenizer.encode(TEXT)
+
+
+def test_eval_command_reports_bits_per_byte_through_the_checkpoints_tokenizer(tmp_path, capsys):
+    task = _corpus(tmp_path)
+    model = tiny("attention", vocab_size=300)
+    model.tokenizer = bpe()
+    seqlab.save(model, tmp_path / "ckpt")
+    sets = [f"root={tmp_path / 'src'}", f"cache_dir={tmp_path / 'cache'}", "split=test", "seq_len=16"]
+    args = ["eval", str(tmp_path / "ckpt"), "--task", "corpus", "--batches", "2", "--batch-size", "2", "--json"]
+    assert main(args + [x for s in sets for x in ("--set", s)]) == 0
+    got = json.loads(capsys.readouterr().out)
+    tokenized = task.with_tokenizer(model.tokenizer)
+    want = seqlab.train.evaluate(model, tokenized, 2, 2, 1234)
+    assert math.isclose(got["bits_per_byte"], want["bits_per_byte"], rel_tol=1e-6)
+    assert got["bits_per_byte"] < got["loss"] / math.log(2)  # a BPE token covers more than one byte
