@@ -10,6 +10,9 @@
                   token loss, and a report (Markdown + HTML) with the PC1-PC2 / PC3-PC4 / PC5-PC6 and
                   distance-to-final plots, under benchmarks/results/latents/<task>-<core>/; and whether later
                   positions take more steps to settle (Spearman correlation of converge step with position).
+    solved        models that solve their task: bench_thinking's parity recipe trained per seed (--solved-seeds,
+                  800 steps), its accuracy checked (`learned`), class shares per seed over 64 core steps, and PC
+                  plots of the first orbit and slider token when one occurs (absent classes are listed as such).
     gradient flow small language models of several mixers (2 layers, width 48) trained briefly on the corpus;
                   the norm of the gradient of the last position's loss with respect to the input embedding at each
                   earlier position, against distance, averaged over batches of held-out text (one curve per
@@ -17,7 +20,7 @@
 
 Everything is saved to benchmarks/results/latents.json.
 
-    PYTHONPATH=src python benchmarks/bench_latents.py            # ~8 minutes at one thread
+    PYTHONPATH=src python benchmarks/bench_latents.py            # ~12 minutes at one thread
     PYTHONPATH=src python benchmarks/bench_latents.py --quick    # a smoke run, under a minute
 """
 
@@ -32,10 +35,11 @@ import time
 from pathlib import Path
 
 import torch
+from bench_thinking import parity_config, train_model
 
 import seqlab
 from seqlab.analysis.gradflow import gradient_flow_on_task, plot_gradient_flow
-from seqlab.analysis.latents import analyze, spearman
+from seqlab.analysis.latents import LABELS, analyze, capture, classify, fit_pca, plot_pc_pairs, spearman
 from seqlab.commands.latents import write_report
 from seqlab.config import ModelConfig, TrainConfig
 from seqlab.data import make_task
@@ -96,6 +100,56 @@ def trajectories(name: str, core: str, args: argparse.Namespace, out_dir: Path) 
             "report": f"latents/{out_dir.name}/report.md"}
 
 
+def solved(args: argparse.Namespace, out_dir: Path) -> dict:
+    """Trajectories of models that solve their task: bench_thinking's parity recipe (conv core, r around 12,
+    `--solved-train-steps` steps at 32 bits) per seed; the model's exact-sequence accuracy at 32 bits (at r = 2x the
+    training mean) must be high for the classes to mean anything (`learned`). Per seed: class shares over every
+    token of `--rows` held-out rows at `--solved-analysis-steps` core steps (enough to see periods up to 16 twice),
+    the periods found, and PC plots of the first orbit and the first slider token when they occur; a seed with none
+    says so."""
+    args_t = argparse.Namespace(d_model=32, kernel_size=4, sampler="progressive", mean_steps=12.0, backprop_steps=4)
+    out = {}
+    for seed in [int(s) for s in args.solved_seeds.split(",")]:
+        model = seqlab.build_model(parity_config(args_t), seed=seed)
+        train_model(model, make_task("prefix_parity", seq_len=32), args.solved_train_steps, 32, 5e-3, seed,
+                    f"parity seed {seed}")
+        task = make_task("prefix_parity", seq_len=32)
+        batch = task.batch(args.rows, torch.Generator().manual_seed(seed + 100))
+        steps = args.solved_analysis_steps
+        cap = capture(model, batch.inputs, steps, seed)
+        hit = cap.logits.argmax(-1) == batch.targets
+        seq_acc = float(hit.all(dim=1).float().mean())
+        acc = float(hit.float().mean())
+        S1, B, T, D = cap.trajectory.shape
+        flat = cap.trajectory.reshape(S1, B * T, D)
+        c = classify(flat)
+        pca = fit_pca(flat.reshape(-1, D), 6)
+        shown, names = [], []
+        for label in ("orbit", "slider"):
+            i = next((i for i, x in enumerate(c.labels) if x == label), None)
+            if i is not None:
+                shown.append(i)
+                names.append(f"row {i // T} pos {i % T} ({label}" + (f", period {int(c.period[i])})" if
+                                                                     label == "orbit" else ")"))
+        plot = None
+        if shown:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            plot = plot_pc_pairs(pca.project(flat[:, shown]).float(), names,
+                                 out_dir / f"parity-seed{seed}-pcs.png", pca.explained_ratio.tolist()).name
+        shares = c.shares()
+        periods = c.period[c.period > 0]
+        out[str(seed)] = {"seq_accuracy_32": seq_acc, "accuracy_32": acc, "learned": seq_acc >= 0.9,
+                          "analysis_steps": steps, "tokens": B * T, "shares": shares,
+                          "periods": {int(p): int((periods == p).sum()) for p in periods.unique()},
+                          "shown": names, "plot": plot,
+                          "absent": [label for label in ("orbit", "slider") if shares[label] == 0]}
+        print(f"solved parity seed {seed}: seq acc {seq_acc:.3f} at 32 bits; " + ", ".join(
+            f"{k} {v:.1%}" for k, v in shares.items()) + (f"; no {' and no '.join(out[str(seed)]['absent'])} among "
+                                                          f"{B * T} tokens" if out[str(seed)]["absent"] else ""),
+              flush=True)
+    return out
+
+
 def gradflow(args: argparse.Namespace, out_dir: Path) -> dict:
     task = task_of({"name": "corpus", "seq_len": args.gradflow_len})
     test = task_of({"name": "corpus", "seq_len": args.gradflow_len, "split": "test"})
@@ -134,10 +188,14 @@ def main() -> int:
     p.add_argument("--gradflow-batches", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--solved-seeds", default="0,1,2", help="seeds of the parity models trained to solve the task")
+    p.add_argument("--solved-train-steps", type=int, default=800)
+    p.add_argument("--solved-analysis-steps", type=int, default=64)
     p.add_argument("--out", type=Path, default=RESULTS / "latents.json")
     args = p.parse_args()
     if args.quick:
         args.depth_steps, args.analysis_steps, args.rows, args.gradflow_steps = 10, 8, 2, 5
+        args.solved_seeds, args.solved_train_steps, args.solved_analysis_steps = "0", 20, 40
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     start = time.perf_counter()
@@ -148,14 +206,15 @@ def main() -> int:
               "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
               "trajectories": {f"{name}/{core}": trajectories(name, core, args, out_dir / f"{name}-{core}")
                                for core in args.cores.split(",") if core for name in TASKS},
+              "solved": solved(args, out_dir),
               "gradflow": gradflow(args, out_dir)}
     result["total_seconds"] = time.perf_counter() - start
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
 
     print()
-    print("| task/core | eval | fixed_point | orbit | slider | other | converge (median) | Spearman(conv., loss) |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    print("| task/core | eval | " + " | ".join(LABELS) + " | converge (median) | Spearman(conv., loss) |")
+    print("|---|---|" + "---:|" * (len(LABELS) + 2))
     for name, t in result["trajectories"].items():
         s, ev = t["summary"], t["eval"]
         metric = f"bpb {ev['bits_per_byte']:.3f}" if "bits_per_byte" in ev else f"acc {ev['accuracy']:.3f}"
