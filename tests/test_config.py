@@ -119,3 +119,10 @@ def test_a_run_config_parses_its_model_like_a_model_config():
         RunConfig.from_dict({"model": {"mamba_x": {}}})
     with pytest.raises(InputError, match="config field 'mamba.d_state' = 0: must be > 0"):
         RunConfig.from_dict({"model": {"mamba": {"d_state": 0}}})
+
+
+def test_a_ratio_the_depth_never_reaches_is_refused():
+    with pytest.raises(InputError, match="'3:1 gated_deltanet:attention' with n_layers = 2 never reaches mixer "
+                                         "'attention'"):
+        layer_plan("3:1 gated_deltanet:attention", 2)
+    assert layer_plan("3:1 gated_deltanet:attention", 4)[-1] == "attention"

@@ -57,7 +57,7 @@ class Config(ConfigSection):
             if entry.startswith("recurrent_depth"):
                 raise InputError(f"config field 'inference.mixers[{i}]' = {entry!r}: the profiler measures "
                                  "language models (mixers and hybrids); recurrent depth is measured in 'thinking'")
-            check_entry("inference.", i, entry)
+            check_entry("inference.", i, entry, self.n_layers)
         if any(c < 1 for c in self.contexts):
             raise InputError(f"config field 'inference.contexts' = {list(self.contexts)}: every context must be >= 1")
 

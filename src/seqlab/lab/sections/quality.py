@@ -59,7 +59,7 @@ class Config(ConfigSection):
         if not self.mixers:
             raise InputError("config field 'quality.mixers' is empty; list at least one mixer")
         for i, entry in enumerate(self.mixers):
-            check_entry("quality.", i, entry)
+            check_entry("quality.", i, entry, self.model.get("n_layers", ModelConfig.n_layers))
         labels = [task_label(t) for t in self.tasks]
         if len(set(labels)) != len(labels):
             raise InputError(f"config field 'quality.tasks' has two tasks named alike ({labels}); give each a "
@@ -80,7 +80,7 @@ def check_frontier(f: dict) -> None:
     for i, entry in enumerate(mixers):
         if not isinstance(entry, str) or entry.startswith(RD):
             raise InputError(f"{where}.mixers[{i}] = {entry!r}: expected a mixer or a hybrid layer spec")
-        check_entry("quality.frontier.", i, entry)
+        check_entry("quality.frontier.", i, entry)  # (the depth is checked when the point's model is built)
     if (not isinstance(widths, (list, tuple)) or not widths
             or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in widths)):
         raise InputError(f"{where}.widths = {widths!r}: expected a non-empty list of integers >= 1 (d_model)")
@@ -101,17 +101,23 @@ def split_task(task: dict) -> tuple[dict, dict]:
 RD = "recurrent_depth"
 
 
-def check_entry(prefix: str, i: int, entry: str) -> None:
-    """InputError unless `entry` is a layer spec (a mixer, a hybrid "a+b" or "3:1 a:b") or "recurrent_depth[:MIXER]"."""
+def check_entry(prefix: str, i: int, entry: str, n_layers: int | None = None) -> None:
+    """InputError unless `entry` is a layer spec (a mixer, a hybrid "a+b" or "3:1 a:b") or "recurrent_depth[:MIXER]",
+    and, given the section's n_layers, one whose every mixer gets a layer."""
     if entry == RD or entry.startswith(RD + ":"):
         choice(prefix, f"mixers[{i}]", entry.partition(":")[2] or "attention", MIXERS)
         return
     try:
-        layer_plan(entry, 1)
+        layer_plan(entry, 256)  # the spec's form alone
     except InputError:
         raise InputError(f"config field '{prefix}mixers[{i}]' = {entry!r}: expected a mixer ({', '.join(MIXERS)}), "
                          "a hybrid such as 'lstm+attention' or '3:1 mamba:attention', or 'recurrent_depth[:MIXER]'"
                          ) from None
+    if n_layers is not None:
+        try:
+            layer_plan(entry, n_layers)
+        except InputError as e:
+            raise InputError(f"config field '{prefix}mixers[{i}]': {e}") from None
 
 
 def entry_fields(base: dict, entry: str, depth: dict | None = None) -> dict:

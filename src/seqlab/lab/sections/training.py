@@ -49,7 +49,7 @@ class Config(ConfigSection):
         if not self.mixers or not self.seq_lens:
             raise InputError("config fields 'training.mixers' and 'training.seq_lens' must not be empty")
         for i, entry in enumerate(self.mixers):
-            check_entry("training.", i, entry)
+            check_entry("training.", i, entry, self.model.get("n_layers", 2))
         for T in self.seq_lens:
             if T < 1:
                 raise InputError(f"config field 'training.seq_lens' holds {T}: every length must be >= 1")
