@@ -3,15 +3,16 @@
     PYTHONPATH=src python benchmarks/bench_ssd.py            # the full run (see the report for its runtime)
     PYTHONPATH=src python benchmarks/bench_ssd.py --quick    # small shapes, seconds
 
-Shapes (full run), (batch, heads, head_dim, groups, d_state) = (1, 8, 64, 1, 64) and (4, 8, 64, 1, 64): the heads of
-a d_model 256 Mamba-2 block (d_inner 512 = 8 heads of 64), at L = 512, 2048, 8192. Inputs as the mixer makes them:
+Shapes (full run), (batch, heads, head_dim, groups, d_state) = (1, 8, 64, 1, 128) and (4, 4, 64, 1, 128): the heads
+of a d_model 256 and a d_model 128 Mamba-2 block (d_inner = 8 and 4 heads of 64) with the published d_state 128, at
+L = 512, 2048, 8192. Inputs as the mixer makes them:
 raw dt with dt_bias and softplus (the published init's dt in [0.001, 0.1]), A = -U(1, 16), D. Each timing is
 forward + backward of a fixed random projection of the output plus the final state, every input (initial state
 included) requiring grad. The chunked and the ref runs alternate inside one process (chunked, ref, chunked, ref,
 ...), so machine load hits both alike; medians over --repeats, and the ref at L >= 4096 over --long-ref-repeats (one
-run there takes seconds, and keeps L states for its backward: ~4.3 GB at (4, 8, 64, 64), L = 8192). One torch
-thread (--threads). Wall time is the figure; this process's CPU time and the
-load average before and after are saved beside it, so a reader can tell a quiet run from a busy one.
+run there takes seconds, and keeps L states for its backward: ~2 GB and ~4.3 GB at L = 8192). One torch thread
+(--threads). Wall time is the figure; this process's CPU time and the load average before and after are saved
+beside it, so a reader can tell a quiet run from a busy one.
 
 Targets (issue 15): chunked >= 10x faster than ref at L = 2048, and chunked time linear in L (time per token
 roughly flat from 512 to 8192; `per_token_ratio` = (t(L_max) / L_max) / (t(L_min) / L_min)).
@@ -78,7 +79,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small shapes and lengths: a smoke run of seconds")
     p.add_argument("--lengths", default="512,2048,8192")
-    p.add_argument("--shapes", default="1x8x64x1x64,4x8x64x1x64",
+    p.add_argument("--shapes", default="1x8x64x1x128,4x4x64x1x128",
                    help="batch x heads x head_dim x groups x d_state, comma-separated")
     p.add_argument("--chunk-size", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)

@@ -130,17 +130,17 @@ def _discretize(dt, dt_bias, dt_softplus):
     return F.softplus(dt) if dt_softplus else dt
 
 
-def _segsum(a):
-    """a (..., Q) -> seg (..., Q, Q) with seg[t, s] = a_{s+1} + ... + a_t for s <= t and -inf above the diagonal.
+def _segsum_exp(a):
+    """a (..., Q) -> exp(seg) (..., Q, Q) with seg[t, s] = a_{s+1} + ... + a_t for s <= t, and 1 above the diagonal
+    (an empty sum: the caller's causal mask zeroes those entries).
 
-    Each entry is a cumulative sum over exactly its range (the masked copy of a summed down the columns), never
-    the difference cumsum_t - cumsum_s: that difference loses ~|cumsum| * eps, which after a strong decay swamps
-    the small ranges. The mask is applied before the exp, so no exp of a positive number is ever taken."""
+    Each seg is a cumulative sum over exactly its range (the masked copy of a summed down the columns), never the
+    difference cumsum_t - cumsum_s: that difference loses ~|cumsum| * eps, which after a strong decay swamps the
+    short ranges. Masked before the exp: every exponent is a range sum <= 0 (or an empty 0), none is positive."""
     Q = a.shape[-1]
-    ones = torch.ones(Q, Q, dtype=torch.bool, device=a.device)
-    rows = a[..., :, None].expand(*a.shape, Q)  # (..., Q, Q): rows[k, s] = a_k
-    seg = rows.masked_fill(~torch.tril(ones, -1), 0).cumsum(-2)  # seg[t, s] = sum of a_k over s < k <= t
-    return seg.masked_fill(~torch.tril(ones), float("-inf"))
+    strict = torch.ones(Q, Q, dtype=torch.bool, device=a.device).tril(-1)
+    rows = a[..., :, None].expand(*a.shape, Q).masked_fill(~strict, 0)  # rows[k, s] = a_k for k > s, else 0
+    return torch.exp(rows.cumsum(-2))
 
 
 def _ssd_chunked(x, dt, A, B, C, h0, chunk_size):
@@ -152,8 +152,11 @@ def _ssd_chunked(x, dt, A, B, C, h0, chunk_size):
             + sum_{s <= t} (C_t . B_s) exp seg(s, t] dt_s x_s          the chunk itself: a masked matmul
         h_end = exp seg(start, end] h_start + sum_s exp seg(s, end] dt_s x_s B_s^T
 
-    Padded steps at the end (dt = 0, x = 0) neither decay nor feed the state. Every exponent is a range sum of
-    a = dt A <= 0, so nothing overflows, under any decay."""
+    The heads of a group share B and C, so C B^T is computed once per group, and the two state products take all
+    R = H / G heads of a group at once: (N, Q) @ (Q, R P) and (Q, N) @ (N, R P), a few wide matrix products rather
+    than many 64 x 64 ones; the states are kept transposed, (N, R P) per group, for that. Padded steps at the end
+    (dt = 0, x = 0) neither decay nor feed the state. Every exponent is a range sum of a = dt A <= 0, each summed
+    over exactly its range, so nothing overflows and strong decays lose no precision."""
     b, L, H, P = x.shape
     G, N = B.shape[2], B.shape[3]
     R = H // G  # heads per group
@@ -162,27 +165,31 @@ def _ssd_chunked(x, dt, A, B, C, h0, chunk_size):
     pad = nc * Q - L
     if pad:
         x, dt, B, C = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, dt, B, C))
-    xdt = x * dt[..., None]  # dt_s x_s
-    xdt = xdt.reshape(b, nc, Q, G, R, P).permute(0, 3, 4, 1, 2, 5)  # (b, G, R, nc, Q, P)
-    a = (dt * A).reshape(b, nc, Q, G, R).permute(0, 3, 4, 1, 2)  # (b, G, R, nc, Q): log decay per step
-    B = B.reshape(b, nc, Q, G, N).permute(0, 3, 1, 2, 4).unsqueeze(2)  # (b, G, 1, nc, Q, N): shared by R heads
-    C = C.reshape(b, nc, Q, G, N).permute(0, 3, 1, 2, 4).unsqueeze(2)
+    xdt = (x * dt[..., None]).reshape(b, nc, Q, G, R, P).transpose(2, 3)  # (b, nc, G, Q, R, P): dt_s x_s
+    a = (dt * A).reshape(b, nc, Q, G, R).permute(0, 1, 3, 4, 2)  # (b, nc, G, R, Q): log decay per step
+    B = B.reshape(b, nc, Q, G, N).transpose(2, 3)  # (b, nc, G, Q, N)
+    C = C.reshape(b, nc, Q, G, N).transpose(2, 3)
 
-    seg = _segsum(a)  # (b, G, R, nc, Q, Q)
-    decay_in = a.cumsum(-1)  # (b, G, R, nc, Q): seg(start, t], a range sum from the chunk start
-    # inside the chunk: the masked "attention" matmul, C B^T once per group, the mask per head
-    y = ((C @ B.transpose(-1, -2)) * torch.exp(seg)) @ xdt  # (b, G, R, nc, Q, P)
-    # each chunk's own contribution to the state at its end: exponent seg(s, end], the last row of seg
-    dh = (xdt * torch.exp(seg[..., -1, :])[..., None]).transpose(-1, -2) @ B  # (b, G, R, nc, P, N)
+    # inside the chunk: the masked "attention" matmul, C B^T and the causal mask once per group, the decay per head
+    causal = torch.ones(Q, Q, dtype=torch.bool, device=x.device).tril()
+    CB = (C @ B.transpose(-1, -2)).masked_fill(~causal, 0)  # (b, nc, G, Q, Q)
+    y = (CB.unsqueeze(3) * _segsum_exp(a)) @ xdt.transpose(3, 4)  # (b, nc, G, R, Q, P)
 
-    # across chunks: nc sequential steps on (P, N) states
-    h = x.new_zeros(b, G, R, P, N) if h0 is None else h0.reshape(b, G, R, P, N)
+    # each chunk's own contribution to the state at its end, exponent seg(s, end] = the sum over k > s, taken from
+    # a cumulative sum from the end (shifted by one), so again each range summed exactly
+    after = F.pad(a.flip(-1).cumsum(-1).flip(-1)[..., 1:], (0, 1))  # (b, nc, G, R, Q)
+    xw = (xdt * torch.exp(after).transpose(-1, -2)[..., None]).reshape(b, nc, G, Q, R * P)
+    dhT = B.transpose(-1, -2) @ xw  # (b, nc, G, N, R P): the transposed state increment of every head
+
+    # across chunks: nc sequential steps on the transposed states (b, G, N, R, P)
+    decay_in = a.cumsum(-1)  # (b, nc, G, R, Q): seg(start, t], a range sum from the chunk start
+    hT = x.new_zeros(b, G, N, R, P) if h0 is None else h0.reshape(b, G, R, P, N).permute(0, 1, 4, 2, 3)
     starts = []
-    for decay_c, dh_c in zip(torch.exp(decay_in[..., -1]).unbind(-1), dh.unbind(3)):
-        starts.append(h)
-        h = decay_c[..., None, None] * h + dh_c
-    starts = torch.stack(starts, 3)  # (b, G, R, nc, P, N)
-    y = y + (C @ starts.transpose(-1, -2)) * torch.exp(decay_in)[..., None]  # earlier chunks, decayed to t
+    for decay_c, dh_c in zip(torch.exp(decay_in[..., -1]).unbind(1), dhT.unbind(1)):
+        starts.append(hT)
+        hT = decay_c[:, :, None, :, None] * hT + dh_c.view(b, G, N, R, P)
+    starts = torch.stack(starts, 1).reshape(b, nc, G, N, R * P)
+    y_off = (C @ starts).view(b, nc, G, Q, R, P) * torch.exp(decay_in).transpose(-1, -2)[..., None]  # earlier chunks
 
-    y = y.permute(0, 3, 4, 1, 2, 5).reshape(b, nc * Q, H, P)[:, :L]
-    return y, h.reshape(b, H, P, N)
+    y = (y.transpose(3, 4) + y_off).transpose(2, 3).reshape(b, nc * Q, H, P)[:, :L]
+    return y, hT.permute(0, 1, 3, 4, 2).reshape(b, H, P, N)
