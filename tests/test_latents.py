@@ -66,6 +66,10 @@ def test_classifier_asks_for_more_steps_when_it_cannot_tell():
     assert classify(contraction(0.9, 256)).labels == ["fixed_point"]
     # slower than slide_keep per half tail, a contraction cannot be told from a drift: it reads as a slider
     assert classify(contraction(0.97, 16)).labels == ["slider"]
+    # a converged latent jittering by float32 rounding in a period-2 pattern is a fixed point, not an orbit
+    c = contraction(0.5, 64)
+    c[-40:] += 1e-7 * torch.randn(D, generator=_gen()) * torch.tensor([(-1) ** i for i in range(40)])[:, None, None]
+    assert classify(c).labels == ["fixed_point"]
     # fewer tail steps than `hold`: undecided; noise with no structure: other
     assert classify(contraction(0.5, 6)).labels == ["undecided"]
     noise = torch.randn(65, 4, D, generator=_gen())

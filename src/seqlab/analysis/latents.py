@@ -29,8 +29,10 @@ last `tail` share of the steps; the orbit rule reads at least 2 * max_period + 1
                  not settled).
     other        none of the above (noise larger than the motion, or motion with no structure).
 A rotation too slow to close within the tail, or a contraction slower than slide_keep per half tail, reads as a
-slider. The generators `synthetic` (contraction, drift, rotation of any period, with noise) are what the tests
-and benchmarks/bench_classifier.py tune and check the rules on.
+slider. One absolute floor: motion smaller than `floor` (1e-5) of the state's norm is float32 rounding, never an
+orbit or a slider (a converged latent jittering by one ulp would otherwise show a period-2 "orbit").
+The generators `synthetic` (contraction, drift, rotation of any period, with noise) are what the tests and
+benchmarks/bench_classifier.py tune and check the rules on.
 """
 
 from __future__ import annotations
@@ -147,9 +149,10 @@ class Rules:
     slide_keep: float = 0.75  # slider: the second half moves at least this share of the first (no decay)
     tail: float = 0.5  # share of the steps (from the end) the rules read; at least 2 * max_period + 1 steps
     max_period: int = 16  # the longest period looked for
+    floor: float = 1e-5  # motion below this share of the state's norm is float32 rounding, not an orbit or a slide
 
     def __post_init__(self) -> None:
-        for name in ("tol", "orbit_ratio", "slide_keep"):
+        for name in ("tol", "orbit_ratio", "slide_keep", "floor"):
             if not getattr(self, name) > 0:
                 raise InputError(f"classifier rule {name} = {getattr(self, name)!r}: must be > 0")
         for name in ("hold", "max_period"):
@@ -195,6 +198,7 @@ def classify(traj: torch.Tensor, rules: Rules | None = None) -> Classification:
     S, N = traj.shape[0] - 1, traj.shape[1]
     L = rules.tail_steps(S)  # steps in the tail; the tail holds L + 1 states
     x = traj[S - L :]  # (L + 1, N, D)
+    rounding = rules.floor * traj[1:].norm(dim=-1).mean(0)  # (N,) motion below this is float rounding
 
     # orbit: lag profile R(k) = mean ||x_i - x_{i-k}||; the smallest p >= 2 whose return R(p) is small against
     # the largest R at shorter lags; seen twice (R(2p) small too) or else undecided
@@ -208,8 +212,9 @@ def classify(traj: torch.Tensor, rules: Rules | None = None) -> Classification:
         twice = back & (lags[2 * p - 1] < rules.orbit_ratio * ref) if 2 * p <= L else torch.zeros_like(back)
         period = torch.where(twice, torch.full_like(period, p), period)
         seen_once = torch.where(back, ~twice, seen_once)
-    orbit = period > 0
-    seen_once &= ~orbit
+    moving = running_max[-1] > rounding  # an orbit must move by more than rounding
+    orbit = (period > 0) & moving
+    seen_once &= ~orbit & moving
 
     # slider and fixed point read the `tail` share of the steps (the orbit rule may need more)
     Lf = max(2, math.ceil(rules.tail * S))
@@ -224,7 +229,8 @@ def classify(traj: torch.Tensor, rules: Rules | None = None) -> Classification:
     first, second = x[h] - x[0], x[-1] - x[h]  # (N, D)
     cos = torch.nn.functional.cosine_similarity(first, second, dim=-1, eps=1e-300)  # (N,)
     keeps = second.norm(dim=-1) >= rules.slide_keep * first.norm(dim=-1)
-    moves = (x[-1] - x[0]).norm(dim=-1) > 2 * rules.tol * excursion  # beyond what a fixed point could drift
+    net = (x[-1] - x[0]).norm(dim=-1)
+    moves = (net > 2 * rules.tol * excursion) & (net > rounding)  # beyond what a fixed point could drift
     slider = (cos >= rules.slide_cos) & keeps & moves
     step_size = (traj[1:] - traj[:-1]).norm(dim=-1) / excursion  # (S, N)
 
