@@ -8,11 +8,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import need_onnx, tiny
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import seqlab
 from seqlab.errors import InputError
+from seqlab.interop.export import export_onnx, verify_onnx
 from seqlab.ops import ssd, ssd_ref, ssd_step, ssd_update
 
 
@@ -188,8 +190,9 @@ def test_gradcheck_float64():
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")
 def test_update_is_traceable():
-    """The mixer's step calls ssd_update and ONNX export traces it: a trace must replay on new values."""
-    x, x2 = make_inputs(2, 1, 4, 3, 2, 2, seed=17), make_inputs(2, 1, 4, 3, 2, 2, seed=18)
+    """The mixer's step calls ssd_update and ONNX export traces it: a trace must replay on new values and on another
+    batch size (the exported graph's batch axis is dynamic)."""
+    x, x2 = make_inputs(2, 1, 4, 3, 2, 2, seed=17), make_inputs(3, 1, 4, 3, 2, 2, seed=18)
 
     def args(v):
         return (v["initial_state"], v["x"][:, 0], v["dt"][:, 0].abs(), v["A"], v["B"][:, 0], v["C"][:, 0], v["D"])
@@ -237,3 +240,16 @@ def test_mamba2_head_width_init_and_bad_config():
         seqlab.build_model(mixer="mamba2", d_model=32, mamba2={"head_dim": 24})
     with pytest.raises(InputError, match="'mamba2.n_groups' = 3: must divide the 4 heads"):
         seqlab.build_model(mixer="mamba2", d_model=32, mamba2={"head_dim": 16, "n_groups": 3})
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning", "ignore::UserWarning")
+def test_mamba2_with_groups_exports_with_a_dynamic_batch(tmp_path):
+    """The generic ONNX test builds mamba2 with one head; here 8 heads in 2 groups, traced at batch 2 and run by
+    onnxruntime at batch 3 (a traced batch constant in the step would break the reshape of the heads)."""
+    need_onnx()
+    model = tiny("mamba2")
+    assert (model.blocks[0].mixer.H, model.blocks[0].mixer.G) == (8, 2)
+    for mode in ("step", "prefill"):
+        info = export_onnx(model, tmp_path / f"{mode}.onnx", mode=mode, length=6)
+        diffs = verify_onnx(model, tmp_path / f"{mode}.onnx", info)
+        assert diffs["batch"] == 3 and diffs["max_abs_diff_logits"] <= 1e-5 and diffs["max_abs_diff_state"] <= 1e-5

@@ -185,7 +185,6 @@ class Mamba2(nn.Module):
         per head; nothing in here depends on how many tokens came before. The recurrence runs in fp32 (fp64 for
         fp64) whatever the weights' dtype."""
         w = w or self.bind()
-        b = x.shape[0]
         z, xBC, dt = w.in_proj(x).split([self.d_inner, self.conv_dim, self.H], dim=-1)
         conv = state.conv if state.conv.dtype == xBC.dtype else state.conv.to(xBC.dtype)
         window = torch.cat([conv, xBC.unsqueeze(-1)], dim=-1)  # (B, conv_dim, d_conv)
@@ -195,9 +194,10 @@ class Mamba2(nn.Module):
         xs, Bm, Cm = F.silu(xBC).split([self.d_inner, self.G * self.N, self.G * self.N], dim=-1)
         cdt = state.ssm.dtype  # fp32 (fp64 for an fp64 model)
         dt = F.softplus(dt.to(cdt) + w.dt_bias.to(cdt))  # (B, H)
-        y, h = ssd_update(state.ssm, xs.to(cdt).view(b, self.H, self.P), dt, -torch.exp(w.A_log.to(cdt)),
-                          Bm.to(cdt).view(b, self.G, self.N), Cm.to(cdt).view(b, self.G, self.N), w.D.to(cdt))
-        y = gated_rmsnorm(y.reshape(b, self.d_inner).to(x.dtype), z, w.norm_w, self.G, self.cfg.norm_eps)
+        # -1 for the batch, never a traced constant: the exported graph keeps a dynamic batch axis
+        y, h = ssd_update(state.ssm, xs.to(cdt).view(-1, self.H, self.P), dt, -torch.exp(w.A_log.to(cdt)),
+                          Bm.to(cdt).view(-1, self.G, self.N), Cm.to(cdt).view(-1, self.G, self.N), w.D.to(cdt))
+        y = gated_rmsnorm(y.flatten(1).to(x.dtype), z, w.norm_w, self.G, self.cfg.norm_eps)
         return w.out_proj(y), Mamba2State(window[..., 1:], h)
 
 

@@ -107,10 +107,10 @@ def ssd_update(state, x, dt, A, B, C, D=None):
     state (b, H, P, N) and every input in the compute dtype: x (b, H, P), dt (b, H), A (H,), B, C (b, G, N),
     D (H,) or None -> (y (b, H, P), new state). `ssd_step` is this with checks, casts and the discretization.
     Plain ops only (expand + reshape for the groups), so the ONNX exporter traces it."""
-    b, H, P = x.shape
-    G, N = B.shape[1], B.shape[2]
-    Bh = B[:, :, None, :].expand(b, G, H // G, N).reshape(b, H, 1, N)  # each head its group's B
-    Ch = C[:, :, None, :].expand(b, G, H // G, N).reshape(b, H, N, 1)
+    H, G, N = x.shape[1], B.shape[1], B.shape[2]
+    # each head its group's B and C; -1 for the batch, so a traced graph keeps the batch axis dynamic
+    Bh = B[:, :, None, :].expand(-1, G, H // G, N).reshape(-1, H, 1, N)
+    Ch = C[:, :, None, :].expand(-1, G, H // G, N).reshape(-1, H, N, 1)
     decay = torch.exp(dt * A)[..., None, None]  # (b, H, 1, 1): exp(dt A)
     h = torch.addcmul(decay * state, (dt[..., None] * x)[..., None], Bh)  # (b, H, P, N)
     y = (h @ Ch).squeeze(-1)  # (b, H, P): h C
