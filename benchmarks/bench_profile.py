@@ -4,8 +4,8 @@
     PYTHONPATH=src python benchmarks/bench_profile.py --quick     # tiny contexts and steps, a smoke run
     PYTHONPATH=src python benchmarks/bench_profile.py --skip hf   # only the profile (or --skip profile)
 
-1. Profile (`seqlab.infer.profile.run_profile`, what `seqlab profile` runs): every available mixer (--mixers; e.g. attention,
-   sliding_attention, lstm, gru, conv, mamba, gla) at the non-embedding parameter count of a 2-layer d_model 64
+1. Profile (`seqlab.infer.profile.run_profile`, what `seqlab profile` runs): every available mixer (or --mixers)
+   at the non-embedding parameter count of a 2-layer d_model 64
    attention model, contexts 256 to 65,536; sliding attention with a 1,024-token window. Each (mixer, context) cell
    runs in a fresh process at one thread: chunked prefill (1,024 tokens per call, carrying the state), then greedy
    decoding one token at a time; state bytes from `state.nbytes` beside the analytical formula, peak RSS per phase,
