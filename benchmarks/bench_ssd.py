@@ -10,8 +10,10 @@ raw dt with dt_bias and softplus (the published init's dt in [0.001, 0.1]), A = 
 forward + backward of a fixed random projection of the output plus the final state, every input (initial state
 included) requiring grad. The chunked and the ref runs alternate inside one process (chunked, ref, chunked, ref,
 ...), so machine load hits both alike; medians over --repeats, and the ref at L >= 4096 over --long-ref-repeats (one
-run there takes seconds, and keeps L states for its backward: ~2 GB and ~4.3 GB at L = 8192). One torch thread
-(--threads). Wall time is the figure; this process's CPU time and the load average before and after are saved
+run there takes seconds). The ref's autograd graph keeps about four (P, N) states per head and step (measured: 1.0 MiB
+per token at both full shapes, so ~8 GiB at L = 8192); where that estimate exceeds --ref-max-gib (6 by default) the
+ref is skipped and recorded as null, and the chunked form is still timed (its linearity needs no ref). One torch
+thread (--threads). Wall time is the figure; this process's CPU time and the load average before and after are saved
 beside it, so a reader can tell a quiet run from a busy one.
 
 Targets (issue 15): chunked >= 10x faster than ref at L = 2048, and chunked time linear in L (time per token
@@ -59,6 +61,11 @@ def make_run(L, shape, chunk_size, gen):
     return run
 
 
+def ref_gib(L, batch, heads, head_dim, groups, d_state):
+    """The ref's autograd memory, estimated: four fp32 (P, N) states per head and step (measured at L = 512)."""
+    return 4 * 4 * L * batch * heads * head_dim * d_state / 2**30
+
+
 def alternate(run, repeats, ref_repeats, ref_warmup):
     """Alternating timed calls after a warm-up (the ref's only when `ref_warmup`: at long L one ref run takes
     seconds and warms nothing that matters): {impl: (median wall s, median CPU s)}."""
@@ -68,7 +75,7 @@ def alternate(run, repeats, ref_repeats, ref_warmup):
         run("ref")
     for i in range(repeats):
         for impl in ("chunked", "ref"):
-            if impl == "ref" and i >= ref_repeats:
+            if impl == "ref" and i >= ref_repeats:  # ref_repeats 0: the ref is skipped
                 continue
             with timers[impl]:
                 run(impl)
@@ -84,6 +91,7 @@ def main(argv=None):
     p.add_argument("--chunk-size", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--long-ref-repeats", type=int, default=1, help="ref repeats at L >= 4096")
+    p.add_argument("--ref-max-gib", type=float, default=6.0, help="skip the ref where its graph would exceed this")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="benchmarks/results/ssd.json")
     args = p.parse_args(argv)
@@ -102,25 +110,31 @@ def main(argv=None):
         for L in lengths:
             long = L >= 4096
             ref_repeats = args.long_ref_repeats if long else args.repeats
-            res = alternate(make_run(L, shape, args.chunk_size, gen), args.repeats, ref_repeats, not long)
-            (cw, cc), (rw, rc) = res["chunked"], res["ref"]
+            if ref_gib(L, *shape) > args.ref_max_gib:
+                ref_repeats = 0
+            res = alternate(make_run(L, shape, args.chunk_size, gen), args.repeats, ref_repeats,
+                            not long and ref_repeats > 0)
+            (cw, cc), (rw, rc) = res["chunked"], res.get("ref", (None, None))
             per_token[L] = cw / L
             case = dict(batch=shape[0], heads=shape[1], head_dim=shape[2], groups=shape[3], d_state=shape[4], L=L,
-                        chunked_wall_s=cw, chunked_cpu_s=cc, ref_wall_s=rw, ref_cpu_s=rc, speedup=rw / cw,
-                        repeats=args.repeats, ref_repeats=ref_repeats)
+                        chunked_wall_s=cw, chunked_cpu_s=cc, ref_wall_s=rw, ref_cpu_s=rc,
+                        speedup=None if rw is None else rw / cw, repeats=args.repeats, ref_repeats=ref_repeats,
+                        ref_gib_estimate=ref_gib(L, *shape))
             cases.append(case)
-            print(f"{'x'.join(map(str, shape))} L={L:5d}: chunked {cw * 1e3:9.1f} ms (cpu {cc * 1e3:9.1f}), "
-                  f"ref {rw * 1e3:10.1f} ms (cpu {rc * 1e3:10.1f}), {rw / cw:6.1f}x", flush=True)
+            ref = (f"ref {rw * 1e3:10.1f} ms (cpu {rc * 1e3:10.1f}), {rw / cw:6.1f}x" if rw is not None else
+                   f"ref skipped (~{ref_gib(L, *shape):.1f} GiB > --ref-max-gib {args.ref_max_gib})")
+            print(f"{'x'.join(map(str, shape))} L={L:5d}: chunked {cw * 1e3:9.1f} ms (cpu {cc * 1e3:9.1f}), {ref}",
+                  flush=True)
         ratio = per_token[max(lengths)] / per_token[min(lengths)]
         for case in cases[-len(lengths):]:
             case["per_token_ratio"] = ratio
         print(f"  chunked time per token, L={max(lengths)} vs L={min(lengths)}: {ratio:.2f}x", flush=True)
+    at_2048 = [c["speedup"] for c in cases if c["L"] == 2048 and c["speedup"] is not None]
     result = dict(what="ssd forward+backward, chunked vs ref", quick=args.quick, chunk_size=args.chunk_size,
                   torch_threads=torch.get_num_threads(), torch=torch.__version__, machine=platform.machine(),
                   python=sys.version.split()[0], load_before=load_before, load_after=load_average(),
                   total_s=time.perf_counter() - t_start, cases=cases,
-                  median_speedup_at_2048=statistics.median([c["speedup"] for c in cases if c["L"] == 2048])
-                  if 2048 in lengths else None)
+                  median_speedup_at_2048=statistics.median(at_2048) if at_2048 else None)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
