@@ -180,7 +180,8 @@ def adaptive_exit(args: argparse.Namespace, model: RecurrentDepthModel, max_step
     median CPU and wall seconds over `--repeats` runs, the configurations alternating in one process. Then, for each
     exit row, the cheapest fixed r that is at least as accurate, and the ratios of core FLOPs and CPU time."""
     task = make_task("prefix_parity", seq_len=args.test_len)
-    configs = [("fixed", r, None, True) for r in step_grid(max_steps / args.top_factor, args.top_factor)]
+    grid = sorted(set(step_grid(max_steps / args.top_factor, args.top_factor)) | set(args.exit_fixed))
+    configs = [("fixed", r, None, True) for r in grid if r <= max_steps]
     for name, thresholds in (("kl", args.kl_thresholds), ("latent", args.latent_thresholds)):
         for threshold in thresholds:
             configs += [(name, max_steps, threshold, True), (name, max_steps, threshold, False)]
@@ -430,6 +431,8 @@ def main() -> int:
                    default=[3e-2, 3e-3, 3e-4, 3e-5])
     p.add_argument("--repeats", type=int, default=3, help="timed runs of each exit/fixed configuration (median)")
     p.add_argument("--exit-batches", type=int, default=2, help="held-out batches of --eval-batch-size for exit")
+    p.add_argument("--exit-fixed", type=lambda t: [int(x) for x in t.split(",")], default=[28, 36, 40, 44],
+                   help="fixed r values added to the exit section's grid (where the accuracy turns)")
     p.add_argument("--checkpoint", type=Path, default=Path("runs/bench_thinking/parity"),
                    help="where the scaling section saves the parity model, and the exit section alone loads it")
     p.add_argument("--merge", action="store_true", help="update the sections run in an existing --out JSON")

@@ -31,12 +31,13 @@ is then frozen: every later step sees it unchanged, so what the outputs and stat
 work is scheduled. The scheduler ("wavefront") makes exited tokens stop costing core evaluations without changing
 any number (up to float rounding between one call and chunks):
 
-- the core is causal and an exited token's core input [s, e] is constant, so over the exited prefix of the chunk
-  (positions 0 .. q-1, every sequence of the batch exited there) a step computes exactly what an earlier step
-  with the same starting slot state computed. The scheduler keeps, per starting state, the core's layer states
-  after the longest prefix that was already frozen when it was computed, and runs a step only from there:
-  positions [p, T), split at q so that the next step can start at q. The KL criterion's coda pass uses the same
-  prefix cache for the coda. Core token-evaluations per step: B * (T - p).
+- the core is causal and an exited token's core input [s, e] is constant, so over a sequence's exited prefix
+  (positions 0 .. q_b - 1 of sequence b) a step computes exactly what an earlier step with the same starting slot
+  state computed. The scheduler keeps, per sequence and starting state, the core's layer states after the longest
+  prefix that was already frozen when it was computed (at multiples of T // 16, so that sequences share chunk
+  edges), and runs a step only from there: sequences with the same start as one batch, in chunks split where their
+  exited prefixes end. Core token-evaluations per step: sum over sequences of T - p_b. The KL criterion's coda
+  pass uses one such cache for the whole batch (the prefix exited in every sequence).
 - steps whose slots start from the same state share one cache: a fresh chunk (no state: every slot starts empty)
   or kv_slots = 1. With a state and N > 1 slots, each slot class keeps its own cache (it helps from the second
   visit of the class on); with kv_slots unset and a state, every step starts from its own state, so prefill
@@ -54,6 +55,7 @@ on every step: the reference the scheduler must match, and the cost without it).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -96,6 +98,24 @@ class Thought:
     trajectory: torch.Tensor | None = None
     core_evals: int = 0
     coda_evals: int = 0
+
+
+def _select(state: State | None, index: torch.Tensor) -> State | None:
+    """The sequences `index` of a layer state (along its batch axis); None stays None."""
+    if state is None:
+        return None
+    axis = type(state).batch_axis
+    return state.map(lambda t: t.index_select(axis, index))
+
+
+def _join(states: list) -> State | None:
+    """Layer states of several groups of sequences joined along the batch axis (a compact copy: no shared buffer)."""
+    if states[0] is None:
+        return None
+    axis = type(states[0]).batch_axis
+    first = states[0].map(lambda t: t)
+    return dataclasses.replace(first, **{k: torch.cat([st.tensors()[k] for st in states], dim=axis)
+                                         for k in first.tensors()})
 
 
 def _run_blocks(blocks: nn.ModuleList, x: torch.Tensor, states: tuple) -> tuple[torch.Tensor, tuple]:
@@ -289,7 +309,8 @@ class RecurrentDepthModel(nn.Module):
         # The wavefront: per starting slot state, (p, core layer states after the frozen prefix [0, p)); one key
         # for every slot when all start empty (a fresh chunk), else one per slot class.
         fresh = all(st is None for slot in slots_before for st in slot)
-        prefix: dict[int, tuple[int, tuple]] = {}
+        prefix: dict[int, list] = {}  # key -> per sequence: None or (p, its core layer states after [0, p))
+        granule = max(1, T // 16)  # caches at multiples of this: at most 16 chunks per step and group
         coda_prefix = (0, coda_states)
         core_evals = coda_evals = 0
         signal = None
@@ -302,16 +323,19 @@ class RecurrentDepthModel(nn.Module):
         for i in range(steps):
             c = i % n_slots
             key = 0 if fresh else c
-            q = self._exited_prefix(done) if schedule and exit != "none" else 0  # positions < q: all exited
-            p, start_states = prefix.get(key, (0, slots_before[c]))
             with torch.set_grad_enabled(torch.is_grad_enabled() and i >= n_nograd):
-                s_new, slots_after[c], states_q = self._core_from(s, e, p, q, start_states)
-            core_evals += B * (T - p)
-            if schedule and exit != "none":
-                prefix[key] = (q, states_q)
+                if schedule and exit != "none":
+                    exited = done.long().cumprod(1).sum(1).tolist()  # per sequence: positions < q_b all exited
+                    cache = prefix.setdefault(key, [None] * B)
+                    s_new, slots_after[c], n = self._core_rows(s, e, cache, exited, slots_before[c], granule)
+                else:
+                    s_new, slots_after[c], _ = self._core_from(s, e, 0, [], slots_before[c])
+                    n = B * T
+            core_evals += n
             if exit != "none":
                 s_new = torch.where(done[..., None], s, s_new)  # exited tokens keep their latent
                 if exit == "kl":
+                    q = int(done.long().cumprod(1).sum(1).min()) if schedule else 0  # exited in every sequence
                     new_signal, coda_prefix, n = self._kl_signal(s_new, coda_prefix, q)
                     coda_evals += B * n
                 else:
@@ -334,31 +358,58 @@ class RecurrentDepthModel(nn.Module):
             traj = torch.stack(path).float()  # (r + 1, B, T, D)
         return Thought(logits, ModelState(tuple(layers), pos + T), used, traj, core_evals, coda_evals)
 
-    @staticmethod
-    def _exited_prefix(done: torch.Tensor) -> int:
-        """The number of leading positions at which every sequence of the batch has exited."""
-        all_done = done.all(dim=0)  # (T,)
-        return int(all_done.long().cumprod(0).sum())
+    def _core_rows(self, s: torch.Tensor, e: torch.Tensor, cache: list, exited: list[int], start: tuple,
+                   granule: int) -> tuple[torch.Tensor, tuple, int]:
+        """One core step of the wavefront, per sequence: sequence b starts at its cached prefix p_b (or at 0 from
+        the slot's state `start`), sequences with the same start run as one batch, in chunks split where their
+        exited prefixes end (rounded down to `granule`), and each sequence's cache moves to its own. Returns the
+        new latents (B, T, D), the core's layer states after the chunk (batch order) and the token-evaluations
+        run."""
+        B, T, _ = s.shape
+        groups: dict[int, list[int]] = {}
+        for b in range(B):
+            groups.setdefault(cache[b][0] if cache[b] is not None else 0, []).append(b)
+        outs, ends, order, evals = [], [], [], 0
+        for p, rows in groups.items():
+            index = torch.tensor(rows, device=s.device)
+            cut = {b: exited[b] // granule * granule for b in rows}  # where each sequence's cache moves to
+            if p == 0:
+                states = tuple(_select(st, index) for st in start)
+            else:
+                states = tuple(_join([cache[b][1][j] for b in rows]) for j in range(len(start)))
+            out, end, at = self._core_from(s[index], e[index], p, list(cut.values()), states)
+            evals += len(rows) * (T - p)
+            for k, b in enumerate(rows):
+                if cut[b] > p:
+                    one = torch.tensor([k], device=s.device)
+                    cache[b] = (cut[b], tuple(_select(st, one) for st in at[cut[b]]))
+            outs.append(out)
+            ends.append(end)
+            order += rows
+        back = torch.argsort(torch.tensor(order, device=s.device))  # group order -> batch order
+        s_new = torch.cat(outs, dim=0)[back] if len(outs) > 1 else outs[0]
+        end = tuple(_select(_join([g[j] for g in ends]), back) if len(ends) > 1 else ends[0][j]
+                    for j in range(len(start)))
+        return s_new, end, evals
 
-    def _core_from(self, s: torch.Tensor, e: torch.Tensor, p: int, q: int,
-                   states: tuple) -> tuple[torch.Tensor, tuple, tuple]:
-        """One core step on positions [p, T), starting from `states` (the core's layer states after [0, p)),
-        split at q >= p. Returns the new latents (B, T, D) (positions < p keep s: they are exited), the layer
-        states after the chunk and after [0, q)."""
-        q = max(q, p)
+    def _core_from(self, s: torch.Tensor, e: torch.Tensor, p: int, cuts: list[int],
+                   states: tuple) -> tuple[torch.Tensor, tuple, dict[int, tuple]]:
+        """One core step on positions [p, T), starting from `states` (the core's layer states after [0, p)), run in
+        chunks split at `cuts` (positions in (p, T)). Returns the new latents (B, T, D) (positions < p keep s:
+        they are exited), the layer states after the chunk, and {cut: the layer states after [0, cut)}."""
+        T = s.shape[1]
+        edges = [p, *sorted(c for c in set(cuts) if p < c < T), T]
         x = self.adapter(torch.cat([s[:, p:], e[:, p:]], dim=-1))  # (B, T - p, D)
-        parts, states_q = [], states
-        if q > p:
-            y, states_q = _run_blocks(self.core, x[:, : q - p], states)
-            parts.append(y)
-        states_end = states_q
-        if q < s.shape[1]:
-            y, states_end = _run_blocks(self.core, x[:, q - p :], states_q)
-            parts.append(y)
+        parts, at = [], {}
+        for a, b in zip(edges, edges[1:]):
+            if b > a:
+                y, states = _run_blocks(self.core, x[:, a - p : b - p], states)
+                parts.append(y)
+                at[b] = states
         if not parts:  # every position was exited before p: nothing to compute
-            return s, states_end, states_q
+            return s, states, at
         out = self.latent_norm(torch.cat(parts, dim=1) if len(parts) > 1 else parts[0])
-        return (torch.cat([s[:, :p], out], dim=1) if p else out), states_end, states_q
+        return (torch.cat([s[:, :p], out], dim=1) if p else out), states, at
 
     def _kl_signal(self, s: torch.Tensor, cache: tuple[int, tuple], q: int) -> tuple[torch.Tensor, tuple, int]:
         """Log-probabilities (B, T, V) for the KL criterion, through the coda from its layer states after the
