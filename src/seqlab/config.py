@@ -27,6 +27,8 @@ from typing import Any
 from seqlab.errors import InputError
 
 ARCHS = ("lm", "recurrent_depth")
+FLOAT32_MAX = 3.4028234663852886e38  # a float field's largest magnitude: its value meets fp32 tensors
+MAX_LAYERS = 100_000  # far beyond any model; a config claiming more is a typo, refused before a tuple of them
 
 # Every mixer name a config may use, in the order the mixers registered (`register_mixer_config`), and the option
 # section of each mixer family by its key in a config ("attention" for attention and sliding_attention, ...).
@@ -85,8 +87,9 @@ def _type_name(hint: Any) -> str:
 
 
 def check_types(obj: Any, prefix: str) -> None:
-    """Every field of dataclass `obj` has its annotated type, and every float is finite (JSON's NaN and Infinity
-    parse, and would train to nan weights); else one InputError naming `prefix` + the field."""
+    """Every field of dataclass `obj` has its annotated type, and every float is finite and within float32's range
+    (JSON's NaN and Infinity parse, and would train to nan weights; 1e300 overflows the fp32 tensors it meets);
+    else one InputError naming `prefix` + the field."""
     hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
@@ -94,8 +97,9 @@ def check_types(obj: Any, prefix: str) -> None:
             raise InputError(
                 f"config field '{prefix}{f.name}' = {value!r}: expected {_type_name(hints[f.name])}"
             )
-        if isinstance(value, float) and not math.isfinite(value):
-            raise InputError(f"config field '{prefix}{f.name}' = {value!r}: expected a finite number")
+        if isinstance(value, float) and not abs(value) <= FLOAT32_MAX:  # NaN fails every comparison
+            raise InputError(f"config field '{prefix}{f.name}' = {value!r}: expected a finite number "
+                             f"(|value| <= {FLOAT32_MAX:.4g}, the float32 range it is used in)")
 
 
 def positive(obj: Any, prefix: str, *names: str) -> None:
@@ -336,6 +340,9 @@ class ModelConfig(Section):
             )
         choice("", "mixer", self.mixer, MIXERS)
         positive(self, "", "vocab_size", "d_model", "n_layers", "d_ff", "norm_eps", "init_std")
+        if self.n_layers > MAX_LAYERS:  # checked before anything lists the layers (`layer_mixers`)
+            what = "depth.prelude + depth.core + depth.coda" if self.arch == "recurrent_depth" else "'n_layers'"
+            raise InputError(f"config field {what} = {self.n_layers}: at most {MAX_LAYERS:,} layers")
         choice("", "init", self.init, ("gpt2", "torch"))
         choice("", "mlp", self.mlp, ("swiglu", "gelu", "gelu_tanh", "none"))
         choice("", "position", self.position, ("rope", "learned"))
@@ -394,7 +401,7 @@ class ModelConfig(Section):
         if not isinstance(data, dict):
             return _from_dict(cls, data, prefix)  # the error for a non-object
         # Convenience: a `layers` list alone fixes the depth.
-        if data.get("layers") is not None and "n_layers" not in data:
+        if isinstance(data.get("layers"), (list, tuple)) and "n_layers" not in data:
             data = {**data, "n_layers": len(data["layers"])}
         # Recurrent depth: the depth section fixes the block count, and sandwich norms are on unless turned off.
         if data.get("arch") == "recurrent_depth":
@@ -438,7 +445,7 @@ class TrainConfig(Section):
     stream: bool = False  # train on consecutive segments of a streaming task (corpus), not random windows
     carry_state: bool = True  # with stream: carry the detached state across segments (truncated BPTT)
     kv_window: int | None = None  # attention with carry_state: cached positions kept (None: one segment)
-    checkpoint_every: int = 0  # 0: a checkpoint at the end only (when the run has an output folder)
+    checkpoint_every: int = 100  # steps between checkpoints, so a killed run resumes (0: at the end only)
     max_nonfinite: int = 10  # stop after this many steps in a row with a non-finite loss or gradient
     device: str = "cpu"  # cpu | cuda | auto
 

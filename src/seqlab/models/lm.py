@@ -22,7 +22,7 @@ from torch import nn
 from seqlab.config import ModelConfig
 from seqlab.errors import InputError
 from seqlab.models.blocks import Block, BlockWeights, Fn, linear_fn, make_norm, norm_fn, residual
-from seqlab.models.state import ModelState, check_layer_state
+from seqlab.models.state import ModelState, check_layer_state, note_layout
 
 
 class LanguageModel(nn.Module):
@@ -89,6 +89,7 @@ class LanguageModel(nn.Module):
         new_states = []
         for block, s in zip(self.blocks, layer_states):
             x, s = block(x, s)
+            note_layout(block.mixer, s)  # what check_state compares a state passed back in with
             new_states.append(s)
         pos = (state.pos if state is not None else 0) + tokens.shape[1]
         return self.logits(self.norm(x)), ModelState(tuple(new_states), pos)

@@ -103,7 +103,9 @@ def estimate_bytes(cfg: ModelConfig, *, batch: int = 0, tokens: int = 0, trainin
         state = 0
         if not training and n:
             state = sum(counts[name] * b.mixer.state_bytes(tokens, batch) for name, b in blocks.items())
-    except (RuntimeError, OverflowError, MemoryError) as e:
+    except InputError:
+        raise
+    except (RuntimeError, OverflowError, MemoryError, TypeError, ValueError) as e:  # torch: a size past int64
         raise InputError(f"model config (d_model {cfg.d_model}, n_layers {cfg.n_layers}, vocab_size "
                          f"{cfg.vocab_size}) describes tensors too large to build: {e}") from None
     return SizeEstimate(parameters=params * FP32, training=3 * params * FP32 if training else 0, activations=act,

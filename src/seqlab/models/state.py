@@ -76,17 +76,23 @@ class ModelState:
         return self.map(lambda t: t.to(*args, **kwargs))
 
 
-# A mixer's state layout (its state class and each tensor's shape), probed once per mixer module with one token.
+# A mixer's state layout (its state class and each tensor's shape), kept per mixer module: noted from the states
+# its model returns (`note_layout`), or probed once with one token when a state arrives before any was returned.
 _LAYOUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def note_layout(mixer: nn.Module, state: Any) -> None:
+    """Remember the layout of a state `mixer` returned, so that checking a state later runs no probe."""
+    if state is not None and mixer not in _LAYOUTS:
+        _LAYOUTS[mixer] = (type(state), {k: tuple(v.shape) for k, v in state.tensors().items()})
+
+
 def _layout(mixer: nn.Module, like: torch.Tensor) -> tuple[type, dict[str, tuple[int, ...]]]:
-    layout = _LAYOUTS.get(mixer)
-    if layout is None:
+    if mixer not in _LAYOUTS:
         with torch.no_grad():
             _, probe = mixer(torch.zeros(1, 1, like.shape[-1], dtype=like.dtype, device=like.device))
-        layout = _LAYOUTS[mixer] = (type(probe), {k: tuple(v.shape) for k, v in probe.tensors().items()})
-    return layout
+        note_layout(mixer, probe)
+    return _LAYOUTS[mixer]
 
 
 def check_layer_state(mixer: nn.Module, state: Any, batch: int, like: torch.Tensor, where: str) -> None:
