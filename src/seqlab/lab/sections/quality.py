@@ -349,7 +349,8 @@ def reading(cells: list[dict], key: str, label: str, higher: bool) -> str:
     note = (" Not learned (within noise of " + ("chance" if key == "accuracy" else "order-0") + "), so not ranked: "
             + ", ".join(unlearned) + ".") if unlearned else ""
     if not ok:
-        return "No model has learned this task at this budget: the comparison says nothing." + note
+        return ("No model has learned this task at this budget (every one is within noise of "
+                + ("chance" if key == "accuracy" else "order-0") + "): the comparison says nothing.")
     order = sorted(ok, key=lambda c: c["test"][key], reverse=higher)
     best = order[0]
     if len(order) == 1:
