@@ -146,7 +146,13 @@ def test_a_config_must_be_a_json_object(tmp_path, capsys, text):
 # 5. sizes checked before allocating
 
 
-def test_a_model_too_large_is_refused_before_allocating():
+@pytest.fixture
+def machine_64gb(monkeypatch):
+    """The refusals below hold on any machine with less than ~190 GB; pin what seqlab sees to 64 GiB."""
+    monkeypatch.setattr(size, "available_bytes", lambda device="cpu": 64 << 30)
+
+
+def test_a_model_too_large_is_refused_before_allocating(machine_64gb):
     with pytest.raises(InputError, match="needs about .* GB .* available is"):
         seqlab.build_model(mixer="attention", d_model=32768, n_layers=8)
     with pytest.raises(InputError, match="too large|available is"):
@@ -173,7 +179,7 @@ def test_the_estimate_counts_parameters_and_states():
 @pytest.mark.parametrize("sets", [["model.d_model=65536"], ["train.batch_size=2147483648"],
                                   ["model.vocab_size=68719476736"],
                                   ["model.mixer=attention", "model.d_model=32768", "model.n_layers=8"]])
-def test_cli_train_too_large(tmp_path, capsys, sets):
+def test_cli_train_too_large(tmp_path, capsys, sets, machine_64gb):
     cfg = tmp_path / "run.json"
     cfg.write_text(json.dumps({**TINY_RUN, "model": {"mixer": "gru", "n_layers": 1}}))
     argv = ["train", "--config", str(cfg), "--out", str(tmp_path / "o"), "--no-progress"]
@@ -190,7 +196,7 @@ def test_a_checkpoint_claiming_a_huge_model(ckpt, tmp_path, capsys):
     assert "config.json implies" in line or "is missing" in line or "not part of the model" in line
 
 
-def test_generate_too_many_tokens(ckpt, capsys):
+def test_generate_too_many_tokens(ckpt, capsys, machine_64gb):
     line = cli_error(capsys, "generate", str(ckpt), "--tokens", "1,2", "--max-new-tokens", "1000000000000")
     assert "decoding up to 1,000,000,000,002 tokens" in line and "available is" in line
     model = seqlab.load(ckpt)
@@ -270,3 +276,14 @@ def test_state_checks_cover_every_mixer():
         x = torch.zeros(1, 3, dtype=torch.long)
         with pytest.raises(InputError, match="state layer 0"):
             small(x, wide(x)[1])
+
+
+def test_a_long_generation_is_refused_for_its_cache_not_for_a_fixed_state(machine_64gb):
+    """Decoding feeds one token at a time: a recurrent model's 10^7 tokens need their token buffer and a fixed
+    state, while attention's KV cache for 10^8 tokens (~190 GB here) is refused."""
+    from seqlab.models.size import check_decode_fits
+
+    fields = {"d_model": 128, "n_layers": 2, "vocab_size": 256}
+    check_decode_fits(seqlab.build_model(mixer="gru", **fields), 1, 10**7, torch.device("cpu"), prefill=10)
+    with pytest.raises(InputError, match=r"state 190\.7 GB"):
+        check_decode_fits(seqlab.build_model(mixer="attention", **fields), 1, 10**8, torch.device("cpu"))

@@ -44,7 +44,7 @@ def generate(model: torch.nn.Module, prompt: torch.Tensor | Sequence[int], max_n
     device = next(model.parameters()).device
     tokens = as_prompt(prompt, device)
     B, T = tokens.shape
-    check_decode_fits(model, B, T + max_new_tokens, device)
+    check_decode_fits(model, B, T + max_new_tokens, device, prefill=T)
     out = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=device)  # filled in place, no concatenation
     out[:, :T] = tokens
     if max_new_tokens == 0:
@@ -135,7 +135,8 @@ def _prompt_rows(prompts: Sequence[torch.Tensor | Sequence[int]], max_new_tokens
         if t.shape[0] != 1:
             raise InputError(f"prompt {i} has shape {tuple(t.shape)}: each prompt must be one sequence of ids")
         rows.append(t[0])
-    check_decode_fits(model, len(rows), max(len(r) for r in rows) + max_new_tokens, device)
+    check_decode_fits(model, len(rows), max(len(r) for r in rows) + max_new_tokens, device,
+                      prefill=min(len(r) for r in rows))
     buf = torch.zeros(len(rows), max(len(r) for r in rows) + max_new_tokens, dtype=torch.long, device=device)
     for i, r in enumerate(rows):
         buf[i, :len(r)] = r

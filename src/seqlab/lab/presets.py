@@ -28,7 +28,7 @@ from seqlab.config import Section, check_types, choice, positive
 from seqlab.data import make_task
 from seqlab.errors import InputError
 from seqlab.lab.sections import SECTIONS, distill, inference, latents, quality, thinking, training
-from seqlab.lab.sections.quality import split_task, task_label
+from seqlab.lab.sections.quality import split_task
 
 PRESETS = ("quick", "standard", "full")
 
@@ -75,7 +75,8 @@ def check_tasks(prefix: str, section: Section) -> None:
     """Every task a section names builds, with its training and its evaluation parameters, so a bad parameter is
     one error before the first cell runs rather than every cell failing."""
     for where, entry in task_entries(prefix, section):
-        task_label(entry)  # the entry's shape: {"name": TASK, ...}
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise InputError(f"config field '{where}' = {entry!r}: expected {{'name': TASK, ...params}}")
         for params in split_task(entry):
             try:
                 make_task(entry["name"], **params)

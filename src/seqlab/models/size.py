@@ -81,10 +81,13 @@ def _blocks(cfg: ModelConfig) -> dict[str, torch.nn.Module]:
     return out
 
 
-def estimate_bytes(cfg: ModelConfig, *, batch: int = 0, tokens: int = 0, training: bool = False) -> SizeEstimate:
+def estimate_bytes(cfg: ModelConfig, *, batch: int = 0, tokens: int = 0, training: bool = False,
+                   prefill: int | None = None) -> SizeEstimate:
     """Bytes a model with config `cfg` needs: its fp32 weights; with `training`, gradients, AdamW moments and the
-    activations of a (batch, tokens) step; without, the state after `tokens` tokens for `batch` sequences and the
-    token buffers. One InputError when the config's sizes are too large to even describe as tensors."""
+    activations of a (batch, tokens) step; without, the state after `tokens` tokens for `batch` sequences, the
+    token buffers and the activations of one parallel call over `prefill` tokens (default: all `tokens`; decoding
+    feeds one token at a time after the prompt). One InputError when the config's sizes are too large to even
+    describe as tensors."""
     try:
         blocks = _blocks(cfg)
         counts = _layer_counts(cfg)
@@ -98,8 +101,9 @@ def estimate_bytes(cfg: ModelConfig, *, batch: int = 0, tokens: int = 0, trainin
         # a token passes each block once (recurrent depth: the core about default_steps times)
         passes = cfg.n_layers + (cfg.depth.core * (cfg.depth.default_steps - 1) if cfg.arch == "recurrent_depth"
                                  else 0)
-        n = batch * tokens
-        act = n * passes * (6 * cfg.d_model + cfg.ff_dim) * FP32 + n * cfg.vocab_size * FP32 * (3 if training else 1)
+        n, n_act = batch * tokens, batch * (tokens if prefill is None else prefill)
+        logits = n_act * cfg.vocab_size * FP32 * (3 if training else 1)  # training: logits, softmax, their grad
+        act = n_act * passes * (6 * cfg.d_model + cfg.ff_dim) * FP32 + logits
         state = 0
         if not training and n:
             state = sum(counts[name] * b.mixer.state_bytes(tokens, batch) for name, b in blocks.items())
@@ -133,11 +137,13 @@ def available_bytes(device: torch.device | str = "cpu") -> int | None:
 
 
 def check_fits(cfg: ModelConfig, what: str, *, batch: int = 0, tokens: int = 0, training: bool = False,
+               prefill: int | None = None, override: str | None = "pass allow_large=True (--allow-large)",
                device: torch.device | str = "cpu", allow_large: bool = False, built: bool = False) -> SizeEstimate:
     """The estimate; one InputError naming it and the memory available when it is more than that (unless
     `allow_large`). `what` says what was asked, e.g. "build_model" or "generate with 1,000,000 new tokens".
-    built: the weights exist already (so the memory available does not include them): they are not counted."""
-    est = estimate_bytes(cfg, batch=batch, tokens=tokens, training=training)
+    built: the weights exist already (so the memory available does not include them): they are not counted.
+    override: how the caller skips the check, named in the message (None: it cannot)."""
+    est = estimate_bytes(cfg, batch=batch, tokens=tokens, training=training, prefill=prefill)
     if built:
         est = dataclasses.replace(est, parameters=0)
     free = None if allow_large else available_bytes(device)
@@ -145,17 +151,17 @@ def check_fits(cfg: ModelConfig, what: str, *, batch: int = 0, tokens: int = 0, 
         raise InputError(
             f"{what} needs about {fmt_bytes(est.total)} ({est.describe()}) but {torch.device(device).type} memory "
             f"available is {fmt_bytes(free)}; use a smaller model, batch or length (d_model {cfg.d_model}, "
-            f"n_layers {cfg.n_layers}, vocab_size {cfg.vocab_size}), or pass allow_large=True (--allow-large) "
-            "where seqlab cannot see the memory that will be used"
+            f"n_layers {cfg.n_layers}, vocab_size {cfg.vocab_size})"
+            + (f", or {override} where seqlab cannot see the memory that will be used" if override else "")
         )
     return est
 
 
-def check_decode_fits(model: torch.nn.Module, batch: int, tokens: int, device: torch.device) -> None:
+def check_decode_fits(model: torch.nn.Module, batch: int, tokens: int, device: torch.device, prefill: int = 1) -> None:
     """Before a decode loop allocates its token buffer and reserves its caches: refuse one whose state and tokens
-    for `batch` sequences of `tokens` tokens cannot fit beside the (built) model. Models without a seqlab config
-    are not checked."""
+    for `batch` sequences of `tokens` tokens (the prompt's `prefill` tokens fed in one call) cannot fit beside the
+    (built) model. Models without a seqlab config are not checked."""
     cfg = getattr(model, "config", None)
     if isinstance(cfg, ModelConfig):
         check_fits(cfg, f"decoding up to {tokens:,} tokens for {batch} sequence(s)", batch=batch, tokens=tokens,
-                   device=device, built=True)
+                   prefill=prefill, device=device, built=True, override=None)
