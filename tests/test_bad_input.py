@@ -287,3 +287,12 @@ def test_a_long_generation_is_refused_for_its_cache_not_for_a_fixed_state(machin
     check_decode_fits(seqlab.build_model(mixer="gru", **fields), 1, 10**7, torch.device("cpu"), prefill=10)
     with pytest.raises(InputError, match=r"state 190\.7 GB"):
         check_decode_fits(seqlab.build_model(mixer="attention", **fields), 1, 10**8, torch.device("cpu"))
+
+
+def test_a_recurrent_depth_state_from_another_model_is_named():
+    fields = {"arch": "recurrent_depth", "mixer": "gru", "vocab_size": 8}
+    a, b = (seqlab.build_model({**fields, "d_model": d}).eval() for d in (16, 24))
+    x = torch.zeros(1, 3, dtype=torch.long)
+    with pytest.raises(InputError, match=r"state layer 0 \(gru\): GRUState.h has shape \(1, 1, 24\)"):
+        a(x, b(x, steps=2)[1], steps=2)
+    a(x, a(x, steps=2)[1], steps=2)

@@ -67,7 +67,7 @@ from seqlab.config import ModelConfig
 from seqlab.errors import InputError
 from seqlab.models.blocks import Block, make_norm
 from seqlab.models.lm import LanguageModel, init_weights
-from seqlab.models.state import ModelState, State
+from seqlab.models.state import ModelState, State, check_layer_state
 
 EXITS = ("none", "kl", "latent")
 
@@ -457,5 +457,9 @@ class RecurrentDepthModel(nn.Module):
                 f"this recurrent-depth state holds core states for {have:g} steps (slots) but the call uses "
                 f"steps = {steps} ({n_slots} slots); continue a state with the same steps it was built with"
             )
+        blocks = (*self.prelude, *(b for _ in range(n_slots) for b in self.core), *self.coda)
+        for i, (block, s) in enumerate(zip(blocks, layers)):  # each layer's class and tensor shapes
+            if s is not None:
+                check_layer_state(block.mixer, s, None, self.embed.weight, f"state layer {i} ({block.mixer_name})")
         slots = [tuple(core[j * d.core : (j + 1) * d.core]) for j in range(n_slots)]
         return tuple(layers[: d.prelude]), slots, tuple(layers[len(layers) - d.coda :]), latent, state.pos

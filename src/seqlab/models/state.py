@@ -95,11 +95,12 @@ def _layout(mixer: nn.Module, like: torch.Tensor) -> tuple[type, dict[str, tuple
     return _LAYOUTS[mixer]
 
 
-def check_layer_state(mixer: nn.Module, state: Any, batch: int, like: torch.Tensor, where: str) -> None:
+def check_layer_state(mixer: nn.Module, state: Any, batch: int | None, like: torch.Tensor, where: str) -> None:
     """`state` is a state `mixer` could have returned for `batch` sequences: its state class, and each tensor the
     shape the mixer's own state has (any length along `time_axis`, `batch` along `batch_axis`); else one
-    InputError naming `where` (e.g. "state layer 1 (gru)") and the mismatch. `like`: a tensor of the mixer's
-    input width (D), dtype and device, for the one-token probe that reads the layout (kept per mixer module)."""
+    InputError naming `where` (e.g. "state layer 1 (gru)") and the mismatch (batch None: any batch). `like`: a
+    tensor of the mixer's input width (D), dtype and device, for the one-token probe that reads the layout when no
+    state of this mixer was noted yet (kept per mixer module)."""
     cls, shapes = _layout(mixer, like)
     if type(state) is not cls:
         raise InputError(f"{where}: got a {type(state).__name__}, but this model's mixer there keeps a "
@@ -117,6 +118,6 @@ def check_layer_state(mixer: nn.Module, state: Any, batch: int, like: torch.Tens
             want = tuple("B" if i == axes[0] else "T" if i in axes else s for i, s in enumerate(shape))
             raise InputError(f"{where}: {cls.__name__}.{name} has shape {got}, but this model's mixer there keeps "
                              f"{want}; the state comes from another model")
-        if got[axes[0]] != batch:
+        if batch is not None and got[axes[0]] != batch:
             raise InputError(f"{where}: {cls.__name__}.{name} holds {got[axes[0]]} sequences but the tokens have "
                              f"batch {batch}; pass the state of the same batch")
