@@ -88,3 +88,14 @@ def test_a_plain_cache_concatenates_and_trains_a_buffered_one_appends_in_place()
         _, next_state = model(tokens[:, 7:], buffered)  # appended in place into the same buffer
     assert next_state.layers[0].buffer is buffered.layers[0].buffer
     assert state_tensors(next_state)[0].shape[2] == 10
+
+
+def test_rotary_tables_stay_put_in_fp64():
+    """An fp64 model's RoPE tables are built once in fp64 (they were rebuilt at twice the size on every call)."""
+    model = tiny("attention").double()
+    tokens = torch.randint(0, 37, (1, 8))
+    with torch.no_grad():
+        for _ in range(4):
+            model(tokens)
+    rotary = model.blocks[0].mixer.rotary
+    assert rotary.cos_table.dtype == torch.float64 and rotary.cos_table.shape[0] == 64

@@ -119,15 +119,21 @@ class Rotary(nn.Module):
         """(cos, sin) tables, (n, hd) with n >= end: cos(angle) twice, and -sin(angle) then sin(angle), so that
         rotate_half(x) * sin == roll(x, hd/2) * signed sin."""
         cos, sin = self.cos_table, self.sin_table
-        if cos.shape[0] < end or cos.dtype != torch.float32 or cos.device != self.inv_freq.device:
+        if cos.shape[0] < end or cos.dtype != self._dtype() or cos.device != self.inv_freq.device:
             n = max(end, 2 * cos.shape[0], 64)
             with torch.inference_mode(False):  # a table built while decoding must stay usable when training
                 cos, sin = self._build(n)
             self.cos_table, self.sin_table = cos, sin
         return cos, sin
 
+    def _dtype(self) -> torch.dtype:
+        """The angles' dtype: fp32 (also for a bf16 / fp16 model, whose inv_freq would lose the positions), fp64 for
+        an fp64 model."""
+        return torch.promote_types(self.inv_freq.dtype, torch.float32)
+
     def _build(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return _cos_sin(torch.arange(n, device=self.inv_freq.device, dtype=torch.float32), self.inv_freq)
+        dtype = self._dtype()
+        return _cos_sin(torch.arange(n, device=self.inv_freq.device, dtype=dtype), self.inv_freq.to(dtype))
 
     def forward(self, x: torch.Tensor, pos0: int) -> torch.Tensor:  # x (B, H, T, hd)
         T = x.shape[-2]
@@ -137,7 +143,8 @@ class Rotary(nn.Module):
     def at(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x (B, H, T, hd) rotated at the absolute `positions` (T,), a tensor: angles computed, not looked up (the
         ONNX export, whose position is a graph input). Equals `forward(x, p0)` for positions p0 .. p0 + T - 1."""
-        cos, sin = _cos_sin(positions.to(torch.float32), self.inv_freq)
+        dtype = self._dtype()
+        cos, sin = _cos_sin(positions.to(dtype), self.inv_freq.to(dtype))
         return _rotate(x, cos, sin)
 
 
