@@ -21,13 +21,14 @@ from seqlab.errors import InputError
 DESCRIPTION = """\
 Capture the latent state s_0 .. s_N of every token of a recurrent-depth checkpoint (as the coda would read it),
 fit one PCA over every step of every token, plot chosen tokens' trajectories in PC1-PC2, PC3-PC4 and PC5-PC6 and
-every token's distance to its final state, and classify each trajectory:
-  fixed_point  the relative step ||s_i - s_(i-1)|| / mean||s|| falls below --tol and stays there (>= --hold
-               steps at the end); steps to converge = the last step that moved more than --tol
-  orbit        over the tail (last half of the steps), the state returns within --orbit-ratio x the step size
-               of where it was p steps earlier, p >= 2 (the period), while still moving
-  slider       over the tail, successive differences keep one direction (mean cosine >= --slide-cos) and the
-               step size does not shrink below 3/4 (from the first half of the tail to the second)
+every token's distance to its final state, and classify each trajectory (seqlab.analysis.latents.Rules; every
+threshold is a ratio of two lengths of the same trajectory, so the rules do not depend on the state's scale):
+  fixed_point  over the tail (the last half of the steps), the spread is at most --tol of the trajectory's own
+               excursion
+  orbit        over the tail, the state returns within --orbit-ratio of where it was p steps earlier, p >= 2
+               (the period, up to 16), seen twice, while still moving
+  slider       the tail's two halves move the same way (cosine >= --slide-cos) and the second moves about as far
+  undecided    the tail has fewer than --hold steps, or more steps would tell
   other        none of these
 Writes latents.json, report.md, report.html and plots/ into --out; reports the class shares, steps to converge,
 and the loss per class (and the Spearman correlation of converge steps with the token loss).
@@ -53,10 +54,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the task batch and of a noisy s_0 (default 0)")
     p.add_argument("--tokens", help="positions (in the first row) to plot, e.g. 0,5,9 (default: one per class)")
     p.add_argument("--components", type=int, default=6, help="principal components kept (default 6)")
-    p.add_argument("--tol", type=float, default=1e-2, help="fixed-point step tolerance (default 0.01)")
-    p.add_argument("--hold", type=int, default=3, help="still steps a fixed point needs at the end (default 3)")
-    p.add_argument("--orbit-ratio", type=float, default=0.25, help="orbit return / step ratio (default 0.25)")
-    p.add_argument("--slide-cos", type=float, default=0.9, help="slider's mean successive cosine (default 0.9)")
+    p.add_argument("--tol", type=float, default=Rules.tol, help="fixed point: the tail's spread over the "
+                   f"trajectory's excursion (default {Rules.tol})")
+    p.add_argument("--hold", type=int, default=Rules.hold, help="fewest tail steps to decide anything (default "
+                   f"{Rules.hold})")
+    p.add_argument("--orbit-ratio", type=float, default=Rules.orbit_ratio,
+                   help=f"orbit: return distance over the largest shorter-lag distance (default {Rules.orbit_ratio})")
+    p.add_argument("--slide-cos", type=float, default=Rules.slide_cos,
+                   help=f"slider: cosine of the tail halves' displacements (default {Rules.slide_cos})")
     p.add_argument("--gradflow", metavar="CKPT,CKPT", help="checkpoints for the gradient-flow section")
     p.add_argument("--gradflow-batches", type=int, default=4, help="batches for gradient flow (default 4)")
     p.add_argument("--json", action="store_true", help="print latents.json (without the per-token list)")

@@ -24,7 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", default="1,2,4,8,16,32,64", help="comma-separated r values (default 1,2,4,...,64)")
     p.add_argument("--exit", default=None, metavar="CRITERION[:THRESHOLD]",
                    help="adaptive exit too: kl (KL between successive output distributions) or latent (relative "
-                        "latent change), e.g. kl:5e-4 (default threshold 5e-4)")
+                        "latent change), e.g. latent:3e-4 (default thresholds: kl 1e-9, latent 3e-4, chosen by "
+                        "measurement; see seqlab.analysis.thinking.DEFAULT_THRESHOLDS)")
     p.add_argument("--batches", type=int, default=4, help="held-out batches per r (default 4)")
     p.add_argument("--batch-size", type=int, default=64, help="batch size (default 64)")
     p.add_argument("--seed", type=int, default=1234, help="seed of the batches and of any s_0 noise (default 1234)")
