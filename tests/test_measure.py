@@ -23,19 +23,36 @@ def test_timer_medians_and_percentiles():
     assert len(calls) == 5 and wall > 0 and cpu >= 0
 
 
-def test_peak_growth_sees_an_allocation_and_not_a_smaller_one_after_it():
-    with measure.peak_growth() as big:
-        block = bytearray(64 * 2**20)
-        block[::4096] = b"x" * len(block[::4096])  # touch every page so it is resident
-        del block
-    assert big["growth"] >= 60 * 2**20 and big["peak"] >= big["before"] + big["growth"] - 1
-    mem = measure.PeakMemory("cpu")
-    if not mem.can_reset:
-        pytest.skip("this OS cannot reset the peak RSS")
+PEAK_PROBE = """
+import importlib.util, json, sys
+spec = importlib.util.spec_from_file_location("measure", sys.argv[1])
+measure = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(measure)
+with measure.peak_growth() as big:
+    block = bytearray(64 * 2**20)
+    block[::4096] = b"x" * len(block[::4096])  # touch every page so it is resident
+    del block
+mem = measure.PeakMemory("cpu")
+out = {"big": dict(big), "can_reset": mem.can_reset, "method": mem.method}
+if mem.can_reset:
     with measure.peak_growth() as small:
         _ = bytes(1024)
-    assert small["growth"] < 16 * 2**20  # the reset forgot the 64 MiB peak before it
-    assert mem.method == "peak RSS (VmHWM, reset per phase)"
+    out["small"] = dict(small)
+print(json.dumps(out))
+"""
+
+
+def test_peak_growth_sees_an_allocation_and_not_a_smaller_one_after_it():
+    """In a fresh process (measure.py alone): in this one, earlier tests' freed memory would be reused by the
+    allocation, which then adds no resident pages and reads as no growth."""
+    got = measure.run_fresh(["-c", PEAK_PROBE, measure.__file__], {}, timeout_s=60)
+    assert "error" not in got, got
+    big = got["big"]
+    assert big["growth"] >= 60 * 2**20 and big["peak"] >= big["before"] + big["growth"] - 1
+    if not got["can_reset"]:
+        pytest.skip("this OS cannot reset the peak RSS")
+    assert got["small"]["growth"] < 16 * 2**20  # the reset forgot the 64 MiB peak before it
+    assert got["method"] == "peak RSS (VmHWM, reset per phase)"
 
 
 def test_run_fresh_returns_the_last_json_line_or_an_error():
