@@ -2,6 +2,7 @@
 
 from seqlab.checkpoint import load, save
 from seqlab.config import ModelConfig
+from seqlab.convert import convert
 from seqlab.errors import InputError
 from seqlab.generate import generate, generate_batch
 from seqlab.infer.stream import Stream
@@ -11,5 +12,5 @@ from seqlab.models import available_mixers, build_model
 
 __version__ = "0.1.0"
 
-__all__ = ["InputError", "ModelConfig", "Stream", "available_mixers", "build_model", "from_gguf", "from_hf", "generate",
-           "generate_batch", "load", "save", "__version__"]
+__all__ = ["InputError", "ModelConfig", "Stream", "available_mixers", "build_model", "convert", "from_gguf", "from_hf",
+           "generate", "generate_batch", "load", "save", "__version__"]

@@ -13,8 +13,8 @@ from seqlab import __version__
 from seqlab.errors import InputError
 
 # One module per subcommand, each with `register(subparsers)`; the order is the order of `seqlab --help`.
-COMMANDS = ("lab", "report", "train", "eval", "generate", "profile", "think", "latents", "distill", "import-hf",
-            "import-gguf", "export-onnx", "quantize")
+COMMANDS = ("lab", "report", "train", "eval", "generate", "profile", "think", "latents", "distill", "convert",
+            "import-hf", "import-gguf", "export-onnx", "quantize")
 
 
 def build_parser() -> argparse.ArgumentParser:
