@@ -57,7 +57,7 @@ class MambaConfig(Section):
     def __post_init__(self) -> None:
         check_types(self, "mamba.")
         positive(self, "mamba.", "d_state", "d_conv", "expand", "dt_rank", "dt_min", "dt_max", "chunk_size")
-        choice("mamba.", "impl", self.impl, ("chunked", "ref"))
+        choice("mamba.", "impl", self.impl, ("chunked", "ref", "kernel"))  # kernel: the `kernels` extra (numba)
         if self.dt_min > self.dt_max:
             raise InputError(f"config field 'mamba.dt_min' = {self.dt_min}: must be <= mamba.dt_max = {self.dt_max}")
 

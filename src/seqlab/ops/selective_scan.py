@@ -20,6 +20,8 @@ Entry points:
     selective_scan(..., impl="chunked")  parallel over chunks; for training and prefill
     selective_scan(..., impl="ref")      runs `selective_scan_ref` (ops/naive.py): the plain loop over time, written
                                          apart from this file (no shared helper), the twin the tests compare against
+    selective_scan(..., impl="kernel")   the fused numba kernel (ops/kernels.py, the optional `kernels` extra):
+                                         one pass forward, states recomputed in backward from checkpoints
     selective_scan_step(...)             one step from a state; O(1) decoding
     selective_scan_update(...)           the same step without checks or casts (what decoding calls)
 
@@ -27,14 +29,15 @@ Return convention: the scans ALWAYS return a tuple `(y, final_state_or_None)`, s
 `return_final_state`.
 
 Limits, honestly:
-- This is eager PyTorch: no fused kernel. Mamba-1's decay differs per (channel, state) pair, so the work is
-  O(batch * d_inner * L * N) elementwise in every algorithm (the CUDA kernel keeps that in registers; here it goes
-  through cache and memory). The chunked form wins by removing the per-step Python/autograd overhead and by a
-  hand-written backward that works in place, not by doing less arithmetic; on CPU expect several times, not orders
-  of magnitude, over the loop, less as batch * d_inner grows (benchmarks/bench_scans.py measures it).
-- Memory for forward+backward: one (batch, d_inner, L, N) fp32 tensor of states is kept for backward (1 GiB for
-  batch 4, d_inner 512, N 16, L 8192), plus the (batch, d_inner, L) inputs.
-- The chunked form's backward is first-order only (no double backward); the naive twin supports any order.
+- The chunked form is eager PyTorch (impl="kernel" is the fused one, with the optional numba extra). Mamba-1's
+  decay differs per (channel, state) pair, so the work is O(batch * d_inner * L * N) elementwise in every algorithm
+  (the CUDA kernel keeps that in registers; here it goes through cache and memory). The chunked form wins by
+  removing the per-step Python/autograd overhead and by a hand-written backward that works in place, not by doing
+  less arithmetic; on CPU expect several times, not orders of magnitude, over the loop, less as batch * d_inner
+  grows (benchmarks/bench_scans.py measures it).
+- Memory for forward+backward (chunked): one (batch, d_inner, L, N) fp32 tensor of states is kept for backward
+  (1 GiB for batch 4, d_inner 512, N 16, L 8192), plus the (batch, d_inner, L) inputs. The kernel keeps every 64th.
+- The chunked form's and the kernel's backward are first-order only; the naive twin supports any order.
 - A must be negative (Mamba parametrizes A = -exp(A_log)). With A > 0 the recurrence itself grows without bound,
   and overflow is then a property of the input, not of the algorithm. Values are not checked (that would force a
   device sync).
@@ -50,7 +53,7 @@ from seqlab.errors import InputError
 from seqlab.ops.checks import check_selective_scan, check_selective_scan_step
 from seqlab.ops.naive import selective_scan_ref
 
-IMPLS = ("ref", "chunked")
+IMPLS = ("ref", "chunked", "kernel")
 SLAB = 2**17  # values in one step of all chunks (512 KiB in fp32) above which chunk_size=None takes longer chunks
 
 
@@ -64,10 +67,12 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         delta_softplus: apply softplus to delta (after adding delta_bias).
         initial_state: (batch, d_inner, N) or None (zeros); differentiable.
         return_final_state: also return the state after the last step (differentiable).
-        impl: "chunked" (parallel over chunks) or "ref" (the naive twin `selective_scan_ref`, a loop).
+        impl: "chunked" (parallel over chunks), "ref" (the naive twin `selective_scan_ref`, a loop) or "kernel"
+            (fused, compiled by numba: needs the `kernels` extra, InputError without it; CPU tensors only).
         chunk_size: steps per chunk for impl="chunked" (ignored by "ref"). None picks it: 64, doubled while one
             step of all chunks (batch * chunks * d_inner * N values) exceeds SLAB, so the sequential passes work on
             cache-sized tensors whatever the length (measured fastest on CPU by benchmarks/bench_scans.py).
+            For impl="kernel": the steps between the states kept for backward (None: 64).
 
     Returns:
         (y, final_state): y (batch, d_inner, L) in u's dtype; final_state (batch, d_inner, N) in fp32 (fp64 for
@@ -82,6 +87,11 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         raise InputError(f"selective_scan: chunk_size must be a positive int or None, got {chunk_size!r}")
     check_selective_scan("selective_scan", u, delta, A, B, C, D, z, delta_bias, initial_state)
     cdt = _compute_dtype(u)
+    if impl == "kernel":  # fuses the discretization, skip and gate too: every input goes in as given, in cdt
+        u_c, delta_c, A_c, B_c, C_c, D_c, z_c, bias_c, x0 = (None if t is None else _to(t, cdt) for t in
+                                                             (u, delta, A, B, C, D, z, delta_bias, initial_state))
+        y, x = _kernel()(u_c, delta_c, A_c, B_c, C_c, D_c, z_c, bias_c, delta_softplus, x0, chunk_size)
+        return y.to(u.dtype), (x if return_final_state else None)
     delta = _discretize_delta(delta.to(cdt), delta_bias, delta_softplus)
     u_c, A, B, C = u.to(cdt), A.to(cdt), B.to(cdt), C.to(cdt)
     x0 = None if initial_state is None else initial_state.to(cdt)
@@ -119,6 +129,18 @@ def selective_scan_update(state, u, delta, A, B, C, D=None, z=None):
     if D is not None:
         y = y + D * u
     return (y * F.silu(z) if z is not None else y), x
+
+
+def _kernel():
+    """`selective_scan_kernel` from ops/kernels.py, or an InputError naming the extra when numba is missing."""
+    try:
+        from seqlab.ops.kernels import selective_scan_kernel  # optional dependency: numba, the `kernels` extra
+    except ModuleNotFoundError as e:
+        if e.name not in ("numba", "llvmlite"):
+            raise
+        raise InputError("selective_scan: impl='kernel' needs numba, the optional `kernels` extra: "
+                         "pip install 'seqlab[kernels]' (or use impl='chunked')") from e
+    return selective_scan_kernel
 
 
 # ---------------------------------------------------------------------------------------------------------------
