@@ -1,0 +1,161 @@
+"""The numba kernel (the `kernels` extra) against the chunked form and the sequential loop: Mamba-1's selective scan,
+forward + backward, one thread.
+
+    PYTHONPATH=src python benchmarks/bench_kernels.py            # the full run, ~3 minutes on a quiet machine
+    PYTHONPATH=src python benchmarks/bench_kernels.py --quick    # small shapes, seconds (plus ~15 s of compiling)
+
+1. Compile time (`compile`): numba compiles the kernels on their first call and caches the machine code
+   (`cache=True`). Two fresh interpreters share an empty NUMBA_CACHE_DIR: the first call of the first pays the
+   compile, the first call of the second only loads the cache; each is reported beside a second, warm call.
+2. Scan (`scan`): selective_scan with D, z, delta_bias and softplus, as a Mamba block calls it, all inputs
+   requiring grad; each timing is one forward + backward of a fixed random projection of the output and the final
+   state. Full run: L = 2048, (batch, d_inner) in (1, 256), (4, 256), (1, 512), (4, 512), N = 16. The three
+   implementations are timed alternately, one run each per round (kernel, chunked, loop), after one untimed warm-up
+   round; medians over --repeats rounds of wall time and of this process's CPU time (on a shared machine other
+   processes stretch wall time, not CPU time). Load averages before and after go into the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from seqlab.measure import load_average
+from seqlab.ops import selective_scan
+
+IMPLS = ("kernel", "chunked", "ref")  # ref: the sequential loop (the naive twin), the issue's "loop"
+
+COMPILE_PROBE = """
+import json, sys, time, torch
+from seqlab.ops import selective_scan
+torch.set_num_threads(1)
+t0 = time.perf_counter()
+import seqlab.ops.kernels  # imports numba
+imported = time.perf_counter() - t0
+x = {k: torch.randn(*s, requires_grad=True) for k, s in dict(u=(1, 8, 32), delta=(1, 8, 32), A=(8, 4), B=(1, 4, 32),
+     C=(1, 4, 32), D=(8,), z=(1, 8, 32), delta_bias=(8,)).items()}
+def call():
+    t = time.perf_counter()
+    y, s = selective_scan(**x, delta_softplus=True, return_final_state=True, impl="kernel")
+    (y.sum() + s.sum()).backward()
+    return time.perf_counter() - t
+print(json.dumps(dict(import_s=imported, first_call_s=call(), second_call_s=call())))
+"""
+
+
+def compile_section():
+    """First-call seconds of a cold cache (compiles) and of a warm one (loads), each in a fresh interpreter."""
+    out = {}
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, NUMBA_CACHE_DIR=cache, OMP_NUM_THREADS="1")
+        for name in ("cold_cache", "warm_cache"):
+            proc = subprocess.run([sys.executable, "-c", COMPILE_PROBE], env=env, capture_output=True, text=True,
+                                  check=True)
+            out[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+    out["compile_s"] = out["cold_cache"]["first_call_s"] - out["cold_cache"]["second_call_s"]
+    out["cache_load_s"] = out["warm_cache"]["first_call_s"] - out["warm_cache"]["second_call_s"]
+    print(f"compile (fp32 forward + backward, first call with an empty cache): {out['compile_s']:.1f} s; "
+          f"loading the cached code: {out['cache_load_s']:.2f} s; import numba + kernels: "
+          f"{out['cold_cache']['import_s']:.2f} s")
+    return out
+
+
+def scan_case(L, batch, d_inner, N, seed=0):
+    """run(impl): one forward + backward of the scan on fixed inputs, as a Mamba block calls it."""
+    gen = torch.Generator().manual_seed(seed)
+    x = dict(u=torch.randn(batch, d_inner, L, generator=gen),
+             delta=torch.randn(batch, d_inner, L, generator=gen) * 0.5,
+             A=-torch.arange(1, N + 1, dtype=torch.float32).repeat(d_inner, 1),  # S4D-real init, as in Mamba
+             B=torch.randn(batch, N, L, generator=gen), C=torch.randn(batch, N, L, generator=gen),
+             D=torch.ones(d_inner), z=torch.randn(batch, d_inner, L, generator=gen),
+             delta_bias=torch.log(torch.expm1(torch.full((d_inner,), 0.01))))  # softplus(bias) = 0.01
+    x = {k: t.requires_grad_() for k, t in x.items()}
+    gy = torch.randn(batch, d_inner, L, generator=gen)
+
+    def run(impl):
+        for t in x.values():
+            t.grad = None
+        y, s = selective_scan(**x, delta_softplus=True, return_final_state=True, impl=impl)
+        ((y * gy).sum() + s.sum()).backward()
+    return run
+
+
+def timed(fn):
+    w, c = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - w, time.process_time() - c
+
+
+def scan_section(shapes, L, N, repeats, impls):
+    rows = []
+    print(f"{'batch':>5s} {'d_inner':>7s} {'L':>5s} " + " ".join(f"{i + ' s':>10s}" for i in impls)
+          + f" {'kernel vs chunked':>17s} {'kernel vs loop':>14s}")
+    for batch, d_inner in shapes:
+        run = scan_case(L, batch, d_inner, N)
+        for impl in impls:  # warm-up round: first-call costs (allocator, numba dispatch) out of the figures
+            run(impl)
+        times = {impl: [] for impl in impls}
+        for _ in range(repeats):
+            for impl in impls:  # alternating: machine load hits every implementation alike
+                times[impl].append(timed(lambda impl=impl, run=run: run(impl)))
+        row = dict(batch=batch, d_inner=d_inner, L=L, N=N, repeats=repeats)
+        for impl in impls:
+            row[f"{impl}_s"] = statistics.median(w for w, _ in times[impl])
+            row[f"{impl}_cpu_s"] = statistics.median(c for _, c in times[impl])
+        if "chunked" in impls:
+            row["kernel_vs_chunked"] = row["chunked_s"] / row["kernel_s"]
+        if "ref" in impls:
+            row["kernel_vs_loop"] = row["ref_s"] / row["kernel_s"]
+        rows.append(row)
+        vs = [f"{row[k]:.1f}x" if k in row else "-" for k in ("kernel_vs_chunked", "kernel_vs_loop")]
+        print(f"{batch:5d} {d_inner:7d} {L:5d} " + " ".join(f"{row[f'{i}_s']:10.3f}" for i in impls)
+              + f" {vs[0]:>17s} {vs[1]:>14s}", flush=True)
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=None, help="JSON file (default benchmarks/results/kernels[_quick].json)")
+    p.add_argument("--quick", action="store_true", help="small shapes, 2 rounds: a smoke run")
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds per shape (medians reported)")
+    p.add_argument("--no-loop", action="store_true", help="time the kernel and the chunked form only")
+    p.add_argument("--skip", default="", help="comma-separated sections to skip: compile, scan")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    skip = set(filter(None, args.skip.split(",")))
+    if args.quick:
+        shapes, L, N, args.repeats = [(1, 64)], 256, 16, 2
+    else:
+        shapes, L, N = [(1, 256), (4, 256), (1, 512), (4, 512)], 2048, 16
+    impls = IMPLS[:2] if args.no_loop else IMPLS
+    import numba  # optional dependency: the `kernels` extra; without it this benchmark has nothing to measure
+
+    load_before = load_average()
+    print(f"torch {torch.__version__}, numba {numba.__version__}, {torch.get_num_threads()} thread, "
+          f"load average {load_before}")
+    compiled = None if "compile" in skip else compile_section()
+    rows = [] if "scan" in skip else scan_section(shapes, L, N, args.repeats, impls)
+    result = dict(torch=torch.__version__, numba=numba.__version__, threads=torch.get_num_threads(),
+                  cpus=os.cpu_count(), machine=platform.machine(), python=sys.version.split()[0],
+                  load_before=load_before, load_after=load_average(), quick=args.quick,
+                  command=" ".join(sys.argv), compile=compiled, scan=rows)
+    out = Path(args.out or f"benchmarks/results/kernels{'_quick' if args.quick else ''}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(out)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
