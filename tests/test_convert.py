@@ -178,6 +178,16 @@ def test_the_loss_reads_each_replaced_attention_on_the_teachers_own_input():
     x = teacher.blocks[0](teacher.embed(tokens))[0]
     torch.testing.assert_close(caught[1][0], teacher.blocks[1].norm1(x))
     torch.testing.assert_close(caught[1][1], teacher.blocks[1].mixer(teacher.blocks[1].norm1(x))[0])
+    gpt2 = seqlab.build_model(dict(vocab_size=37, d_model=D, n_layers=3, position="learned", mlp="gelu_tanh",
+                                   norm="layernorm", attention={"n_heads": H, "bias": True}), seed=0).eval()
+    seen = {}  # the same layers' input and output, caught in the model's own full forward
+    hooks = [gpt2.blocks[i].mixer.register_forward_hook(lambda _m, a, o, i=i: seen.__setitem__(i, (a[0], o[0])))
+             for i in (0, 1)]
+    gpt2(tokens)
+    for hook in hooks:
+        hook.remove()
+    caught = teacher_attention_io(gpt2, tokens, [0, 1])
+    assert all(torch.equal(caught[i][j], seen[i][j]) for i in (0, 1) for j in (0, 1))
 
 
 def transfer_run(tmp_path, teacher_tokens, log=None, resume=False, **train):

@@ -238,12 +238,18 @@ def replaced_layers(student: nn.Module) -> list[int]:
 def teacher_attention_io(teacher: nn.Module, tokens: torch.Tensor,
                          layers: Sequence[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """{layer: (the input to its attention (B, T, D), i.e. the normed hidden state, and the attention's output
-    (B, T, D))} from one teacher forward, caught by forward hooks on the mixers."""
+    (B, T, D))} from one teacher forward, caught by forward hooks on the mixers. The forward stops after the last
+    of `layers`: the blocks after it and the head (a fifth of SmolLM2's forward) would change nothing caught."""
     caught: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     hooks = [teacher.blocks[i].mixer.register_forward_hook(
         lambda _m, args, out, i=i: caught.__setitem__(i, (args[0], out[0]))) for i in layers]
     try:
-        teacher(tokens)
+        teacher.check_tokens(tokens)
+        x = teacher.hidden(tokens)  # (B, T, D): the language model's forward, up to block max(layers)
+        if teacher.pos_embed is not None:
+            x = x + teacher.positions(0, tokens.shape[1])
+        for block in teacher.blocks[:max(layers) + 1]:
+            x, _ = block(x)
     finally:
         for hook in hooks:
             hook.remove()
