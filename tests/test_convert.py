@@ -13,9 +13,17 @@ import seqlab
 from seqlab.checkpoint import read_tensors
 from seqlab.cli import main
 from seqlab.config import TrainConfig
-from seqlab.convert import RECURRENT, AttentionTransferLoss, attention_transfer, parse_plan, teacher_attention_io
+from seqlab.convert import (
+    RECURRENT,
+    AttentionTransferLoss,
+    attention_transfer,
+    parse_plan,
+    set_trainable,
+    teacher_attention_io,
+)
 from seqlab.data import CorpusTask
 from seqlab.data.tokenizer import byte_alphabet
+from seqlab.distill import DistillConfig, distill
 from seqlab.errors import InputError
 from seqlab.interop.gguf import gguf_tokenizer
 
@@ -229,3 +237,22 @@ def test_attention_transfer_resumes_bit_identically(tmp_path):
         a = read_tensors(tmp_path / "whole" / "run" / "checkpoint", name)
         b = read_tensors(tmp_path / "cut" / "run" / "checkpoint", name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_stage_b_distills_the_converted_student_training_only_what_is_trainable(tmp_path):
+    teacher = llama(vocab_size=300)
+    teacher.tokenizer = bpe()
+    student, _ = seqlab.convert(teacher, "gla every2:attention")
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    set_trainable(student, "mixers")
+    cfg = DistillConfig(train=TrainConfig(steps=20, batch_size=4, lr=3e-3, warmup_steps=2, log_every=1,
+                                          eval_batches=1))  # KL alone: this random teacher's data CE would pull away
+    result = distill(teacher, student, corpus(tmp_path), cfg, progress=False)
+    kl = [row["kl"] for row in result["history"]]
+    assert sum(kl[-5:]) < 0.5 * 5 * kl[0], kl
+    changed = {k for k, v in student.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(k.split(".")[1] in ("0", "2") and ".mixer." in k for k in changed)
+    set_trainable(student, "all")
+    assert all(p.requires_grad for p in student.parameters())
+    with pytest.raises(InputError, match="trainable = 'lora'"):
+        set_trainable(student, "lora")

@@ -40,6 +40,10 @@ Stage (a), attention transfer (`AttentionTransferLoss`, `attention_transfer`): e
 reproduce its teacher layer's attention output from the teacher's own input to that attention (the normed hidden
 state), mean squared error summed over the layers, every layer from one teacher forward per batch; only the new
 mixers train.
+
+Stage (b), end-to-end distillation, is `seqlab.distill.distill` (KL to the teacher's next-token distributions,
+optionally plus cross-entropy) on the converted student, after `set_trainable(student, "mixers")` (the new
+mixers only, what stage (a) leaves) or `set_trainable(student, "all")`.
 """
 
 from __future__ import annotations
@@ -235,6 +239,16 @@ def replaced_layers(student: nn.Module) -> list[int]:
     return [i for i, block in enumerate(student.blocks) if block.mixer_name in RECURRENT]
 
 
+def set_trainable(student: nn.Module, which: str) -> None:
+    """Choose what the next stage trains (`fit`'s optimizer takes only parameters with requires_grad): "mixers",
+    the replaced layers' mixers, everything else frozen (stage (a), and stage (b) on the new mixers); or "all"."""
+    if which not in ("mixers", "all"):
+        raise InputError(f"trainable = {which!r}: expected 'mixers' (the replaced layers' mixers) or 'all'")
+    student.requires_grad_(which == "all")
+    for i in replaced_layers(student):
+        student.blocks[i].mixer.requires_grad_(True)
+
+
 def teacher_attention_io(teacher: nn.Module, tokens: torch.Tensor,
                          layers: Sequence[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """{layer: (the input to its attention (B, T, D), i.e. the normed hidden state, and the attention's output
@@ -278,8 +292,8 @@ class AttentionTransferLoss(nn.Module):
         if not self.layers:
             raise InputError("the student has no recurrent layer: attention transfer has nothing to train")
         object.__setattr__(self, "teacher", teacher.eval().requires_grad_(False))  # not a submodule: see above
-        student.requires_grad_(False)
-        self.mixers = nn.ModuleList(student.blocks[i].mixer.requires_grad_(True) for i in self.layers)
+        set_trainable(student, "mixers")
+        self.mixers = nn.ModuleList(student.blocks[i].mixer for i in self.layers)
 
     def forward(self, model: nn.Module, batch: Batch, state: ModelState | None) -> Loss:
         with torch.no_grad():
