@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections import Counter
 from pathlib import Path
 
 from seqlab.checkpoint import load, save
@@ -44,10 +45,10 @@ def run(args: argparse.Namespace) -> int:
     student, record = convert(teacher, args.plan, window=args.window, seed=args.seed)
     record["teacher"]["checkpoint"] = str(args.teacher)
     save(student, args.out, json_files={"convert.json": record})
-    counts = {}
-    for status in [t["status"] for layer in record["layers"] for t in layer["tensors"].values()]:
-        counts[status] = counts.get(status, 0) + 1
-    emit(record, args.json, f"converted {args.teacher} -> {args.out}: layers {', '.join(record['plan'])}; "
-                            f"block tensors {counts}; {record['fraction_transferred']:.1%} of the parameters "
-                            "from the teacher")
+    layers = Counter(record["plan"])
+    tensors = Counter(t["status"] for layer in record["layers"] for t in layer["tensors"].values())
+    emit(record, args.json, f"converted {args.teacher} -> {args.out}: "
+                            f"{', '.join(f'{n} x {name}' for name, n in layers.items())} (per layer in convert.json); "
+                            f"block tensors {', '.join(f'{n} {status}' for status, n in tensors.items())}; "
+                            f"{record['fraction_transferred']:.1%} of the parameters in tensors copied or mapped")
     return 0
