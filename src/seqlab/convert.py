@@ -202,8 +202,8 @@ def convert(teacher: nn.Module, plan: str | Sequence[str], *, window: int | None
     sd = student.state_dict()
     for i, name in enumerate(names):
         if name in MAPS:
-            sp, tp = f"blocks.{i}.mixer", f"blocks.{i}.mixer"
-            for key, (value, how) in MAPS[name](teacher.blocks[i].mixer, student.blocks[i].mixer, sp, tp,
+            prefix = f"blocks.{i}.mixer"  # the same in teacher and student: layer i becomes layer i
+            for key, (value, how) in MAPS[name](teacher.blocks[i].mixer, student.blocks[i].mixer, prefix, prefix,
                                                 notes).items():
                 sd[key].copy_(value)
                 moved.mapped[key] = how
@@ -213,18 +213,15 @@ def convert(teacher: nn.Module, plan: str | Sequence[str], *, window: int | None
                                         "n_heads": teacher.config.attention.n_heads,
                                         "kv_heads": teacher.config.attention.kv_heads,
                                         "source": getattr(teacher, "gguf_source", {}).get("source")},
-              "layers": [], "model": {}, "notes": notes,
+              "layers": [{"layer": i, "mixer": name, "tensors": {}} for i, name in enumerate(names)],
+              "model": {}, "notes": notes,
               "fraction_transferred": moved.fraction_transferred(student)}
     for key in sd:
         status = ({"status": "copied", "from": moved.copied[key]} if key in moved.copied else
                   {"status": "mapped", "how": moved.mapped[key]} if key in moved.mapped else
                   {"status": "initialized"})
         if key.startswith("blocks."):
-            i = int(key.split(".")[1])
-            while len(record["layers"]) <= i:
-                record["layers"].append({"layer": len(record["layers"]), "mixer": names[len(record["layers"])],
-                                         "tensors": {}})
-            record["layers"][i]["tensors"][key] = status
+            record["layers"][int(key.split(".")[1])]["tensors"][key] = status
         else:
             record["model"][key] = status
     return student.eval(), record
