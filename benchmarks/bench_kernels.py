@@ -3,6 +3,7 @@ forward + backward, one thread.
 
     PYTHONPATH=src python benchmarks/bench_kernels.py            # the full run, ~3 minutes on a quiet machine
     PYTHONPATH=src python benchmarks/bench_kernels.py --quick    # small shapes, seconds (plus ~15 s of compiling)
+    PYTHONPATH=src python benchmarks/bench_kernels.py --shapes 1x256 --repeats 3 --out /tmp/k.json   # one shape
 
 1. Compile time (`compile`): numba compiles the kernels on their first call and caches the machine code
    (`cache=True`). Two fresh interpreters share an empty NUMBA_CACHE_DIR: the first call of the first pays the
@@ -129,6 +130,8 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="small shapes, 2 rounds: a smoke run")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds per shape (medians reported)")
     p.add_argument("--no-loop", action="store_true", help="time the kernel and the chunked form only")
+    p.add_argument("--shapes", default=None, help="batch x d_inner pairs, e.g. 1x256,4x512 (default: the full set)")
+    p.add_argument("--length", type=int, default=None, help="sequence length (default 2048; --quick 256)")
     p.add_argument("--skip", default="", help="comma-separated sections to skip: compile, scan")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -137,6 +140,9 @@ def main(argv=None):
         shapes, L, N, args.repeats = [(1, 64)], 256, 16, 2
     else:
         shapes, L, N = [(1, 256), (4, 256), (1, 512), (4, 512)], 2048, 16
+    if args.shapes:
+        shapes = [tuple(int(v) for v in pair.split("x")) for pair in args.shapes.split(",")]
+    L = args.length or L
     impls = IMPLS[:2] if args.no_loop else IMPLS
     import numba  # optional dependency: the `kernels` extra; without it this benchmark has nothing to measure
 

