@@ -18,6 +18,7 @@ from typing import Any
 
 import matplotlib.pyplot as plt
 
+from seqlab.analysis.stats import eval_counts, learned
 from seqlab.checkpoint import load, save
 from seqlab.config import Section as ConfigSection
 from seqlab.config import TrainConfig, check_types, layer_plan
@@ -90,9 +91,11 @@ def run(cell: Any, cfg: Config, lab: Any, cell_dir: Path, progress: bool) -> dic
         tc = cfg.teacher_train.replace(seed=lab.seed)
         result = fit(model, task_batches(task, tc), cross_entropy, tc, progress=progress, desc="distill/teacher")
         test = evaluate(model, eval_task, tc.eval_batches, tc.batch_size, seed=lab.seed + 1)
+        order0 = eval_counts(eval_task, tc.eval_batches, tc.batch_size, lab.seed + 1)["order0_bits_per_token"]
         save(model, cell_dir / "checkpoint", json_files={"train_config.json": tc.to_dict()})
         return {"params": model.num_parameters(), "d_model": model.config.d_model, "train_eval": result["eval"],
-                "test": test, "train_seconds": result["seconds"],
+                "test": test, "train_seconds": result["seconds"], "order0_bits_per_token": order0,
+                "learned": learned(None, None, test["loss"], order0),
                 "loss_curve": [[r["step"], r["loss"]] for r in result["history"]]}
     ckpt = run_dir(cell_dir) / "cells" / "distill" / "teacher" / "checkpoint"
     if not (ckpt / "model.safetensors").is_file():
@@ -192,7 +195,16 @@ def highlight(results: dict[str, Any]) -> str | None:
     students = [c for c in results["cells"] if c["cell"] != "teacher" and "error" not in c]
     if not students:
         return None
+    teacher = next((c for c in results["cells"] if c["cell"] == "teacher" and "error" not in c), None)
+    if teacher is not None and teacher.get("learned") is False:  # nothing to keep: no share of it means anything
+        bits = (f" ({teacher['test']['bits_per_byte']:.3f} bits per byte against the "
+                f"{teacher['order0_bits_per_token']:.3f} of a model that ignores the context)"
+                if "bits_per_byte" in teacher["test"] else "")
+        return f"The teacher has not learned its task{bits}, so no student's share of its quality is a finding."
     parts = []
+    if teacher is not None and "bits_per_byte" in teacher["test"] and "order0_bits_per_token" in teacher:
+        parts.append(f"the teacher reaches {teacher['test']['bits_per_byte']:.3f} bits per byte (a model that ignores "
+                     f"the context: {teacher['order0_bits_per_token']:.3f})")
     for c in students:
         text = (f"the distilled {c['student']} student keeps {c['distilled']['retained']:.3f} of the teacher's "
                 f"quality ({c['scratch']['retained']:.3f} from scratch)" if "scratch" in c else
