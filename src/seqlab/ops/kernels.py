@@ -49,6 +49,7 @@ from numba.extending import intrinsic, overload
 
 from seqlab.errors import InputError
 
+_BLOCK = 8  # channels moved together by _load / _store: 8 rows of a sequence, 8 ways of an L1 set at most
 CHECKPOINT = 64  # default K, steps between stored states: memory / K, one recomputed segment of K states in L1
 # What lets LLVM vectorize the loops: reassoc, the sums over n (no assumption about inf or nan is made); numpy's
 # error model, divisions without a ZeroDivisionError branch. And each loop over n writes one or two arrays: LLVM
@@ -74,52 +75,51 @@ def _np(t):
 
 
 class _KernelScan(torch.autograd.Function):
-    """Autograd around the two kernels. The kernels vectorize over channels, so they take time-major rows: u, delta,
-    z, y and their gradients as (b, L, d), B and C as (b, L, N), A as (N, d), states as (b, N, d) (transposed here,
-    one copy of each input: O(b L d), not O(b L d N)). Missing optional inputs go in as zeros (D, delta_bias,
-    initial state) or a flag (z), so numba compiles one specialization per dtype, not one per combination of
-    Nones."""
+    """Autograd around the two kernels. u, delta, z, y and their gradients stay (b, d, L): the kernels move one
+    segment of steps at a time between that layout and a time-major (steps, d) buffer, so no (b, d, L) tensor is
+    copied here and the gradients come back in the inputs' own layout (a transposed one would be copied once more
+    when autograd accumulates it). B and C (small: no d) go in as (b, L, N), A as (N, d), states as (b, N, d).
+    Missing optional inputs go in as zeros (D, delta_bias, initial state) or a flag (z), so numba compiles one
+    specialization per dtype, not one per combination of Nones."""
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, x0, softplus, K):
         b, d, L = u.shape
         N = A.shape[1]
-        ut, dlt, At = _rows(u), _rows(delta), A.t().contiguous()  # (b, L, d), (b, L, d), (N, d)
-        Bt, Ct = _rows(B), _rows(C)  # (b, L, N)
-        zt = _rows(z) if z is not None else ut  # unread when has_z is False
+        At, Bt, Ct = A.detach().t().contiguous(), _rows(B), _rows(C)  # (N, d), (b, L, N), (b, L, N)
+        zv = z if z is not None else u  # unread when has_z is False
         Dv = D if D is not None else u.new_zeros(d)
         bias = delta_bias if delta_bias is not None else u.new_zeros(d)
-        h0 = x0.transpose(1, 2).contiguous() if x0 is not None else u.new_zeros(b, N, d)
-        y, hL = u.new_empty(b, L, d), u.new_empty(b, N, d)
+        h0 = x0.detach().transpose(1, 2).contiguous() if x0 is not None else u.new_zeros(b, N, d)
+        y, hL = u.new_empty(b, d, L), u.new_empty(b, N, d)
         ckpt = u.new_empty(b, -(-L // K), N, d)  # the state entering steps 0, K, 2K, ...
-        _scan_forward(_np(ut), _np(dlt), _np(bias), softplus, _np(At), _np(Bt), _np(Ct), _np(Dv), _np(zt),
+        _scan_forward(_np(u), _np(delta), _np(bias), softplus, _np(At), _np(Bt), _np(Ct), _np(Dv), _np(zv),
                       z is not None, _np(h0), K, y.numpy(), hL.numpy(), ckpt.numpy())
-        ctx.save_for_backward(ut, dlt, bias, At, Bt, Ct, Dv, zt, ckpt)
+        ctx.save_for_backward(u, delta, bias, At, Bt, Ct, Dv, zv, ckpt)
         ctx.flags = (softplus, z is not None, D is not None, delta_bias is not None, x0 is not None, K)
-        return y.transpose(1, 2), hL.transpose(1, 2)
+        return y, hL.transpose(1, 2)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gy, ghL):
-        ut, dlt, bias, At, Bt, Ct, Dv, zt, ckpt = ctx.saved_tensors
+        u, delta, bias, At, Bt, Ct, Dv, zv, ckpt = ctx.saved_tensors
         softplus, has_z, has_D, has_bias, has_x0, K = ctx.flags
-        b, L, d = ut.shape
+        b, d, L = u.shape
         N = At.shape[0]
-        gy = _rows(gy) if gy is not None else ut.new_zeros(b, L, d)
-        ghL = ghL.to(ut.dtype).transpose(1, 2).contiguous() if ghL is not None else ut.new_zeros(b, N, d)
-        gu, gdelta, gz, gh0 = (ut.new_empty(b, L, d), ut.new_empty(b, L, d), ut.new_empty(b, L, d),
-                               ut.new_empty(b, N, d))
+        gy = gy if gy is not None else u.new_zeros(b, d, L)
+        ghL = ghL.to(u.dtype).transpose(1, 2).contiguous() if ghL is not None else u.new_zeros(b, N, d)
+        gu, gdelta, gz, gh0 = u.new_empty(b, d, L), u.new_empty(b, d, L), u.new_empty(b, d, L), u.new_empty(b, N, d)
         f64 = dict(dtype=torch.float64)
         gA, gB, gC = torch.zeros(N, d, **f64), torch.zeros(b, L, N, **f64), torch.zeros(b, L, N, **f64)
         gD, gbias = torch.zeros(d, **f64), torch.zeros(d, **f64)
-        _scan_backward(_np(ut), _np(dlt), _np(bias), softplus, _np(At), _np(Bt), _np(Ct), _np(Dv), _np(zt), has_z,
+        _scan_backward(_np(u), _np(delta), _np(bias), softplus, _np(At), _np(Bt), _np(Ct), _np(Dv), _np(zv), has_z,
                        _np(ckpt), K, _np(gy), _np(ghL), gu.numpy(), gdelta.numpy(), gA.numpy(), gB.numpy(),
                        gC.numpy(), gD.numpy(), gz.numpy(), gbias.numpy(), gh0.numpy(),
-                       ut.new_empty(K + 1, N, d).numpy())
-        dt = ut.dtype
-        return (gu.transpose(1, 2), gdelta.transpose(1, 2), gA.to(dt).t(), gB.to(dt).transpose(1, 2),
-                gC.to(dt).transpose(1, 2), gD.to(dt) if has_D else None, gz.transpose(1, 2) if has_z else None,
-                gbias.to(dt) if has_bias else None, gh0.transpose(1, 2) if has_x0 else None, None, None)
+                       u.new_empty(K + 1, N, d).numpy())
+        dt = u.dtype
+        return (gu, gdelta, gA.to(dt).t(), gB.to(dt).transpose(1, 2), gC.to(dt).transpose(1, 2),
+                gD.to(dt) if has_D else None, gz if has_z else None, gbias.to(dt) if has_bias else None,
+                gh0.transpose(1, 2) if has_x0 else None, None, None)
 
 
 def _rows(t):
@@ -202,8 +202,31 @@ def _sigmoid(x):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The kernels: loops over scalars that numba compiles. Every array is contiguous and time-major: [batch, step,
-# channel] or [batch, step, n]; states are [n, channel].
+# The kernels: loops over scalars that numba compiles. Sequences u, delta, z, y and their gradients are
+# [batch, channel, step] and move through time-major segment buffers [step, channel] (`_load`, `_store`); B, C are
+# [batch, step, n]; states [n, channel]. Every loop over channels is contiguous, so LLVM vectorizes it.
+
+
+@jit
+def _load(x, ib, t0, T, buf):
+    """buf[j, c] = x[ib, c, t0 + j] for j < T: one segment of every channel, time-major. Each channel's T steps are
+    read as one contiguous run; reading one step of every channel instead (a stride of L) was measured 2-3x slower
+    in all, its cache lines evicting each other."""
+    nc = x.shape[1]
+    for c0 in range(0, nc, _BLOCK):
+        for j in range(T):
+            for c in range(c0, min(c0 + _BLOCK, nc)):
+                buf[j, c] = x[ib, c, t0 + j]
+
+
+@jit
+def _store(buf, ib, t0, T, x):
+    """x[ib, c, t0 + j] = buf[j, c] for j < T: the inverse of `_load`."""
+    nc = x.shape[1]
+    for c0 in range(0, nc, _BLOCK):
+        for j in range(T):
+            for c in range(c0, min(c0 + _BLOCK, nc)):
+                x[ib, c, t0 + j] = buf[j, c]
 
 
 @jit
@@ -217,62 +240,79 @@ def _row_prep(delta, bias, u, softplus, dt, dtu):
 
 @jit
 def _scan_forward(u, delta, bias, softplus, At, B, C, D, z, has_z, h0, K, y, hL, ckpt):
-    """y[b, t, c] and the final state hL[b] (N, d) from h0; ckpt[b, s] = the state entering step s * K. Each step
-    runs every channel at once: the loops over c are the vectorized ones."""
-    nb, L, nc = u.shape
+    """y (b, d, L) and the final state hL[b] (N, d) from h0; ckpt[b, s] = the state entering step s * K. One
+    segment of K steps at a time: its u, delta, z loaded time-major, its y stored back."""
+    nb, nc, L = u.shape
     N = At.shape[0]
     h = np.empty_like(At)  # (N, d) the running state
     dt, dtu, yv, e = np.empty_like(bias), np.empty_like(bias), np.empty_like(bias), np.empty_like(bias)  # (d,)
+    ub, db, zb = np.empty((K, nc), At.dtype), np.empty((K, nc), At.dtype), np.empty((K, nc), At.dtype)
     for ib in range(nb):
         h[:] = h0[ib]
-        for t in range(L):
-            if t % K == 0:
-                ckpt[ib, t // K] = h
-            _row_prep(delta[ib, t], bias, u[ib, t], softplus, dt, dtu)
-            for c in range(nc):
-                yv[c] = D[c] * u[ib, t, c]
-            for n in range(N):
-                bn, cn = B[ib, t, n], C[ib, t, n]
-                hn, an = h[n], At[n]
-                for c in range(nc):
-                    e[c] = _exp(dt[c] * an[c])
-                for c in range(nc):
-                    hn[c] = e[c] * hn[c] + dtu[c] * bn
-                for c in range(nc):
-                    yv[c] += hn[c] * cn
+        for s in range(ckpt.shape[1]):
+            t0 = s * K
+            T = min(K, L - t0)
+            ckpt[ib, s] = h
+            _load(u, ib, t0, T, ub)
+            _load(delta, ib, t0, T, db)
             if has_z:
+                _load(z, ib, t0, T, zb)
+            for j in range(T):
+                t = t0 + j
+                _row_prep(db[j], bias, ub[j], softplus, dt, dtu)
                 for c in range(nc):
-                    y[ib, t, c] = yv[c] * z[ib, t, c] * _sigmoid(z[ib, t, c])  # times silu(z)
-            else:
-                y[ib, t] = yv
+                    yv[c] = D[c] * ub[j, c]
+                for n in range(N):
+                    bn, cn = B[ib, t, n], C[ib, t, n]
+                    hn, an = h[n], At[n]
+                    for c in range(nc):
+                        e[c] = _exp(dt[c] * an[c])
+                    for c in range(nc):
+                        hn[c] = e[c] * hn[c] + dtu[c] * bn
+                    for c in range(nc):
+                        yv[c] += hn[c] * cn
+                out = db[j]  # delta's row is used up: it takes y's
+                if has_z:
+                    for c in range(nc):
+                        out[c] = yv[c] * zb[j, c] * _sigmoid(zb[j, c])  # times silu(z)
+                else:
+                    out[:] = yv
+            _store(db, ib, t0, T, y)
         hL[ib] = h
 
 
 @jit
 def _scan_backward(u, delta, bias, softplus, At, B, C, D, z, has_z, ckpt, K, gy, ghL,
                    gu, gdelta, gA, gB, gC, gD, gz, gbias, gh0, hs):
-    """Gradients of everything from gy (b, L, d) and ghL (b, N, d), walking each sequence backwards one checkpoint
-    segment at a time: recompute the segment's K + 1 states from its checkpoint into hs (K + 1, N, d) and its decays
-    into es (K, N, d) (one exp per value instead of two; measured ~15% faster than recomputing them), then run the
-    adjoint lam (N, d) over it. gu, gdelta, gz, gh0 are written; gA (N, d), gB, gC, gD, gbias (fp64) are
-    accumulated into (gA per segment in the compute dtype first)."""
-    nb, L, nc = u.shape
+    """Gradients of everything from gy (b, d, L) and ghL (b, N, d), walking each sequence backwards one checkpoint
+    segment at a time: load the segment's u, delta, z, gy time-major; recompute its K + 1 states from its
+    checkpoint into hs (K + 1, N, d) and its decays into es (K, N, d) (one exp per value instead of two; measured
+    ~15% faster than recomputing them); run the adjoint lam (N, d) over it; store its gu, gdelta, gz. gh0 is
+    written; gA (N, d), gB, gC, gD, gbias (fp64) are accumulated into (gA per segment in the compute dtype first)."""
+    nb, nc, L = u.shape
     N = At.shape[0]
     lam, gA_seg = np.empty_like(At), np.empty_like(At)  # (N, d) the adjoint state, one segment's share of gA
     es = np.empty_like(hs[1:])  # (K, N, d) the segment's decays exp(dt A), computed once for both passes
     row = np.empty_like(bias)
     dt, dtu, g, w, acc_dt, acc_u = row.copy(), row.copy(), row.copy(), row.copy(), row.copy(), row.copy()
+    ub, db, zb, gb = (np.empty((K, nc), At.dtype), np.empty((K, nc), At.dtype), np.empty((K, nc), At.dtype),
+                      np.empty((K, nc), At.dtype))  # the segment, time-major; gb, db, zb then take gu, gdelta, gz
     for ib in range(nb):
         lam[:] = ghL[ib]
         for s in range((L - 1) // K, -1, -1):
             t0 = s * K
             T = min(K, L - t0)
+            _load(u, ib, t0, T, ub)
+            _load(delta, ib, t0, T, db)
+            _load(gy, ib, t0, T, gb)
+            if has_z:
+                _load(z, ib, t0, T, zb)
             # recompute: hs[j + 1] is the state after step t0 + j, hs[0] the one entering the segment
             hs[0] = ckpt[ib, s]
             gA_seg[:] = 0
             for j in range(T):
                 t = t0 + j
-                _row_prep(delta[ib, t], bias, u[ib, t], softplus, dt, dtu)
+                _row_prep(db[j], bias, ub[j], softplus, dt, dtu)
                 for n in range(N):
                     bn, an, en, hp, hn = B[ib, t, n], At[n], es[j, n], hs[j, n], hs[j + 1, n]
                     for c in range(nc):
@@ -281,27 +321,28 @@ def _scan_backward(u, delta, bias, softplus, At, B, C, D, z, has_z, ckpt, K, gy,
                         hn[c] = en[c] * hp[c] + dtu[c] * bn
             for j in range(T - 1, -1, -1):
                 t = t0 + j
-                _row_prep(delta[ib, t], bias, u[ib, t], softplus, dt, dtu)
-                g[:] = gy[ib, t]
+                uj, dj, zj, gj = ub[j], db[j], zb[j], gb[j]
+                _row_prep(dj, bias, uj, softplus, dt, dtu)
+                g[:] = gj
                 if has_z:  # the gate: y = p * silu(z), p = <h, C> + D u; g becomes dLoss/dp
                     for c in range(nc):
-                        w[c] = D[c] * u[ib, t, c]
+                        w[c] = D[c] * uj[c]
                     for n in range(N):
-                        cn = C[ib, t, n]
+                        cn, hn = C[ib, t, n], hs[j + 1, n]
                         for c in range(nc):
-                            w[c] += hs[j + 1, n, c] * cn
+                            w[c] += hn[c] * cn
                     for c in range(nc):
-                        zc = z[ib, t, c]
+                        zc = zj[c]
                         sg = _sigmoid(zc)
-                        gz[ib, t, c] = g[c] * w[c] * sg * (1 + zc * (1 - sg))
+                        zj[c] = g[c] * w[c] * sg * (1 + zc * (1 - sg))  # z's row is used up: it takes gz's
                         g[c] *= zc * sg
                 for c in range(nc):
-                    gD[c] += g[c] * u[ib, t, c]
+                    gD[c] += g[c] * uj[c]
                     acc_dt[c] = 0
                     acc_u[c] = 0
                 for n in range(N):
                     bn, cn = B[ib, t, n], C[ib, t, n]
-                    ln, an, hp, hn, ga = lam[n], At[n], hs[j, n], hs[j + 1, n], gA_seg[n]
+                    ln, an, hp, hn, ga, en = lam[n], At[n], hs[j, n], hs[j + 1, n], gA_seg[n], es[j, n]
                     for c in range(nc):  # lam_t = C_t g + (what flowed back from t + 1)
                         ln[c] += g[c] * cn
                     sc, sb = 0.0, 0.0  # gC and gB at (t, n): sums over channels
@@ -313,7 +354,6 @@ def _scan_backward(u, delta, bias, softplus, At, B, C, D, z, has_z, ckpt, K, gy,
                     gB[ib, t, n] += sb
                     for c in range(nc):
                         acc_u[c] += ln[c] * bn
-                    en = es[j, n]
                     for c in range(nc):  # lam e, e = exp(dt A): lam's share of lam_{t-1}
                         ln[c] *= en[c]
                     for c in range(nc):  # dLoss / d(dt A) = lam e h_{t-1}
@@ -323,13 +363,16 @@ def _scan_backward(u, delta, bias, softplus, At, B, C, D, z, has_z, ckpt, K, gy,
                     for c in range(nc):
                         acc_dt[c] += w[c] * an[c]
                 for c in range(nc):
-                    ut = u[ib, t, c]
-                    gu[ib, t, c] = g[c] * D[c] + dt[c] * acc_u[c]
-                    raw = delta[ib, t, c] + bias[c]
                     # d dt / d raw: softplus' derivative is the sigmoid (1 above torch's threshold 20)
+                    raw = dj[c] + bias[c]
                     ddt = _sigmoid(raw) if softplus and raw <= 20 else raw - raw + 1
-                    graw = (acc_dt[c] + ut * acc_u[c]) * ddt
-                    gdelta[ib, t, c] = graw
+                    graw = (acc_dt[c] + uj[c] * acc_u[c]) * ddt
                     gbias[c] += graw
+                    dj[c] = graw  # delta's row is used up: it takes gdelta's
+                    gj[c] = g[c] * D[c] + dt[c] * acc_u[c]  # gy's row takes gu's
             gA += gA_seg  # a segment's sum in the compute dtype, the total in fp64
+            _store(gb, ib, t0, T, gu)
+            _store(db, ib, t0, T, gdelta)
+            if has_z:
+                _store(zb, ib, t0, T, gz)
         gh0[ib] = lam
