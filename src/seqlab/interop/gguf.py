@@ -191,6 +191,15 @@ def gguf_to_config(meta: dict, tensors: dict[str, torch.Tensor]) -> ModelConfig:
     ))
 
 
+def gguf_config(path: str | Path) -> tuple[ModelConfig, dict[str, Any]]:
+    """The ModelConfig and the header metadata of GGUF file `path`, from the header and the tensors' shapes alone
+    (nothing dequantized): what a size or state-bytes figure needs, in seconds instead of a full import."""
+    reader = read_gguf(path)
+    shapes = {t.name: torch.empty(tuple(reversed(t.shape.tolist())), device="meta") for t in reader.tensors}
+    meta = metadata(reader)
+    return gguf_to_config(meta, shapes), meta
+
+
 def unpermute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """attn_q / attn_k rows (or bias) from llama.cpp's adjacent-pair RoPE layout back to rotate-half: within each
     head, row 2i + j -> row j * d/2 + i (d: head width). w: (n_heads * d, ...) -> the same shape."""

