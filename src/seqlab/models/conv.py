@@ -25,6 +25,16 @@ from seqlab.models.registry import register_mixer
 from seqlab.models.state import State
 
 
+def causal_conv1d_step(x: torch.Tensor, window: torch.Tensor, weight: torch.Tensor,
+                       bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token of `causal_conv1d`: x (B, C), `window` (B, C, k-1) the last inputs, weight (C, k) (the
+    depthwise kernel without its middle axis) -> (y (B, C), the new window). A dot product with the window: the
+    step every short-convolution mixer (conv, mamba, mamba2, the delta-rule family) takes."""
+    full = torch.cat([window if window.dtype == x.dtype else window.to(x.dtype), x.unsqueeze(-1)], dim=-1)  # (B, C, k)
+    y = (full * weight).sum(-1)
+    return (y + bias if bias is not None else y), full[..., 1:]
+
+
 @dataclass(frozen=True)
 class ConvConfig(Section):
     """Config section `conv`: causal depthwise convolution followed by a gated projection."""
@@ -87,6 +97,5 @@ class Conv(nn.Module):
         """One token, x (B, D) -> (B, D): the convolution as a dot product with the window of past inputs."""
         in_proj, kernel, bias, out_proj = w or self.bind()
         xs, g = in_proj(x).chunk(2, dim=-1)  # (B, D) each
-        window = torch.cat([state.window.to(xs.dtype), xs.unsqueeze(-1)], dim=-1)  # (B, D, k)
-        y = (window * kernel).sum(-1) + bias  # (B, D)
-        return out_proj(y * F.silu(g)), ConvState(window[..., 1:])
+        y, window = causal_conv1d_step(xs, state.window, kernel, bias)  # (B, D)
+        return out_proj(y * F.silu(g)), ConvState(window)

@@ -36,7 +36,7 @@ from torch import nn
 from seqlab.config import ModelConfig, Section, check_types, choice, positive
 from seqlab.errors import InputError
 from seqlab.models.blocks import Fn, linear_fn, norm_fn
-from seqlab.models.conv import causal_conv1d
+from seqlab.models.conv import causal_conv1d, causal_conv1d_step
 from seqlab.models.registry import register_mixer
 from seqlab.models.state import State
 from seqlab.ops import delta_rule, delta_rule_update
@@ -191,9 +191,8 @@ class DeltaNet(nn.Module):
         w = w or self.bind()
         B, cdt = x.shape[0], state.S.dtype
         qkv = torch.cat([w.q_proj(x), w.k_proj(x), w.v_proj(x)], -1)  # (B, C)
-        conv = state.conv if state.conv.dtype == qkv.dtype else state.conv.to(qkv.dtype)
-        window = torch.cat([conv, qkv.unsqueeze(-1)], dim=-1)  # (B, C, conv_size)
-        q, k, v = self._qkv(F.silu((window * w.conv_w).sum(-1)))  # (B, Hv, d)
+        qkv, window = causal_conv1d_step(qkv, state.conv, w.conv_w, None)  # (B, C)
+        q, k, v = self._qkv(F.silu(qkv))  # (B, Hv, d)
         beta = torch.sigmoid(w.b_proj(x))  # (B, Hv)
         if self.cfg.allow_neg_eigval:
             beta = 2 * beta
@@ -202,7 +201,7 @@ class DeltaNet(nn.Module):
             g = -torch.exp(w.A_log.to(cdt)) * F.softplus(w.a_proj(x).to(cdt) + w.dt_bias.to(cdt))
         o, S = delta_rule_update(state.S, q.to(cdt) * self.dk ** -0.5, k.to(cdt), v.to(cdt), beta.to(cdt), g)
         o = w.norm(o.to(x.dtype)) * F.silu(w.g_proj(x)).view(B, self.Hv, self.dv)  # (B, Hv, dv)
-        return w.out_proj(o.reshape(B, self.value_dim)), DeltaNetState(window[..., 1:], S)
+        return w.out_proj(o.reshape(B, self.value_dim)), DeltaNetState(window, S)
 
 
 class DeltaNetWeights(NamedTuple):

@@ -32,7 +32,7 @@ from torch import nn
 from seqlab.config import ModelConfig, Section, check_types, choice, positive
 from seqlab.errors import InputError
 from seqlab.models.blocks import Fn, linear_fn
-from seqlab.models.conv import causal_conv1d
+from seqlab.models.conv import causal_conv1d, causal_conv1d_step
 from seqlab.models.registry import register_mixer
 from seqlab.models.state import State
 from seqlab.ops import selective_scan, selective_scan_update
@@ -145,11 +145,7 @@ class Mamba(nn.Module):
         whatever the weights' dtype."""
         w = w or self.bind()
         xs, z = w.in_proj(x).chunk(2, dim=-1)  # (B, d_inner) each
-        conv = state.conv if state.conv.dtype == xs.dtype else state.conv.to(xs.dtype)
-        window = torch.cat([conv, xs.unsqueeze(-1)], dim=-1)  # (B, d_inner, d_conv)
-        xs = (window * w.conv_w).sum(-1)  # (B, d_inner)
-        if w.conv_b is not None:
-            xs = xs + w.conv_b
+        xs, window = causal_conv1d_step(xs, state.conv, w.conv_w, w.conv_b)  # (B, d_inner)
         xs = F.silu(xs)
         dt, Bm, Cm = w.x_proj(xs).split([self.dt_rank, self.N, self.N], dim=-1)  # (B, .)
         cdt = state.ssm.dtype  # fp32 (fp64 for an fp64 model)
@@ -161,7 +157,7 @@ class Mamba(nn.Module):
             y, h = selective_scan_update(state.ssm, xs.to(cdt), delta, w.A().to(cdt), Bm.to(cdt),
                                          Cm.to(cdt), w.D.to(cdt), z.to(cdt))
             y = y.to(xs.dtype)
-        return w.out_proj(y), MambaState(window[..., 1:], h)
+        return w.out_proj(y), MambaState(window, h)
 
 
 class Decay:

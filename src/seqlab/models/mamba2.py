@@ -34,7 +34,7 @@ from torch import nn
 from seqlab.config import ModelConfig, Section, check_types, choice, positive
 from seqlab.errors import InputError
 from seqlab.models.blocks import Fn, linear_fn
-from seqlab.models.conv import causal_conv1d
+from seqlab.models.conv import causal_conv1d, causal_conv1d_step
 from seqlab.models.registry import register_mixer
 from seqlab.models.state import State
 from seqlab.ops import ssd, ssd_update
@@ -186,11 +186,7 @@ class Mamba2(nn.Module):
         fp64) whatever the weights' dtype."""
         w = w or self.bind()
         z, xBC, dt = w.in_proj(x).split([self.d_inner, self.conv_dim, self.H], dim=-1)
-        conv = state.conv if state.conv.dtype == xBC.dtype else state.conv.to(xBC.dtype)
-        window = torch.cat([conv, xBC.unsqueeze(-1)], dim=-1)  # (B, conv_dim, d_conv)
-        xBC = (window * w.conv_w).sum(-1)  # (B, conv_dim)
-        if w.conv_b is not None:
-            xBC = xBC + w.conv_b
+        xBC, window = causal_conv1d_step(xBC, state.conv, w.conv_w, w.conv_b)  # (B, conv_dim)
         xs, Bm, Cm = F.silu(xBC).split([self.d_inner, self.G * self.N, self.G * self.N], dim=-1)
         cdt = state.ssm.dtype  # fp32 (fp64 for an fp64 model)
         dt = F.softplus(dt.to(cdt) + w.dt_bias.to(cdt))  # (B, H)
@@ -198,7 +194,7 @@ class Mamba2(nn.Module):
         y, h = ssd_update(state.ssm, xs.to(cdt).view(-1, self.H, self.P), dt, -torch.exp(w.A_log.to(cdt)),
                           Bm.to(cdt).view(-1, self.G, self.N), Cm.to(cdt).view(-1, self.G, self.N), w.D.to(cdt))
         y = gated_rmsnorm(y.flatten(1).to(x.dtype), z, w.norm_w, self.G, self.cfg.norm_eps)
-        return w.out_proj(y), Mamba2State(window[..., 1:], h)
+        return w.out_proj(y), Mamba2State(window, h)
 
 
 class Mamba2Weights(NamedTuple):
