@@ -10,7 +10,7 @@ from seqlab.interop.hf import import_hf
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "import-hf", help="import a Hugging Face checkpoint (GPT-2, Llama, Mamba) as a seqlab checkpoint",
+        "import-hf", help="import a Hugging Face checkpoint (GPT-2, Llama, Mamba, Mamba-2) as a seqlab checkpoint",
         description="Read a Hugging Face model folder (config.json + model.safetensors, or a sharded "
                     "model.safetensors.index.json) with safetensors alone (transformers is not needed and no code "
                     "from the folder runs), map it onto seqlab's mixers exactly, and save a seqlab checkpoint "
