@@ -41,3 +41,35 @@ def need_onnx() -> None:
     for name in ("onnx", "onnxruntime"):
         pytest.importorskip(name, reason=f"{name} is not installed (pip install 'seqlab[onnx]'): ONNX export "
                                          "checks skipped")
+
+
+def outputs_and_grads(fn, x: dict, seed: int = 1):
+    """For an op `fn(**inputs) -> (output, final state)`: the output, the final state and the gradient of every
+    input (a fresh leaf copy of each tensor in `x`) for a fixed random cotangent drawn from `seed`."""
+    x = {k: v.detach().clone().requires_grad_() for k, v in x.items()}
+    out, state = fn(**x)
+    gen = torch.Generator().manual_seed(seed)
+    g_out = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.dtype)
+    g_state = torch.randn(state.shape, generator=gen, dtype=torch.float64).to(state.dtype)
+    names = list(x)
+    grads = torch.autograd.grad((out * g_out).sum() + (state * g_state).sum(), [x[n] for n in names])
+    return out.detach(), state.detach(), dict(zip(names, grads))
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| relative to max |b| (elementwise relative error is meaningless near zero)."""
+    a, b = a.double(), b.double()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+def assert_matches(got, want, tol: float, what: str = "") -> None:
+    """(output, final state, {input: gradient}) `got` equals `want` within relative error `tol`, every gradient
+    finite and of the same inputs."""
+    out, state, g = got
+    out0, state0, g0 = want
+    assert rel_err(out, out0) <= tol, f"{what} output: {rel_err(out, out0):.2e}"
+    assert rel_err(state, state0) <= tol, f"{what} final state: {rel_err(state, state0):.2e}"
+    assert set(g) == set(g0)
+    for n in g0:
+        assert torch.isfinite(g[n]).all(), f"{what} grad {n} not finite"
+        assert rel_err(g[n], g0[n]) <= tol, f"{what} grad {n}: {rel_err(g[n], g0[n]):.2e}"

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_matches, outputs_and_grads, rel_err
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -37,33 +38,10 @@ def make_inputs(B, H, L, dk, dv, seed, *, init=True, gate="mild", beta="mid", dt
 def run(x, impl, chunk_size=64, scale=None, seed=1):
     """o, final state and the gradient of every input for a fixed random cotangent. impl "ref" calls the naive twin
     itself, "chunked" the fast form."""
-    x = {k: v.detach().clone().requires_grad_() for k, v in x.items()}
     if impl == "ref":
-        o, s = delta_rule_ref(**x, return_final_state=True, scale=scale)
-    else:
-        o, s = delta_rule(**x, return_final_state=True, chunk_size=chunk_size, scale=scale)
-    gen = torch.Generator().manual_seed(seed)
-    go = torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.dtype)
-    gs = torch.randn(s.shape, generator=gen, dtype=torch.float64).to(s.dtype)
-    names = list(x)
-    grads = torch.autograd.grad((o * go).sum() + (s * gs).sum(), [x[n] for n in names])
-    return o.detach(), s.detach(), dict(zip(names, grads))
-
-
-def rel_err(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
-
-
-def assert_matches(got, want, tol, what=""):
-    o, s, g = got
-    o0, s0, g0 = want
-    assert rel_err(o, o0) <= tol, f"{what} output: {rel_err(o, o0):.2e}"
-    assert rel_err(s, s0) <= tol, f"{what} final state: {rel_err(s, s0):.2e}"
-    assert set(g) == set(g0)
-    for n in g0:
-        assert torch.isfinite(g[n]).all(), f"{what} grad {n} not finite"
-        assert rel_err(g[n], g0[n]) <= tol, f"{what} grad {n}: {rel_err(g[n], g0[n]):.2e}"
+        return outputs_and_grads(lambda **k: delta_rule_ref(**k, return_final_state=True, scale=scale), x, seed)
+    return outputs_and_grads(lambda **k: delta_rule(**k, return_final_state=True, chunk_size=chunk_size,
+                                                    scale=scale), x, seed)
 
 
 @settings(max_examples=40, deadline=None, derandomize=True)

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from helpers import assert_matches, outputs_and_grads, rel_err
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -38,33 +39,11 @@ def make_inputs(b, d, N, L, seed, *, optional=True, strong=False, dtype=torch.fl
 def run(x, impl, softplus=True, chunk_size=64, seed=1):
     """y, final state and the gradient of every input for a fixed random cotangent. impl "ref" calls the naive twin
     itself, "chunked" the fast scan."""
-    x = {k: v.detach().clone().requires_grad_() for k, v in x.items()}
     if impl == "ref":
-        y, s = selective_scan_ref(**x, delta_softplus=softplus, return_final_state=True)
-    else:
-        y, s = selective_scan(**x, delta_softplus=softplus, return_final_state=True, chunk_size=chunk_size)
-    gen = torch.Generator().manual_seed(seed)
-    gy = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(y.dtype)
-    gs = torch.randn(s.shape, generator=gen, dtype=torch.float64).to(s.dtype)
-    names = list(x)
-    grads = torch.autograd.grad((y * gy).sum() + (s * gs).sum(), [x[n] for n in names])
-    return y.detach(), s.detach(), dict(zip(names, grads))
-
-
-def rel_err(a, b):
-    """max |a - b| relative to max |b| (elementwise relative error is meaningless near zero)."""
-    a, b = a.double(), b.double()
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
-
-
-def assert_matches(got, want, tol, what=""):
-    y, s, g = got
-    y0, s0, g0 = want
-    assert rel_err(y, y0) <= tol, f"{what} output"
-    assert rel_err(s, s0) <= tol, f"{what} final state"
-    for n in g0:
-        assert torch.isfinite(g[n]).all(), f"{what} grad {n} not finite"
-        assert rel_err(g[n], g0[n]) <= tol, f"{what} grad {n}: {rel_err(g[n], g0[n]):.2e}"
+        return outputs_and_grads(lambda **k: selective_scan_ref(**k, delta_softplus=softplus, return_final_state=True),
+                                 x, seed)
+    return outputs_and_grads(lambda **k: selective_scan(**k, delta_softplus=softplus, return_final_state=True,
+                                                        chunk_size=chunk_size), x, seed)
 
 
 @settings(max_examples=40, deadline=None, derandomize=True)

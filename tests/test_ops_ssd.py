@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import need_onnx, tiny
+from helpers import assert_matches, need_onnx, outputs_and_grads, rel_err, tiny
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -40,34 +40,11 @@ def make_inputs(b, L, H, P, G, N, seed, *, init=True, strong=False, bias=True, s
 def run(x, impl, chunk_size=64, seed=1):
     """y, final state and the gradient of every input for a fixed random cotangent. impl "ref" calls the naive twin
     itself, "chunked" the fast scan."""
-    x = {k: v.detach().clone().requires_grad_() for k, v in x.items()}
     soft = "dt_bias" in x
     if impl == "ref":
-        y, h = ssd_ref(**x, dt_softplus=soft, return_final_state=True)
-    else:
-        y, h = ssd(**x, dt_softplus=soft, return_final_state=True, chunk_size=chunk_size)
-    gen = torch.Generator().manual_seed(seed)
-    gy = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(y.dtype)
-    gh = torch.randn(h.shape, generator=gen, dtype=torch.float64).to(h.dtype)
-    names = list(x)
-    grads = torch.autograd.grad((y * gy).sum() + (h * gh).sum(), [x[n] for n in names])
-    return y.detach(), h.detach(), dict(zip(names, grads))
-
-
-def rel_err(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
-
-
-def assert_matches(got, want, tol, what=""):
-    y, h, g = got
-    y0, h0, g0 = want
-    assert rel_err(y, y0) <= tol, f"{what} output: {rel_err(y, y0):.2e}"
-    assert rel_err(h, h0) <= tol, f"{what} final state: {rel_err(h, h0):.2e}"
-    assert set(g) == set(g0)
-    for n in g0:
-        assert torch.isfinite(g[n]).all(), f"{what} grad {n} not finite"
-        assert rel_err(g[n], g0[n]) <= tol, f"{what} grad {n}: {rel_err(g[n], g0[n]):.2e}"
+        return outputs_and_grads(lambda **k: ssd_ref(**k, dt_softplus=soft, return_final_state=True), x, seed)
+    return outputs_and_grads(lambda **k: ssd(**k, dt_softplus=soft, return_final_state=True, chunk_size=chunk_size),
+                             x, seed)
 
 
 @settings(max_examples=40, deadline=None, derandomize=True)
