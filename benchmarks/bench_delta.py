@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from seqlab.measure import Timer, load_average
+from seqlab.measure import alternate, load_average
 from seqlab.ops import delta_rule
 
 
@@ -65,22 +65,6 @@ def ref_memory(L, batch, heads, dk, dv):
     return int(batch * L * heads * (dk * dk + 4 * dk * dv) * 4 * 1.2)
 
 
-def alternate(run, repeats, ref_repeats, ref_warmup):
-    """Alternating timed calls after a warm-up (the ref's only when `ref_warmup`: at long L one ref run takes
-    many seconds and warms nothing that matters): {impl: (median wall s, median CPU s)}."""
-    timers = {"chunked": Timer(), "ref": Timer()}
-    run("chunked")
-    if ref_warmup:
-        run("ref")
-    for i in range(repeats):
-        for impl in ("chunked", "ref"):
-            if impl == "ref" and i >= ref_repeats:
-                continue
-            with timers[impl]:
-                run(impl)
-    return {impl: (t.median_wall, t.median_cpu) for impl, t in timers.items() if len(t)}
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small shapes and lengths: a smoke run of seconds")
@@ -111,8 +95,10 @@ def main(argv=None):
             for L in lengths:
                 long, ref_gib = L >= 4096, ref_memory(L, *shape) / 2**30
                 ref_repeats = 0 if ref_gib > args.ref_max_gib else args.long_ref_repeats if long else args.repeats
-                res = alternate(make_run(L, shape, gated, args.chunk_size, gen), args.repeats, ref_repeats,
-                                ref_repeats and not long)
+                # the ref warms up only at short L: one ref run at long L takes many seconds and warms nothing
+                res = alternate(make_run(L, shape, gated, args.chunk_size, gen),
+                                {"chunked": args.repeats, "ref": min(ref_repeats, args.repeats)},
+                                warmup=("chunked", "ref") if ref_repeats and not long else ("chunked",))
                 (cw, cc), (rw, rc) = res["chunked"], res.get("ref", (None, None))
                 per_token[L] = cw / L
                 case = dict(gated=gated, batch=shape[0], heads=shape[1], dk=shape[2], dv=shape[3], L=L,

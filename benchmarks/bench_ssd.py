@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from seqlab.measure import Timer, load_average
+from seqlab.measure import alternate, load_average
 from seqlab.ops import ssd
 
 
@@ -66,22 +66,6 @@ def ref_gib(L, batch, heads, head_dim, groups, d_state):
     return 4 * 4 * L * batch * heads * head_dim * d_state / 2**30
 
 
-def alternate(run, repeats, ref_repeats, ref_warmup):
-    """Alternating timed calls after a warm-up (the ref's only when `ref_warmup`: at long L one ref run takes
-    seconds and warms nothing that matters): {impl: (median wall s, median CPU s)}."""
-    timers = {"chunked": Timer(), "ref": Timer()}
-    run("chunked")
-    if ref_warmup:
-        run("ref")
-    for i in range(repeats):
-        for impl in ("chunked", "ref"):
-            if impl == "ref" and i >= ref_repeats:  # ref_repeats 0: the ref is skipped
-                continue
-            with timers[impl]:
-                run(impl)
-    return {impl: (t.median_wall, t.median_cpu) for impl, t in timers.items() if len(t)}
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small shapes and lengths: a smoke run of seconds")
@@ -112,8 +96,10 @@ def main(argv=None):
             ref_repeats = args.long_ref_repeats if long else args.repeats
             if ref_gib(L, *shape) > args.ref_max_gib:
                 ref_repeats = 0
-            res = alternate(make_run(L, shape, args.chunk_size, gen), args.repeats, ref_repeats,
-                            not long and ref_repeats > 0)
+            # the ref warms up only at short L: one ref run at long L takes seconds and warms nothing
+            res = alternate(make_run(L, shape, args.chunk_size, gen),
+                            {"chunked": args.repeats, "ref": min(ref_repeats, args.repeats)},
+                            warmup=("chunked", "ref") if ref_repeats and not long else ("chunked",))
             (cw, cc), (rw, rc) = res["chunked"], res.get("ref", (None, None))
             per_token[L] = cw / L
             case = dict(batch=shape[0], heads=shape[1], head_dim=shape[2], groups=shape[3], d_state=shape[4], L=L,

@@ -76,3 +76,10 @@ def test_measure_imports_no_torch():
 
     out = subprocess.run([sys.executable, "-c", code, measure.__file__], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_alternate_interleaves_rounds_and_skips_what_has_no_repeats():
+    calls = []
+    got = measure.alternate(calls.append, {"fast": 3, "slow": 1, "never": 0}, warmup=("fast",))
+    assert calls == ["fast", "fast", "slow", "fast", "fast"]  # the warm-up, then rounds in the dict's order
+    assert set(got) == {"fast", "slow"} and all(len(v) == 2 and v[0] >= 0 and v[1] >= 0 for v in got.values())

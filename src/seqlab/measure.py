@@ -87,6 +87,22 @@ def median_time(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> tuple[f
     return timer.median_wall, timer.median_cpu
 
 
+def alternate(run: Callable[[str], Any], repeats: dict[str, int],
+              warmup: tuple[str, ...] = ()) -> dict[str, tuple[float, float]]:
+    """Time the variants `run(name)` alternating, so that the machine's drift hits them alike: the names in `warmup`
+    run once untimed first, then round i runs every name whose `repeats` exceed i, in the dict's order. Returns
+    {name: (median wall s, median CPU s)} for the names timed at least once (0 repeats: skipped)."""
+    for name in warmup:
+        run(name)
+    timers = {name: Timer() for name in repeats}
+    for i in range(max(repeats.values(), default=0)):
+        for name, n in repeats.items():
+            if i < n:
+                with timers[name]:
+                    run(name)
+    return {name: (t.median_wall, t.median_cpu) for name, t in timers.items() if len(t)}
+
+
 def load_average() -> list[float] | None:
     """The 1, 5 and 15 minute load averages of the machine (None where the OS has none)."""
     try:
