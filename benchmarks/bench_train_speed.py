@@ -1,7 +1,7 @@
 """Training speed at matched parameters: tokens/s of a training step (forward, backward, AdamW) per mixer against
 attention, at long sequence lengths, on one CPU thread.
 
-    PYTHONPATH=src python benchmarks/bench_train_speed.py                     # L = 1024 and 4096, ~10 minutes
+    PYTHONPATH=src python benchmarks/bench_train_speed.py                     # L = 1024 and 4096, ~30 s quiet
     PYTHONPATH=src python benchmarks/bench_train_speed.py --quick             # a smoke run, seconds
     PYTHONPATH=src python benchmarks/bench_train_speed.py --mixers attention,gated_deltanet,mamba2 --lens 1024
 
