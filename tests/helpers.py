@@ -73,3 +73,12 @@ def assert_matches(got, want, tol: float, what: str = "") -> None:
     for n in g0:
         assert torch.isfinite(g[n]).all(), f"{what} grad {n} not finite"
         assert rel_err(g[n], g0[n]) <= tol, f"{what} grad {n}: {rel_err(g[n], g0[n]):.2e}"
+
+
+def carried_run(model, tokens: torch.Tensor, split: int = 4):
+    """Logits of tokens[:, split:] fed from the state after tokens[:, :split] (so scans start from a nonzero state),
+    the state after them, and every parameter's gradient of mean(logits^2): what two implementations must share."""
+    _, state = model(tokens[:, :split])
+    logits, state = model(tokens[:, split:], state)
+    logits.square().mean().backward()
+    return logits, state, {n: p.grad for n, p in model.named_parameters()}

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from helpers import assert_states_close, tiny
+from helpers import assert_states_close, carried_run, tiny
 from test_ops_selective_scan import make_inputs, rel_err
 
 from seqlab.errors import InputError
@@ -96,12 +96,7 @@ def test_mamba_model_kernel_matches_chunked():
     chunked scans (fp32, so the kernel's exp and the chunked sums differ in rounding only)."""
     models = [tiny("mamba", mamba={"chunk_size": 8, "impl": impl}) for impl in ("chunked", "kernel")]
     tokens = torch.randint(0, 37, (2, 21), generator=torch.Generator().manual_seed(5))
-    results = []
-    for model in models:
-        _, state = model(tokens[:, :4])  # a carried state, so the scans start from a nonzero one
-        logits, state = model(tokens[:, 4:], state)
-        logits.square().mean().backward()
-        results.append((logits, state, {n: p.grad for n, p in model.named_parameters()}))
+    results = [carried_run(model, tokens) for model in models]
     (fast, fast_state, fast_grads), (kern, kern_state, kern_grads) = results
     assert models[1].blocks[0].mixer.cfg.impl == "kernel"
     torch.testing.assert_close(kern, fast, atol=1e-5, rtol=1e-5)

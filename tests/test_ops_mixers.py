@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_states_close, tiny
+from helpers import assert_states_close, carried_run, tiny
 
 import seqlab
 import seqlab.models.gla as gla_module
@@ -39,12 +39,7 @@ def test_impl_ref_model_matches_the_chunked_model(mixer):
     cfg = {"chunk_size": 8} if mixer == "mamba" else {"n_heads": 2, "chunk_size": 8}
     models = [tiny(mixer, **{mixer: {**cfg, "impl": impl}}).double() for impl in ("chunked", "ref")]
     tokens = torch.randint(0, 37, (2, 21), generator=torch.Generator().manual_seed(5))
-    results = []
-    for model in models:
-        _, state = model(tokens[:, :4])  # a carried state, so the scans start from a nonzero one
-        logits, state = model(tokens[:, 4:], state)
-        logits.square().mean().backward()
-        results.append((logits, state, {n: p.grad for n, p in model.named_parameters()}))
+    results = [carried_run(model, tokens) for model in models]
     (fast, fast_state, fast_grads), (ref, ref_state, ref_grads) = results
     assert models[1].blocks[0].mixer.cfg.impl == "ref"
     torch.testing.assert_close(fast, ref, atol=1e-10, rtol=1e-10)
