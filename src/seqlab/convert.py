@@ -42,28 +42,42 @@ state), mean squared error summed over the layers, every layer from one teacher 
 mixers train.
 
 Stage (b), end-to-end distillation, is `seqlab.distill.distill` (KL to the teacher's next-token distributions,
-optionally plus cross-entropy) on the converted student, after `set_trainable(student, "mixers")` (the new
-mixers only, what stage (a) leaves) or `set_trainable(student, "all")`.
+optionally plus cross-entropy) on the converted student, training the new mixers only (what stage (a) leaves),
+the new mixers and low-rank adapters on the linear layers kept from the teacher (`seqlab.models.lora`, merged into
+the weights afterwards), or everything.
+
+The whole recipe, `run_conversion(teacher, plan, task, Recipe(...), out=DIR)`: convert, evaluate the weight
+transfer alone, run the stages in order (each on `fit`, with its own checkpoints for resume), evaluate after each,
+count each stage's training FLOPs (`training_flops`), and write recipe, metrics and the student (`seqlab convert
+--stages a,b`).
 """
 
 from __future__ import annotations
 
+import copy
+import json
+import os
 import re
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
-from seqlab.config import MIXERS, ModelConfig, TrainConfig, layer_plan
-from seqlab.data import Batch, Task
-from seqlab.distill import _attention_weights, read_as_teacher, transfer_weights
+from seqlab.checkpoint import save
+from seqlab.config import MIXERS, ModelConfig, Section, TrainConfig, check_types, choice, layer_plan, positive
+from seqlab.data import Batch, Metrics, Task
+from seqlab.distill import DistillConfig, _attention_weights, distill, read_as_teacher, transfer_weights
 from seqlab.errors import InputError
 from seqlab.models import ModelState, build_model
+from seqlab.models.lora import add_lora, merge_lora
 from seqlab.train import fit, task_batches
 from seqlab.train.distributed import init_world
 from seqlab.train.losses import Loss
+from seqlab.train.resume import find_checkpoint
 from seqlab.train.trainer import resolve_device
 
 ATTENTION = ("attention", "sliding_attention")
@@ -319,3 +333,240 @@ def attention_transfer(teacher: nn.Module, student: nn.Module, task: Task, cfg: 
     teacher.to(resolve_device(cfg.device, init_world(cfg.device)))
     return fit(student, task_batches(task, cfg), loss, cfg, progress=progress, desc="attention transfer", log=log,
                eval_task=eval_task, checkpoint_dir=checkpoint_dir, resume_from=resume_from)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the stage runner: a recipe, stages (a) and (b) on fit, evaluation and compute
+
+
+STAGES = ("a", "b")
+TRAINS = ("mixers", "lora", "all")
+
+
+def _stage_train(steps: int, lr: float, batch_size: int = 4) -> TrainConfig:
+    return TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=max(1, steps // 10), log_every=1,
+                       eval_batches=1, checkpoint_every=50)
+
+
+@dataclass(frozen=True)
+class Recipe(Section):
+    """How `run_conversion` trains a converted student. Stage (a) is attention transfer (`attention_transfer`),
+    stage (b) end-to-end distillation (`seqlab.distill.distill`: temperature^2 KL(teacher || student) at
+    `temperature`, plus `ce_weight` x cross-entropy on the data). Each stage has its own optimization (`a`, `b`:
+    steps, lr, batch_size, grad_accum, precision, device, ...) and window length (`seq_len_a`, `seq_len_b`, tokens
+    of the teacher's tokenizer). `train` says what stage (b) trains besides the new mixers: nothing ("mixers"),
+    rank-`lora_rank` adapters (scale lora_alpha / rank) on every linear layer copied from the teacher, merged into
+    the weights at the end ("lora"), or every parameter ("all"). Evaluation: bits per byte on the first
+    `eval_windows` windows of `eval_seq_len` tokens of the held-out split, each from an empty state (a fixed slice,
+    the same for every model)."""
+
+    stages: tuple[str, ...] = ("a", "b")
+    a: TrainConfig = field(default_factory=lambda: _stage_train(40, 1e-3))
+    b: TrainConfig = field(default_factory=lambda: _stage_train(40, 3e-4))
+    seq_len_a: int = 128
+    seq_len_b: int = 128
+    temperature: float = 1.0
+    ce_weight: float = 0.0
+    train: str = "mixers"
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    window: int | None = None  # sliding_attention layers' window (tokens)
+    seed: int = 0  # the student's own init (gates, decays) and the adapters' A
+    eval_windows: int = 4
+    eval_seq_len: int = 512
+
+    def __post_init__(self) -> None:
+        check_types(self, "recipe.")
+        positive(self, "recipe.", "seq_len_a", "seq_len_b", "temperature", "lora_rank", "lora_alpha", "window",
+                 "eval_windows", "eval_seq_len")
+        choice("recipe.", "train", self.train, TRAINS)
+        if self.ce_weight < 0:
+            raise InputError(f"config field 'recipe.ce_weight' = {self.ce_weight!r}: must be >= 0")
+        for i, stage in enumerate(self.stages):
+            choice("recipe.", f"stages[{i}]", stage, STAGES)
+        if len(set(self.stages)) != len(self.stages) or list(self.stages) != sorted(self.stages):
+            raise InputError(f"config field 'recipe.stages' = {list(self.stages)}: expected 'a', 'b' or 'a', 'b' "
+                             "in that order, each once")
+
+
+RECIPES = {  # `seqlab convert --preset`: cpu sized for a 2-core machine (see the command's --help), gpu larger
+    "cpu": Recipe(a=_stage_train(60, 1e-3), b=_stage_train(120, 3e-4), seq_len_a=128, seq_len_b=128),
+    "gpu": Recipe(a=_stage_train(500, 1e-3, 16).replace(device="auto", precision="bf16", checkpoint_every=200),
+                  b=_stage_train(2000, 1e-4, 16).replace(device="auto", precision="bf16", checkpoint_every=200),
+                  seq_len_a=1024, seq_len_b=1024, eval_windows=64, eval_seq_len=1024),
+}
+
+
+def kept_linears(student: nn.Module) -> list[str]:
+    """The linear layers the student took from the teacher unchanged: every MLP, and the attention layers' projections
+    (what `train="lora"` adapts; the replaced mixers train in full)."""
+    replaced = set(replaced_layers(student))
+    return [name for name, m in student.named_modules()
+            if type(m) is nn.Linear and name.startswith("blocks.")
+            and (".mlp." in name or (".mixer." in name and int(name.split(".")[1]) not in replaced))]
+
+
+def prepare_stage_b(student: nn.Module, recipe: Recipe) -> list[str]:
+    """Set what stage (b) trains (see `Recipe.train`); returns the names of the adapters added (none unless lora)."""
+    if recipe.train == "lora":
+        set_trainable(student, "mixers")
+        return add_lora(student, kept_linears(student), recipe.lora_rank, recipe.lora_alpha, seed=recipe.seed)
+    set_trainable(student, recipe.train)
+    return []
+
+
+def with_seq_len(task: Task, seq_len: int) -> Task:
+    """A shallow copy of a corpus task reading windows of `seq_len` tokens (the data are shared)."""
+    out = copy.copy(task)
+    out.seq_len = seq_len
+    return out
+
+
+@torch.no_grad()
+def slice_bits_per_byte(model: nn.Module, task: Task, windows: int, seq_len: int, progress: bool = False,
+                        desc: str = "eval") -> dict[str, Any]:
+    """Bits per byte (total nats / total UTF-8 bytes / ln 2) of the first `windows` consecutive windows of
+    `seq_len` tokens of a corpus task's split, each read from an empty state: a fixed slice, the same text for every
+    model with the same tokenizer. Also its tokens and bytes."""
+    stream = task.stream(1, seq_len)
+    if windows > len(stream):
+        raise InputError(f"evaluation slice of {windows} windows of {seq_len} tokens: the split holds only "
+                         f"{len(stream)}")
+    was_training, device = model.training, next(model.parameters()).device
+    model.eval()
+    metrics = Metrics()
+    for i in tqdm(range(windows), desc=desc, disable=not progress, leave=False):
+        batch = stream.segment(i)
+        metrics.update(model(batch.inputs.to(device))[0].float(), batch)
+    model.train(was_training)
+    out = metrics.compute()
+    return {"bits_per_byte": out.get("bits_per_byte"), "loss": out["loss"], "tokens": windows * seq_len,
+            "bytes": metrics.text_bytes, "windows": windows, "window_tokens": seq_len}
+
+
+def _params(module: nn.Module, trainable: bool = False) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable)
+
+
+def _block_flops(block: nn.Module, seq_len: int) -> float:
+    """Forward FLOPs per token of one block: 2 per weight (a multiply and an add), plus, for attention, the scores and
+    the weighted sum, 2 x 2 x width per key seen, averaged over the window's positions (min(t + 1, W) keys at t)."""
+    flops = 2.0 * _params(block)
+    m = block.mixer
+    if block.mixer_name in ATTENTION:
+        w = m.window or seq_len
+        keys = sum(min(t + 1, w) for t in range(seq_len)) / seq_len
+        flops += 4.0 * keys * m.n_heads * m.head_dim
+    return flops
+
+
+def forward_flops(model: nn.Module, seq_len: int) -> float:
+    """Forward FLOPs per token of a language model at windows of `seq_len`: its blocks and the head (2 per weight;
+    the embedding is a lookup). Recurrent scans' own arithmetic and the norms are not counted."""
+    head = model.embed.weight if model.config.tie_embeddings else model.head.weight
+    return sum(_block_flops(b, seq_len) for b in model.blocks) + 2.0 * head.numel()
+
+
+def training_flops(teacher: nn.Module, student: nn.Module, stage: str, seq_len: int) -> float:
+    """Training FLOPs per token of one step, by the usual count (backward = 2 x forward: one pass for the
+    activations' gradients, one for the weights'):
+        scratch  3 F_s                                   (F: forward FLOPs per token, `forward_flops`)
+        a        teacher blocks up to the last replaced layer (forward) + 3 x 2 x the replaced mixers' weights
+        b        F_t + F_s (forward) + F_s (activation gradients) + 2 x the trainable weights (their gradients)
+    The teacher's own pretraining is not counted: it is someone else's sunk cost."""
+    if stage == "scratch":
+        return 3.0 * forward_flops(student, seq_len)
+    if stage == "a":
+        layers = replaced_layers(student)
+        prefix = sum(_block_flops(b, seq_len) for b in teacher.blocks[:max(layers) + 1])
+        return prefix + 6.0 * sum(_params(student.blocks[i].mixer) for i in layers)
+    if stage == "b":
+        return forward_flops(teacher, seq_len) + 2.0 * forward_flops(student, seq_len) + 2.0 * _params(student, True)
+    raise InputError(f"stage {stage!r}: expected 'a', 'b' or 'scratch'")
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _prepare_out(out: Path, recipe: Recipe, plan: Any, resume: bool) -> dict[str, Any]:
+    """Check and start the run folder; returns the metrics already written there (on resume)."""
+    resolved = {"plan": plan if isinstance(plan, str) else list(plan), "recipe": recipe.to_dict()}
+    if resume:
+        if not (out / "recipe.json").is_file():
+            raise InputError(f"cannot resume: '{out}' holds no conversion run (no recipe.json); run without --resume")
+        if json.loads((out / "recipe.json").read_text()) != json.loads(json.dumps(resolved)):
+            raise InputError(f"cannot resume '{out}': its plan or recipe differs from this one (see its recipe.json)"
+                             "; resume with the same flags, or choose another --out")
+        path = out / "metrics.json"
+        return json.loads(path.read_text()) if path.is_file() else {}
+    if out.exists() and any(out.iterdir()):
+        raise InputError(f"output folder '{out}' is not empty; pass --resume to continue the conversion run in it, "
+                         "or choose another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"cannot create output folder '{out}': {e.strerror}") from None
+    _write_json(out / "recipe.json", resolved)
+    return {}
+
+
+def run_conversion(teacher: nn.Module, plan: str | Sequence[str], task: Task, recipe: Recipe, *,
+                   eval_task: Task | None = None, out: str | Path | None = None, resume: bool = False,
+                   progress: bool = True, log: Callable[[dict], None] | None = None
+                   ) -> tuple[nn.Module, dict[str, Any]]:
+    """Convert `teacher` by `plan` and train the student through `recipe.stages`, each on `seqlab.train.fit`
+    (batches, schedule, accumulation, non-finite guard, checkpoints and resume). `task` is the training text (read
+    through the teacher's tokenizer), `eval_task` the held-out text (default `task`).
+
+    Returns the student (adapters merged) and the metrics: the record of the conversion, the evaluation slice's
+    bits per byte after the weight transfer alone ("transfer") and after each stage ("stages": history, fit's
+    evaluation, the slice's bits per byte, seconds, trainable parameters, training FLOPs as `training_flops` counts
+    them). With `out`, writes recipe.json (the plan and resolved recipe), metrics.json (after every stage),
+    stage_<s>/checkpoint (what `resume=True` continues from) and student/ (the final checkpoint, plain
+    safetensors, with convert.json and recipe.json beside config.json)."""
+    student, record = convert(teacher, plan, window=recipe.window, seed=recipe.seed)
+    task = read_as_teacher(teacher, task)
+    eval_task = read_as_teacher(teacher, eval_task or task)
+    out = Path(out) if out is not None else None
+    before = _prepare_out(out, recipe, plan, resume) if out is not None else {}
+    evaluate_slice = lambda model, desc: slice_bits_per_byte(  # noqa: E731
+        model, eval_task, recipe.eval_windows, recipe.eval_seq_len, progress, desc)
+    metrics: dict[str, Any] = {"plan": record["plan"], "recipe": recipe.to_dict(), "convert": record,
+                               "transfer": before.get("transfer") or {"test": evaluate_slice(student, "eval transfer")},
+                               "stages": {}}
+    for stage in recipe.stages:
+        cfg, seq_len = (recipe.a, recipe.seq_len_a) if stage == "a" else (recipe.b, recipe.seq_len_b)
+        stage_task = with_seq_len(task, seq_len)
+        folder = out / f"stage_{stage}" if out is not None else None
+        resume_from = None
+        if resume and folder is not None and folder.is_dir():
+            resume_from = find_checkpoint(folder)
+        adapters: list[str] = []
+        if stage == "a":
+            result = attention_transfer(teacher, student, stage_task, cfg, eval_task=eval_task, progress=progress,
+                                        log=log, checkpoint_dir=folder, resume_from=resume_from)
+        else:
+            adapters = prepare_stage_b(student, recipe)
+            dcfg = DistillConfig(temperature=recipe.temperature, ce_weight=recipe.ce_weight, train=cfg)
+            result = distill(teacher, student, stage_task, dcfg, eval_task=eval_task, progress=progress, log=log,
+                             checkpoint_dir=folder, resume_from=resume_from)
+        trainable = _params(student, trainable=True)
+        flops = training_flops(teacher, student, stage, seq_len)
+        merge_lora(student)
+        done = before.get("stages", {}).get(stage, {})
+        metrics["stages"][stage] = {
+            "history": result["history"] or done.get("history", []), "eval": result["eval"],
+            "steps": result["steps"], "skipped_steps": result["skipped_steps"],
+            "seconds": done.get("seconds", result["seconds"]), "tokens": cfg.steps * cfg.batch_size * seq_len,
+            "trainable_params": trainable, "lora_adapters": len(adapters), "flops_per_token": flops,
+            "flops": flops * cfg.steps * cfg.batch_size * seq_len,
+            "test": evaluate_slice(student, f"eval after stage {stage}")}
+        if out is not None:
+            _write_json(out / "metrics.json", metrics)
+    student.requires_grad_(True)
+    if out is not None:
+        save(student, out / "student", json_files={"convert.json": record, "recipe.json": recipe.to_dict()})
+    return student.eval(), metrics
