@@ -80,7 +80,7 @@ def test_layer_plan_plus_form_cycles_the_names_over_the_layers():
     assert layer_plan("gru", 3) == ("gru", "gru", "gru")
     assert layer_plan("lstm+attention", 4) == ("lstm", "attention", "lstm", "attention")
     assert layer_plan("lstm+attention", 3) == ("lstm", "attention", "lstm")
-    assert layer_plan("mamba+gla+attention", 2) == ("mamba", "gla")
+    assert layer_plan("mamba+gla+attention", 3) == ("mamba", "gla", "attention")
 
 
 def test_layer_plan_ratio_form_repeats_the_pattern():
@@ -126,3 +126,6 @@ def test_a_ratio_the_depth_never_reaches_is_refused():
                                          "'attention'"):
         layer_plan("3:1 gated_deltanet:attention", 2)
     assert layer_plan("3:1 gated_deltanet:attention", 4)[-1] == "attention"
+    with pytest.raises(InputError, match="'lstm\\+gru\\+attention' with n_layers = 2 never reaches mixer 'attention'"):
+        layer_plan("lstm+gru+attention", 2)  # the '+' form used to drop attention silently
+    assert layer_plan("lstm+gru+attention", 3) == ("lstm", "gru", "attention")

@@ -252,6 +252,7 @@ def layer_plan(spec: str, n_layers: int) -> tuple[str, ...]:
 
         "gru"                      every layer gru
         "lstm+attention"           the names cycle over the layers: lstm, attention, lstm, attention, ...
+                                   (every name must be reached: "lstm+gru+attention" needs n_layers >= 3)
         "3:1 mamba:attention"      ratio form: 3 mamba layers then 1 attention layer, the pattern repeated
                                    (8 layers: mamba x3, attention, mamba x3, attention); truncated at n_layers
 
@@ -279,7 +280,7 @@ def layer_plan(spec: str, n_layers: int) -> tuple[str, ...]:
             raise InputError(f"layer spec {spec!r}: mixer {name!r} is not available; {expected}")
     layers = tuple(pattern[i % len(pattern)] for i in range(n_layers))
     missing = [name for name in names if name not in layers]
-    if missing and len(words) == 2:  # a ratio that the depth truncates before it is met is a mistake
+    if missing:  # a pattern that the depth truncates before a named mixer is met is a mistake, in either form
         raise InputError(f"layer spec {spec!r} with n_layers = {n_layers} never reaches mixer {missing[0]!r}: the "
                          f"pattern has {len(pattern)} layers; use more layers or a shorter pattern")
     return layers
