@@ -11,8 +11,9 @@ benchmarks/bench_profile.py measures what this buys against `transformers`; test
 plan against the module path for every mixer, norm, MLP and attention variant.
 
 What a plan covers, and what it does not:
-- `LanguageModel`s whose weights are fp32 or fp64, every mixer. A linear layer that is not a plain `nn.Linear`
-  (an int8 layer, for one) is called as its module.
+- `LanguageModel`s whose weights are fp32 or fp64, every mixer. An int8 layer decodes by its `decode`
+  (`seqlab.models.int8`: its module, or int8 matrix products); any other layer that is not a plain `nn.Linear` is
+  called as its module.
 - It is built for one run of decoding: it holds the parameters, not copies, so in-place updates are seen, but a
   module or parameter replaced after `build` (another device, `quantize`, `load_state_dict(assign=True)`) is not.
   `generate` builds one per call (well under a millisecond); a `Stream` builds one on its first one-token feed.

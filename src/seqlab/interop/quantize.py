@@ -9,9 +9,13 @@ What stays fp32, because small errors there compound over time (the recurrence) 
   - norms, biases and the embedding (tied to the output head when tie_embeddings; an untied head is quantized);
   - every state: activations and states are never quantized (weight-only).
 
+Decoding (the one-token `step`) multiplies either as the forward does (decode="dequant", the default) or with
+int8 matrix products, activations quantized per call on the fly (decode="dynamic": about 3x the fp32 matmuls on
+this project's CPU; `seqlab.models.int8` explains both, benchmarks/bench_quantized.py measures them).
+
 A quantized checkpoint is an ordinary seqlab checkpoint folder whose model.safetensors holds `<layer>.weight` as
-int8 and `<layer>.scale` as fp32, plus `quantization.json` naming the scheme and the layers; `seqlab.load` rebuilds
-the model with `Int8Linear` in those places (no pickle, as always). Its state_dict is exactly what is stored.
+int8 and `<layer>.scale` as fp32, plus `quantization.json` naming the scheme, the layers and the decode; `seqlab.load`
+rebuilds the model with `Int8Linear` in those places (no pickle, as always). Its state_dict is exactly what is stored.
 """
 
 from __future__ import annotations
@@ -25,28 +29,33 @@ from torch import nn
 from seqlab.checkpoint import save
 from seqlab.errors import InputError
 from seqlab.models.int8 import (  # noqa: F401  (re-exported: Int8Linear, apply_layout ... were defined here)
+    DECODES,
     FILE,
     KEEP_FP32,
     SCHEMES,
     Int8Linear,
     _swap,
     apply_layout,
+    check_decode,
     check_dtypes,
     quantizable,
+    set_decode,
 )
 
 
-def quantize(model: nn.Module, scheme: str = "int8") -> nn.Module:
-    """Quantize `model` in place (its quantizable linear layers become Int8Linear) and return it."""
+def quantize(model: nn.Module, scheme: str = "int8", decode: str = "dequant") -> nn.Module:
+    """Quantize `model` in place (its quantizable linear layers become Int8Linear, decoding by `decode`, one of
+    DECODES) and return it."""
     if scheme not in SCHEMES:
         raise InputError(f"quantization scheme {scheme!r} is not supported; expected one of {', '.join(SCHEMES)}")
+    check_decode(decode)
     if any(isinstance(m, Int8Linear) for m in model.modules()):
         raise InputError("the model is already quantized")
     with torch.no_grad():
         _swap(model, quantizable(model), Int8Linear.from_linear)
     layers = [name for name, m in model.named_modules() if isinstance(m, Int8Linear)]
     model.quantization = {"scheme": scheme, "layers": layers}  # type: ignore[assignment]
-    return model
+    return set_decode(model, decode)
 
 
 def save_quantized(model: nn.Module, out: str | Path, **kwargs: Any) -> Path:

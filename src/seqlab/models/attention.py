@@ -219,7 +219,7 @@ class Attention(nn.Module):
 
     def bind(self, portable: bool = False) -> tuple[Fn, Fn, Fn, Fn]:
         """The projections (wq, wk, wv, wo) as lean callables for `step` (see `seqlab.models.blocks`)."""
-        return linear_fn(self.wq), linear_fn(self.wk), linear_fn(self.wv), linear_fn(self.wo)
+        return tuple(linear_fn(m, portable) for m in (self.wq, self.wk, self.wv, self.wo))  # type: ignore[return-value]
 
     def step(self, x: torch.Tensor, state: KVCache, w: tuple | None = None) -> tuple[torch.Tensor, KVCache]:
         """One token from a cache, for decoding (outside autograd): x (B, D) -> (B, D). The new k, v are written

@@ -25,15 +25,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from seqlab.config import ModelConfig
+from seqlab.models.int8 import Int8Linear
 from seqlab.models.registry import build_mixer
 
 Fn = Callable[[torch.Tensor], torch.Tensor]
 StepFn = Callable[[torch.Tensor, Any], tuple[torch.Tensor, Any]]  # (x (B, D), state) -> (y (B, D), state)
 
 
-def linear_fn(m: nn.Module) -> Fn:
-    """y = x W^T + b as one addmm on a transposed view of the weight (x 2-D); any other layer type (an int8
-    layer, say) is returned as itself and called as a module. Holds the parameters, not copies."""
+def linear_fn(m: nn.Module, portable: bool = False) -> Fn:
+    """y = x W^T + b as one addmm on a transposed view of the weight (x 2-D); an int8 layer as its `step_fn` (its
+    `decode`; portable: the module itself, whose dequantizing forward the ONNX exporter translates); any other layer
+    type as itself, called as a module. Holds the parameters, not copies."""
+    if isinstance(m, Int8Linear) and not portable:
+        return m.step_fn()
     if type(m) is not nn.Linear:
         return m
     wt, b = m.weight.t(), m.bias
@@ -86,10 +90,10 @@ class MLP(nn.Module):
     def approximate(self) -> str:
         return "tanh" if self.kind == "gelu_tanh" else "none"
 
-    def bind(self) -> Fn:
+    def bind(self, portable: bool = False) -> Fn:
         """The MLP on (B, D) activations with lean linears."""
-        w1, w2, approximate = linear_fn(self.w1), linear_fn(self.w2), self.approximate
-        w3 = linear_fn(self.w3) if self.w3 is not None else None
+        w1, w2, approximate = linear_fn(self.w1, portable), linear_fn(self.w2, portable), self.approximate
+        w3 = linear_fn(self.w3, portable) if self.w3 is not None else None
         return lambda x: _mlp(x, w1, w2, w3, approximate)
 
 
@@ -187,7 +191,8 @@ class Block(nn.Module):
         """The block's weights for `step`: lean norms, the mixer's bound step, the bound MLP."""
         step, w = self.mixer.step, self.mixer.bind(portable)
         return BlockWeights(norm_fn(self.norm1, portable), lambda x, s: step(x, s, w),
-                            norm_fn(self.post_norm1, portable), self.mlp.bind() if self.mlp is not None else None,
+                            norm_fn(self.post_norm1, portable), self.mlp.bind(portable) if self.mlp is not None
+                            else None,
                             norm_fn(self.norm2, portable) if self.norm2 is not None else None,
                             norm_fn(self.post_norm2, portable))
 

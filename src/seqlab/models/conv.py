@@ -91,7 +91,8 @@ class Conv(nn.Module):
 
     def bind(self, portable: bool = False) -> tuple:
         """(in_proj, kernel (D, k), bias, out_proj) for `step`."""
-        return linear_fn(self.in_proj), self.conv.weight.squeeze(1), self.conv.bias, linear_fn(self.out_proj)
+        return (linear_fn(self.in_proj, portable), self.conv.weight.squeeze(1), self.conv.bias,
+                linear_fn(self.out_proj, portable))
 
     def step(self, x: torch.Tensor, state: ConvState, w: tuple | None = None) -> tuple[torch.Tensor, ConvState]:
         """One token, x (B, D) -> (B, D): the convolution as a dot product with the window of past inputs."""

@@ -179,8 +179,8 @@ class DeltaNet(nn.Module):
 
     def bind(self, portable: bool = False) -> DeltaNetWeights:
         """The weights `step` uses, captured once as lean callables; the conv kernel as (C, conv_size)."""
-        gate = (linear_fn(self.a_proj), self.A_log, self.dt_bias) if self.gated else (None, None, None)
-        return DeltaNetWeights(*(linear_fn(m) for m in (self.q_proj, self.k_proj, self.v_proj, self.b_proj,
+        gate = (linear_fn(self.a_proj, portable), self.A_log, self.dt_bias) if self.gated else (None, None, None)
+        return DeltaNetWeights(*(linear_fn(m, portable) for m in (self.q_proj, self.k_proj, self.v_proj, self.b_proj,
                                                          self.g_proj, self.out_proj)),
                                *gate, self.conv.weight.squeeze(1), norm_fn(self.norm, portable))
 

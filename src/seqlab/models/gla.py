@@ -114,7 +114,7 @@ class GatedLinearAttention(nn.Module):
 
     def bind(self, portable: bool = False) -> GLAWeights:
         """The weights `step` uses, captured once as lean callables."""
-        return GLAWeights(*(linear_fn(m) for m in (self.q_proj, self.k_proj, self.v_proj, self.gate_proj,
+        return GLAWeights(*(linear_fn(m, portable) for m in (self.q_proj, self.k_proj, self.v_proj, self.gate_proj,
                                                     self.gk_down, self.gk_up, self.out_proj)),
                           norm_fn(self.norm, portable))
 

@@ -99,7 +99,7 @@ class LanguageModel(nn.Module):
         portable: elementary-op norms, for the ONNX export (see `seqlab.models.blocks`)."""
         return LMWeights(self.embed.weight, self.pos_embed.weight if self.pos_embed is not None else None,
                          tuple(block.bind(portable) for block in self.blocks), norm_fn(self.norm, portable),
-                         linear_fn(self.head) if self.head is not None else _tied_head(self.embed.weight))
+                         linear_fn(self.head, portable) if self.head is not None else _tied_head(self.embed.weight))
 
     def step(self, tokens: torch.Tensor, state: ModelState, w: LMWeights | None = None) -> tuple[torch.Tensor,
                                                                                                  ModelState]:

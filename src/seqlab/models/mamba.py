@@ -134,7 +134,8 @@ class Mamba(nn.Module):
     def bind(self, portable: bool = False) -> MambaWeights:
         """The weights `step` uses, captured once: lean projections, the conv kernel as (d_inner, d_conv), dt_proj
         transposed for an addmm that adds its bias (the bias the scan adds as delta_bias)."""
-        return MambaWeights(linear_fn(self.in_proj), linear_fn(self.x_proj), linear_fn(self.out_proj),
+        return MambaWeights(linear_fn(self.in_proj, portable), linear_fn(self.x_proj, portable),
+                            linear_fn(self.out_proj, portable),
                             self.dt_proj.weight.t(), self.dt_proj.bias, Decay(self.A_log), self.D,
                             self.conv.weight.squeeze(1), self.conv.bias)
 

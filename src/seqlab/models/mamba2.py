@@ -175,9 +175,10 @@ class Mamba2(nn.Module):
 
     def bind(self, portable: bool = False) -> Mamba2Weights:
         """The weights `step` uses, captured once: lean projections, the conv kernel as (conv_dim, d_conv). The
-        gated norm is written out in plain ops either way, so `portable` changes nothing here."""
-        return Mamba2Weights(linear_fn(self.in_proj), linear_fn(self.out_proj), self.conv.weight.squeeze(1),
-                             self.conv.bias, self.dt_bias, self.A_log, self.D, self.norm_weight)
+        gated norm is written out in plain ops either way (`portable` reaches only the int8 layers)."""
+        return Mamba2Weights(linear_fn(self.in_proj, portable), linear_fn(self.out_proj, portable),
+                             self.conv.weight.squeeze(1), self.conv.bias, self.dt_bias, self.A_log, self.D,
+                             self.norm_weight)
 
     def step(self, x: torch.Tensor, state: Mamba2State,
              w: Mamba2Weights | None = None) -> tuple[torch.Tensor, Mamba2State]:

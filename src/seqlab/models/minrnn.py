@@ -104,7 +104,8 @@ class MinRNN(nn.Module):
 
     def bind(self, portable: bool = False) -> tuple:
         """(in_proj, out_proj or None) for `step`."""
-        return linear_fn(self.in_proj), (linear_fn(self.out_proj) if self.out_proj is not None else None)
+        out = linear_fn(self.out_proj, portable) if self.out_proj is not None else None
+        return linear_fn(self.in_proj, portable), out
 
     def step(self, x: torch.Tensor, state: MinRNNState, w: tuple | None = None) -> tuple[torch.Tensor, MinRNNState]:
         """One token, x (B, D) -> (B, D): a and b in linear space, then h = a h + b, in fp32."""

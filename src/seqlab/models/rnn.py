@@ -72,7 +72,7 @@ class _RNNMixer(nn.Module):
         """(W_ih^T, W_hh^T, b_ih, b_hh, out projection or None) for `step`."""
         r = self.rnn
         return (r.weight_ih_l0.t(), r.weight_hh_l0.t(), r.bias_ih_l0, r.bias_hh_l0,
-                linear_fn(self.out) if self.out is not None else None)
+                linear_fn(self.out, portable) if self.out is not None else None)
 
     def state_bytes(self, T: int, batch: int = 1, dtype: torch.dtype = torch.float32) -> int:
         """Bytes of the state, whatever T: h (and c for an LSTM), (1, B, Dh) each, in fp32."""
