@@ -33,8 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scheme", default="int8", help="quantization scheme: int8 (default; the only one)")
     p.add_argument("--decode", default="dequant", choices=DECODES,
                    help="how decoding multiplies by the int8 weights: dequant (default: cast to fp32, as the forward "
-                        "does) or dynamic (int8 x int8 products, activations quantized per token on the fly; about "
-                        "3x the fp32 matmuls on an x86 CPU with VNNI); recorded in the checkpoint")
+                        "does) or dynamic (int8 x int8 products through torch's fbgemm, activations quantized per "
+                        "token on the fly: faster, x86 only); recorded in the checkpoint")
     p.add_argument("--task", help="task to compare fp32 and int8 on (default: the checkpoint's training task, if "
                                   "it was written by seqlab train)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="task parameter, e.g. "

@@ -10,8 +10,8 @@ What stays fp32, because small errors there compound over time (the recurrence) 
   - every state: activations and states are never quantized (weight-only).
 
 Decoding (the one-token `step`) multiplies either as the forward does (decode="dequant", the default) or with
-int8 matrix products, activations quantized per call on the fly (decode="dynamic": about 3x the fp32 matmuls on
-this project's CPU; `seqlab.models.int8` explains both, benchmarks/bench_quantized.py measures them).
+int8 matrix products, activations quantized per call on the fly (decode="dynamic"); `seqlab.models.int8` explains
+both, benchmarks/bench_quantized.py measures them.
 
 A quantized checkpoint is an ordinary seqlab checkpoint folder whose model.safetensors holds `<layer>.weight` as
 int8 and `<layer>.scale` as fp32, plus `quantization.json` naming the scheme, the layers and the decode; `seqlab.load`

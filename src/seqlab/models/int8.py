@@ -5,15 +5,15 @@
 
 How decoding (`step`, through `bind` and `linear_fn`) multiplies, the layer's `decode` (DECODES):
     "dequant"  the forward's math: Q cast to fp32 per call, an fp32 matmul. Reads the int8 weight and writes and
-               reads back an fp32 copy: slower than the fp32 model (measured 0.65x on the 124M GPT-2 linears).
+               reads back an fp32 copy: no faster than the fp32 model.
     "dynamic"  int8 x int8 -> int32: each call quantizes its activations x (B, in) to uint8 with one affine scale
                per call (per token at batch 1), then fbgemm's int8 GEMM (torch.ops.quantized.linear_dynamic,
-               full 8-bit range) reads the int8 weight as int8, and the result is rescaled to fp32. Measured 3.1x the
-               fp32 matmuls on the 124M GPT-2 linears, one thread (benchmarks/bench_quantized.py has the decode
-               figures). Its logits differ from the forward's by the activations' rounding (the forward, prefill and
-               training keep "dequant"); fp32 activations only; CPUs whose fbgemm saturates 16-bit sums (no VNNI)
-               are refused when it is chosen (`check_dynamic`). The weights are packed for fbgemm once and kept on
-               the layer until they change (`packed`).
+               full 8-bit range) reads the int8 weight as int8, and the result is rescaled to fp32
+               (benchmarks/bench_quantized.py measures decode against fp32). Its logits differ from the forward's
+               by the activations' rounding (the forward, prefill and training keep "dequant"); fp32 activations
+               only; CPUs whose fbgemm saturates 16-bit sums (no VNNI) are refused when it is chosen
+               (`check_dynamic`). The weights are packed for fbgemm once and kept on the layer until they change
+               (`packed`). Uses torch's quantized-tensor API, which torch 2.13 marks deprecated.
 
 `seqlab.load` calls `apply_layout` and `check_dtypes` for a checkpoint with a `quantization.json`;
 `seqlab.interop.quantize` quantizes a trained model and saves it (what stays fp32, and why, is explained there).
