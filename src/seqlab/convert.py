@@ -408,6 +408,9 @@ def kept_linears(student: nn.Module) -> list[str]:
 
 def prepare_stage_b(student: nn.Module, recipe: Recipe) -> list[str]:
     """Set what stage (b) trains (see `Recipe.train`); returns the names of the adapters added (none unless lora)."""
+    if recipe.train == "mixers" and not replaced_layers(student):
+        raise InputError("stage (b) with train = 'mixers': the student has no recurrent layer, so nothing would "
+                         "train; choose 'lora' or 'all'")
     if recipe.train == "lora":
         set_trainable(student, "mixers")
         return add_lora(student, kept_linears(student), recipe.lora_rank, recipe.lora_alpha, seed=recipe.seed)
