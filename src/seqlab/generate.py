@@ -17,13 +17,14 @@ from seqlab.errors import InputError
 from seqlab.infer.decode import Sampler, as_prompt, reserve, sample_next  # noqa: F401  (re-exported)
 from seqlab.infer.plan import DecodePlan
 from seqlab.infer.stream import Stream
+from seqlab.infer.traced import TracedPlan
 from seqlab.models.size import check_decode_fits
 
 
 @torch.inference_mode()
 def generate(model: torch.nn.Module, prompt: torch.Tensor | Sequence[int], max_new_tokens: int = 64,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-             use_cache: bool = True, plan: bool = True, stop_at_eos: bool = True) -> torch.Tensor:
+             use_cache: bool = True, plan: bool | TracedPlan = True, stop_at_eos: bool = True) -> torch.Tensor:
     """Continue `prompt` by `max_new_tokens` tokens. Returns (B, T + max_new_tokens) int64, prompt included.
 
     stop_at_eos: stop once every row has produced one of the tokenizer's end-of-sequence tokens (that token is
@@ -34,7 +35,9 @@ def generate(model: torch.nn.Module, prompt: torch.Tensor | Sequence[int], max_n
     recomputed); use_cache=False re-runs the whole prefix for every token (the reference it must equal).
     plan=True runs those steps through a `seqlab.infer.plan.DecodePlan` where the model has one (same logits and
     states, a fraction of the per-token overhead on CPU); plan=False calls `model(token, state)` every step, so
-    module hooks see every token.
+    module hooks see every token; plan=TracedPlan(model, batch, cache_size) (`seqlab.infer.traced`, built once by
+    the caller) runs them through the model's traced and frozen step (same greedy tokens, less overhead again, for
+    a fixed batch and longest context).
     Sampling at position p draws from a generator seeded with (seed, p), so the same call gives the same tokens,
     and a `seqlab.Stream` with the same seed samples the same ones.
     """
@@ -45,6 +48,10 @@ def generate(model: torch.nn.Module, prompt: torch.Tensor | Sequence[int], max_n
     tokens = as_prompt(prompt, device)
     B, T = tokens.shape
     check_decode_fits(model, B, T + max_new_tokens, device, prefill=T)
+    if isinstance(plan, TracedPlan):
+        if not use_cache:
+            raise InputError("plan=TracedPlan(...) decodes from a state: it needs use_cache=True")
+        plan.check(model, B, T + max_new_tokens - 1)  # the last token is sampled, never fed
     out = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=device)  # filled in place, no concatenation
     out[:, :T] = tokens
     if max_new_tokens == 0:
@@ -54,8 +61,11 @@ def generate(model: torch.nn.Module, prompt: torch.Tensor | Sequence[int], max_n
     done = torch.zeros(B, dtype=torch.bool, device=device)
     logits, state = model(tokens)
     if use_cache:
-        state = reserve(model, state, max_new_tokens - 1)
-        step = (DecodePlan.build(model) if plan else None) or model
+        if isinstance(plan, TracedPlan):
+            step, state = plan, plan.start(state)
+        else:
+            state = reserve(model, state, max_new_tokens - 1)
+            step = (DecodePlan.build(model) if plan else None) or model
     for p in range(T, T + max_new_tokens):
         out[:, p] = sampler(logits[:, -1], p, gen)
         if len(eos):
