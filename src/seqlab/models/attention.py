@@ -230,7 +230,7 @@ class Attention(nn.Module):
         q, k = wq(x).view(B, self.n_heads, 1, self.head_dim), wk(x).view(B, self.kv_heads, 1, self.head_dim)
         v = wv(x).view(B, self.kv_heads, 1, self.head_dim)
         if self.rotary is not None:
-            q, k = self.rotary(q, state.pos), self.rotary(k, state.pos)
+            q, k = self.rotary.step(q, k, state.pos)
         buffer, start = self._append(state, k, v)
         k, v = buffer.k[:, :, start:buffer.fill], buffer.v[:, :, start:buffer.fill]  # (B, Hkv, P + 1, hd), views
         y, state = self._attend(q, k, v, 1, state.pos, buffer, start)  # (B, H, 1, hd)

@@ -144,6 +144,14 @@ class Rotary(nn.Module):
         cos, sin = self._tables(pos0 + T)
         return _rotate(x, cos[pos0:pos0 + T], sin[pos0:pos0 + T])  # tables (T, hd)
 
+    def step(self, q: torch.Tensor, k: torch.Tensor, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """q (B, H, 1, hd) and k (B, Hkv, 1, hd) of one token at position `pos`, rotated: `forward(q, pos)` and
+        `forward(k, pos)` with the tables' rows looked up once for both (a decode step's rotation; the lookup
+        costs as much as the rotation at small sizes)."""
+        cos, sin = self._tables(pos + 1)
+        cos, sin = cos[pos], sin[pos]  # (hd,)
+        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
     def at(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x (B, H, T, hd) rotated at the absolute `positions` (T,), a tensor: angles computed, not looked up (the
         ONNX export, whose position is a graph input). Equals `forward(x, p0)` for positions p0 .. p0 + T - 1."""
