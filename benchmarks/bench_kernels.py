@@ -4,6 +4,7 @@ forward + backward, one thread.
     PYTHONPATH=src python benchmarks/bench_kernels.py            # the full run, ~3 minutes on a quiet machine
     PYTHONPATH=src python benchmarks/bench_kernels.py --quick    # small shapes, seconds (plus ~15 s of compiling)
     PYTHONPATH=src python benchmarks/bench_kernels.py --shapes 1x256 --repeats 3 --out /tmp/k.json   # one shape
+    PYTHONPATH=src python benchmarks/bench_kernels.py --small    # the sizes of the tests and the quick lab, ~1 min
 
 1. Compile time (`compile`): numba compiles the kernels on their first call and caches the machine code
    (`cache=True`). Two fresh interpreters share an empty NUMBA_CACHE_DIR: the first call of the first pays the
@@ -14,6 +15,10 @@ forward + backward, one thread.
    implementations are timed alternately, one run each per round (kernel, chunked, loop), after one untimed warm-up
    round; medians over --repeats rounds of wall time and of this process's CPU time (on a shared machine other
    processes stretch wall time, not CPU time). Load averages before and after go into the JSON.
+3. Small sizes (`small`, with --small instead of `scan`): kernel against chunked where `mamba.impl="auto"` would
+   pick the kernel on the test suite's and the quick lab's models: (batch, d_inner) in SMALL_SHAPES, L in
+   SMALL_LENGTHS, N = 16; forward + backward as in `scan`, and a forward under no_grad (prefill); alternating,
+   medians over --repeats rounds of --inner calls each, in seconds per call.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ from seqlab.measure import load_average
 from seqlab.ops import selective_scan
 
 IMPLS = ("kernel", "chunked", "ref")  # ref: the sequential loop (the naive twin), the issue's "loop"
+SMALL_SHAPES = ((1, 32), (2, 64), (16, 64), (4, 128))  # (batch, d_inner): tests (2, 64), the quick lab's models
+SMALL_LENGTHS = (1, 8, 32, 128, 512)
 
 COMPILE_PROBE = """
 import json, sys, time, torch
@@ -88,7 +95,11 @@ def scan_case(L, batch, d_inner, N, seed=0):
             t.grad = None
         y, s = selective_scan(**x, delta_softplus=True, return_final_state=True, impl=impl)
         ((y * gy).sum() + s.sum()).backward()
-    return run
+
+    @torch.no_grad()
+    def forward(impl):
+        selective_scan(**x, delta_softplus=True, return_final_state=True, impl=impl)
+    return run, forward
 
 
 def timed(fn):
@@ -102,7 +113,7 @@ def scan_section(shapes, L, N, repeats, impls):
     print(f"{'batch':>5s} {'d_inner':>7s} {'L':>5s} " + " ".join(f"{i + ' s':>10s}" for i in impls)
           + f" {'kernel vs chunked':>17s} {'kernel vs loop':>14s}")
     for batch, d_inner in shapes:
-        run = scan_case(L, batch, d_inner, N)
+        run, _ = scan_case(L, batch, d_inner, N)
         for impl in impls:  # warm-up round: first-call costs (allocator, numba dispatch) out of the figures
             run(impl)
         times = {impl: [] for impl in impls}
@@ -124,6 +135,34 @@ def scan_section(shapes, L, N, repeats, impls):
     return rows
 
 
+def small_section(repeats, inner):
+    """Kernel vs chunked, forward + backward and no_grad forward, at every small (batch, d_inner) x L."""
+    rows = []
+    print(f"{'batch':>5s} {'d_inner':>7s} {'L':>5s} {'kernel fb ms':>12s} {'chunked fb ms':>13s} {'ratio':>6s} "
+          f"{'kernel fwd ms':>13s} {'chunked fwd ms':>14s} {'ratio':>6s}")
+    for batch, d_inner in SMALL_SHAPES:
+        for L in SMALL_LENGTHS:
+            fns = dict(zip(("fwd_bwd", "fwd"), scan_case(L, batch, d_inner, 16)))
+            row = dict(batch=batch, d_inner=d_inner, L=L, N=16, repeats=repeats, inner=inner)
+            for mode, fn in fns.items():
+                times = {impl: [] for impl in ("kernel", "chunked")}
+                for impl in times:
+                    fn(impl)  # warm-up
+                for _ in range(repeats):
+                    for impl in times:  # alternating
+                        w, c = timed(lambda impl=impl, fn=fn: [fn(impl) for _ in range(inner)])
+                        times[impl].append((w / inner, c / inner))
+                for impl in times:
+                    row[f"{mode}_{impl}_s"] = statistics.median(w for w, _ in times[impl])
+                    row[f"{mode}_{impl}_cpu_s"] = statistics.median(c for _, c in times[impl])
+                row[f"{mode}_kernel_vs_chunked"] = row[f"{mode}_chunked_s"] / row[f"{mode}_kernel_s"]
+            rows.append(row)
+            print(f"{batch:5d} {d_inner:7d} {L:5d} " + " ".join(
+                f"{row[f'{m}_kernel_s'] * 1e3:12.3f} {row[f'{m}_chunked_s'] * 1e3:13.3f} "
+                f"{row[f'{m}_kernel_vs_chunked']:5.1f}x" for m in fns), flush=True)
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=None, help="JSON file (default benchmarks/results/kernels[_quick].json)")
@@ -133,6 +172,9 @@ def main(argv=None):
     p.add_argument("--shapes", default=None, help="batch x d_inner pairs, e.g. 1x256,4x512 (default: the full set)")
     p.add_argument("--length", type=int, default=None, help="sequence length (default 2048; --quick 256)")
     p.add_argument("--skip", default="", help="comma-separated sections to skip: compile, scan")
+    p.add_argument("--small", action="store_true",
+                   help="the small sizes of the tests and the quick lab instead of the L = 2048 scan section")
+    p.add_argument("--inner", type=int, default=5, help="calls per timed round in the --small section")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     skip = set(filter(None, args.skip.split(",")))
@@ -150,12 +192,14 @@ def main(argv=None):
     print(f"torch {torch.__version__}, numba {numba.__version__}, {torch.get_num_threads()} thread, "
           f"load average {load_before}")
     compiled = None if "compile" in skip else compile_section()
-    rows = [] if "scan" in skip else scan_section(shapes, L, N, args.repeats, impls)
+    rows = [] if "scan" in skip or args.small else scan_section(shapes, L, N, args.repeats, impls)
+    small = small_section(args.repeats, args.inner) if args.small else None
     result = dict(torch=torch.__version__, numba=numba.__version__, threads=torch.get_num_threads(),
                   cpus=os.cpu_count(), machine=platform.machine(), python=sys.version.split()[0],
                   load_before=load_before, load_after=load_average(), quick=args.quick,
-                  command=" ".join(sys.argv), compile=compiled, scan=rows)
-    out = Path(args.out or f"benchmarks/results/kernels{'_quick' if args.quick else ''}.json")
+                  command=" ".join(sys.argv), compile=compiled, scan=rows, small=small)
+    name = "kernels_small" if args.small else f"kernels{'_quick' if args.quick else ''}"
+    out = Path(args.out or f"benchmarks/results/{name}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=1))

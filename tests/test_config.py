@@ -39,7 +39,7 @@ def test_layers_alone_fix_the_depth():
     ({"attention": {"heads": 4}}, r"unknown config key 'attention.heads'"),
     ({"attention": 4}, r"section 'attention' must be an object"),
     ({"norm": "batchnorm"}, r"'norm' = 'batchnorm': expected one of rmsnorm, layernorm"),
-    ({"mamba": {"impl": "cuda"}}, r"'mamba.impl' = 'cuda': expected one of chunked, ref"),
+    ({"mamba": {"impl": "cuda"}}, r"'mamba.impl' = 'cuda': expected one of auto, chunked, ref, kernel"),
     ({"tie_embeddings": 1}, r"'tie_embeddings' = 1: expected bool"),
     ({"init": "xavier"}, r"'init' = 'xavier': expected one of gpt2, torch"),
 ])

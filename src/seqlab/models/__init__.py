@@ -19,10 +19,11 @@ from seqlab.models.recurrent_depth import RecurrentDepthModel
 from seqlab.models.registry import available_mixers, build_mixer, register_mixer
 from seqlab.models.size import check_fits, estimate_bytes
 from seqlab.models.state import ModelState, State
+from seqlab.ops.selective_scan import numba_version
 
 __all__ = ["LanguageModel", "ModelState", "State", "available_mixers", "build_mixer", "build_model",
            "register_mixer", "as_config", "check_fits", "estimate_bytes", "RecurrentDepthModel", "count_parameters",
-           "matched_width"]
+           "matched_width", "implementations"]
 
 
 def as_config(config: ModelConfig | dict | None = None, **fields: Any) -> ModelConfig:
@@ -82,3 +83,16 @@ def matched_width(fields: dict[str, Any], target: int, step: int, *, exclude_emb
     if best is None:
         raise InputError(f"no d_model up to {max_width} builds a valid {name} model with these settings")
     return best[1]
+
+
+def implementations(model: torch.nn.Module) -> dict[str, str]:
+    """What each mixer of `model` with an `impl` option runs, "auto" resolved for the device and dtype of its
+    weights, and numba's version: e.g. {"mamba": "kernel", "gla": "chunked", "numba": "0.68.1"} ("numba":
+    "not installed" without the `kernels` extra). Result files record this beside their figures."""
+    found: dict[str, str] = {}
+    for block in model.modules():
+        mixer = getattr(block, "mixer", None)
+        impl = getattr(getattr(mixer, "cfg", None), "impl", None)
+        if hasattr(block, "mixer_name") and impl is not None:
+            found[block.mixer_name] = mixer.implementation() if hasattr(mixer, "implementation") else impl
+    return {**found, "numba": numba_version() or "not installed"}

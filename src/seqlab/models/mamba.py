@@ -36,11 +36,21 @@ from seqlab.models.conv import causal_conv1d, causal_conv1d_step
 from seqlab.models.registry import register_mixer
 from seqlab.models.state import State
 from seqlab.ops import selective_scan, selective_scan_update
+from seqlab.ops.selective_scan import resolve_impl
 
 
 @dataclass(frozen=True)
 class MambaConfig(Section):
-    """Config section `mamba`: the selective state-space block (Gu & Dao 2023). Symbols: N = d_state, E = expand."""
+    """Config section `mamba`: the selective state-space block (Gu & Dao 2023). Symbols: N = d_state, E = expand.
+
+    impl: the selective scan's implementation (`seqlab.ops.selective_scan`). "auto" (the default) runs the fused
+    numba kernel when the optional `kernels` extra is installed, the tensors are on the CPU and compute in fp32
+    (fp32, bf16, fp16 models), and the chunked form otherwise (a GPU, fp64, no numba): the rule of
+    `seqlab.ops.selective_scan.resolve_impl`, applied at every call to the tensors it gets. The config keeps
+    "auto", so a checkpoint saved with it loads and runs on machines with and without the extra;
+    `seqlab.models.implementations(model)` says what it resolves to. "kernel" asks for the kernel outright (an
+    InputError without the extra), "chunked" and "ref" (the loop twin) for those.
+    """
 
     d_state: int = 16
     d_conv: int = 4
@@ -49,15 +59,15 @@ class MambaConfig(Section):
     dt_min: float = 0.001
     dt_max: float = 0.1
     dt_init_floor: float = 1e-4
-    chunk_size: int = 64
-    impl: str = "chunked"
+    chunk_size: int = 64  # chunked: steps per chunk; kernel: steps between the states kept for backward
+    impl: str = "auto"
     proj_bias: bool = False  # biases on in_proj and out_proj (Hugging Face `use_bias`)
     conv_bias: bool = True  # a bias on the short convolution (Hugging Face `use_conv_bias`)
 
     def __post_init__(self) -> None:
         check_types(self, "mamba.")
         positive(self, "mamba.", "d_state", "d_conv", "expand", "dt_rank", "dt_min", "dt_max", "chunk_size")
-        choice("mamba.", "impl", self.impl, ("chunked", "ref", "kernel"))  # kernel: the `kernels` extra (numba)
+        choice("mamba.", "impl", self.impl, ("auto", "chunked", "ref", "kernel"))  # kernel: the `kernels` extra
         if self.dt_min > self.dt_max:
             raise InputError(f"config field 'mamba.dt_min' = {self.dt_min}: must be <= mamba.dt_max = {self.dt_max}")
 
@@ -113,6 +123,10 @@ class Mamba(nn.Module):
         d_conv - 1 inputs (B, d_inner, d_conv - 1) in the activations' dtype."""
         ssm = self.d_inner * self.N * torch.promote_types(dtype, torch.float32).itemsize
         return batch * (ssm + self.d_inner * (self.conv.kernel_size[0] - 1) * dtype.itemsize)
+
+    def implementation(self) -> str:
+        """The scan implementation this module's forward runs on its weights' device ("auto" resolved)."""
+        return resolve_impl(self.cfg.impl, self.A_log.device, self.A_log.dtype)
 
     def forward(self, x: torch.Tensor, state: MambaState | None = None) -> tuple[torch.Tensor, MambaState]:
         B, T, _ = x.shape

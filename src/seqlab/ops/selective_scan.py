@@ -22,6 +22,8 @@ Entry points:
                                          apart from this file (no shared helper), the twin the tests compare against
     selective_scan(..., impl="kernel")   the fused numba kernel (ops/kernels.py, the optional `kernels` extra):
                                          one pass forward, states recomputed in backward from checkpoints
+    selective_scan(..., impl="auto")     "kernel" where `resolve_impl` says so (the extra installed, CPU, fp32
+                                         compute), else "chunked"; what `mamba.impl` defaults to
     selective_scan_step(...)             one step from a state; O(1) decoding
     selective_scan_update(...)           the same step without checks or casts (what decoding calls)
 
@@ -53,7 +55,7 @@ from seqlab.errors import InputError
 from seqlab.ops.checks import check_selective_scan, check_selective_scan_step
 from seqlab.ops.naive import selective_scan_ref
 
-IMPLS = ("ref", "chunked", "kernel")
+IMPLS = ("auto", "ref", "chunked", "kernel")
 SLAB = 2**17  # values in one step of all chunks (512 KiB in fp32) above which chunk_size=None takes longer chunks
 
 
@@ -67,8 +69,10 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         delta_softplus: apply softplus to delta (after adding delta_bias).
         initial_state: (batch, d_inner, N) or None (zeros); differentiable.
         return_final_state: also return the state after the last step (differentiable).
-        impl: "chunked" (parallel over chunks), "ref" (the naive twin `selective_scan_ref`, a loop) or "kernel"
-            (fused, compiled by numba: needs the `kernels` extra, InputError without it; CPU tensors only).
+        impl: "chunked" (parallel over chunks), "ref" (the naive twin `selective_scan_ref`, a loop), "kernel"
+            (fused, compiled by numba: needs the `kernels` extra, InputError without it; CPU tensors only) or
+            "auto" (`resolve_impl`: "kernel" for CPU tensors computed in fp32 when the extra imports, else
+            "chunked").
         chunk_size: steps per chunk for impl="chunked" (ignored by "ref"). None picks it: 64, doubled while one
             step of all chunks (batch * chunks * d_inner * N values) exceeds SLAB, so the sequential passes work on
             cache-sized tensors whatever the length (measured fastest on CPU by benchmarks/bench_scans.py).
@@ -80,6 +84,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     """
     if impl not in IMPLS:
         raise InputError(f"selective_scan: unknown impl {impl!r}; expected one of {', '.join(map(repr, IMPLS))}")
+    impl = resolve_impl(impl, u.device, u.dtype)
     if impl == "ref":  # the naive twin, which checks its own inputs
         return selective_scan_ref(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
                                   initial_state=initial_state, return_final_state=return_final_state)
@@ -129,6 +134,40 @@ def selective_scan_update(state, u, delta, A, B, C, D=None, z=None):
     if D is not None:
         y = y + D * u
     return (y * F.silu(z) if z is not None else y), x
+
+
+def resolve_impl(impl: str, device: torch.device | str, dtype: torch.dtype = torch.float32) -> str:
+    """The implementation `selective_scan(impl=impl)` runs on tensors on `device` of `dtype`: `impl` itself, except
+    "auto", which is "kernel" when all three hold, else "chunked":
+      - the `kernels` extra imports (numba; `numba_version()` is not None),
+      - the device is the CPU (the kernel is CPU code; on a GPU the chunked form runs),
+      - the compute dtype is fp32 (fp32, bf16 and fp16 inputs). fp64 inputs compute in fp64, where the kernel
+        calls libm's scalar exp instead of its vectorized fp32 one; that specialization exists for the tests'
+        rounding-level checks, and "auto" leaves fp64 to the chunked form rather than compile it too.
+    Where the rule picks the kernel it was measured faster at every size measured, the test suite's and the quick
+    lab's small ones included: (batch, d_inner) from (1, 32) to (16, 64) and (4, 128), L 1 to 512, N 16, one
+    thread: 1.3x to 6.6x the chunked form's speed forward + backward and 1.1x to 7.7x forward alone, in CPU time
+    (benchmarks/bench_kernels.py --small; benchmarks/results/kernels_small.json). Its cost is numba's: ~0.2 s to
+    import, and on a process's first call ~0.6 s to load the cached machine code, or 10-20 s to compile it once
+    where no cache exists yet (a fresh install; the same fp32 code that tests/test_ops_kernels.py compiles).
+    Nothing falls back silently: "kernel" without the extra stays an InputError."""
+    if impl != "auto":
+        return impl
+    fp32 = torch.promote_types(dtype, torch.float32) == torch.float32
+    return "kernel" if torch.device(device).type == "cpu" and fp32 and numba_version() is not None else "chunked"
+
+
+def numba_version() -> str | None:
+    """numba's version when the `kernels` extra imports (ops/kernels.py with it), else None. Result files record
+    it beside the implementations that ran (`seqlab.models.implementations`)."""
+    try:
+        import seqlab.ops.kernels  # noqa: F401  optional dependency: numba, the `kernels` extra
+    except ModuleNotFoundError as e:
+        if e.name not in ("numba", "llvmlite"):
+            raise
+        return None
+    import numba
+    return numba.__version__
 
 
 def _kernel():
