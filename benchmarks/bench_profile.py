@@ -46,6 +46,7 @@ import seqlab
 from seqlab.infer.plan import DecodePlan
 from seqlab.infer.profile import ProfileConfig, _prefill, format_table, resolve_models, run_profile
 from seqlab.measure import Timer, load_average
+from seqlab.models import implementations
 
 SECTIONS = ("profile", "interleaved", "hf")
 
@@ -127,7 +128,7 @@ def interleaved_section(args) -> dict:
         w = {n: t.median_wall for n, t in timers.items()}
         c = {n: t.median_cpu for n, t in timers.items()}
         entry = {"latency_s": {str(n): w[n] for n in w}, "cpu_s": {str(n): c[n] for n in c},
-                 "ratio": w[hi] / w[lo], "cpu_ratio": c[hi] / c[lo]}
+                 "ratio": w[hi] / w[lo], "cpu_ratio": c[hi] / c[lo], "implementations": implementations(model)}
         entry["met"] = abs(entry["ratio"] - 1) <= 0.10
         entry["cpu_met"] = abs(entry["cpu_ratio"] - 1) <= 0.10
         out["per_mixer"][mixer] = entry
@@ -243,7 +244,7 @@ def hf_section(args) -> dict | None:
         cpu_tps = {k: n / t.median_cpu for k, t in timers.items()}
         steps = step_latency(hf, ours, name, prompt, args.hf_steps)
         entry = {
-            "parameters": ours.num_parameters(), "tokens_agree": agree,
+            "parameters": ours.num_parameters(), "implementations": implementations(ours), "tokens_agree": agree,
             "generate_tokens_per_s": tps, "generate_seconds": times,
             "generate_ratio": tps["seqlab"] / tps["transformers"],
             "generate_cpu_tokens_per_s": cpu_tps, "generate_cpu_seconds": cpu,

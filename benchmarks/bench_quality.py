@@ -48,7 +48,7 @@ from seqlab.analysis.stats import spread
 from seqlab.config import ModelConfig, TrainConfig
 from seqlab.data import make_task
 from seqlab.measure import load_average
-from seqlab.models import build_model
+from seqlab.models import build_model, implementations
 from seqlab.train import cross_entropy, evaluate, fit, task_batches
 
 RESULTS = Path(__file__).resolve().parent / "results" / "quality.json"
@@ -126,6 +126,7 @@ def run_one(mixer: str, task_name: str, target: int, n_layers: int, scale: float
         "train_seconds": round(result["seconds"], 1),
         "tokens_per_s": round(result["tokens_per_s"]),
         "final_train_loss": result["train_loss"],
+        "implementations": implementations(model),
     }
     for label, changes in evals.items():
         eval_task = make_task(task_params["name"], **{**params, **changes})

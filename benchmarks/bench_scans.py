@@ -41,6 +41,7 @@ import torch.nn.functional as F
 import seqlab
 from seqlab.infer.plan import DecodePlan
 from seqlab.measure import load_average, median_time, peak_growth
+from seqlab.models import implementations
 from seqlab.ops import gla, selective_scan
 
 VOCAB, D_MODEL, N_LAYERS = 256, 256, 4  # the small decode models
@@ -182,7 +183,7 @@ def decode_section(contexts, steps, gen):
         lo, hi = min(contexts), max(contexts)
         ratio = info[hi]["ms_per_token"] / info[lo]["ms_per_token"]
         out[mixer] = dict(config=cfg, parameters=model.num_parameters(), contexts={str(n): info[n] for n in contexts},
-                          ratio_long_to_short=ratio)
+                          ratio_long_to_short=ratio, implementations=implementations(model))
         print(f"decode {mixer:5s}: " + ", ".join(f"after {n}: {info[n]['ms_per_token']:.3f} ms/token "
                                                   f"(state {info[n]['state_bytes']} B)" for n in contexts)
               + f"; ratio {ratio:.3f}", flush=True)
@@ -227,6 +228,7 @@ def hf_section(prefill_len, decode_ctx, steps, repeats, gen):
     print(f"hf mamba seqlab / transformers: prefill {ratios['prefill_tokens_per_s']:.2f}x, "
           f"decode {ratios['decode_tokens_per_s']:.2f}x; max |logit difference| {parity:.2e}", flush=True)
     return dict(transformers=transformers.__version__, config=cfg, parameters=ours.num_parameters(),
+                implementations=implementations(ours),
                 prefill_len=prefill_len, decode_context=decode_ctx, decode_steps=steps, prefill_repeats=repeats,
                 max_abs_logit_diff=parity, results=res, ratio_seqlab_to_transformers=ratios)
 

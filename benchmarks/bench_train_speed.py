@@ -29,7 +29,7 @@ import torch
 import seqlab
 from seqlab.config import ModelConfig, TrainConfig
 from seqlab.measure import load_average
-from seqlab.models import build_model, count_parameters, matched_width
+from seqlab.models import build_model, count_parameters, implementations, matched_width
 from seqlab.train.trainer import make_optimizer
 
 
@@ -76,7 +76,8 @@ def main(argv=None) -> int:
     result = {"command": " ".join(["python", *sys.argv]), "torch_threads": torch.get_num_threads(),
               "load_before": load_before, "skipped_unavailable": skipped,
               "models": {m: {"d_model": models[m].config.d_model,
-                             "params_non_embedding": models[m].num_parameters(exclude_embeddings=True)}
+                             "params_non_embedding": models[m].num_parameters(exclude_embeddings=True),
+                             "implementations": implementations(models[m])}
                          for m in mixers}, "lengths": {}}
     rng = random.Random(0)
     for L in lens:

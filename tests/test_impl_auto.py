@@ -15,6 +15,8 @@ import seqlab
 from seqlab.checkpoint import load_config, save
 from seqlab.config import ModelConfig
 from seqlab.errors import InputError
+from seqlab.infer import profile
+from seqlab.lab import runner
 from seqlab.models import implementations
 from seqlab.ops import selective_scan
 from seqlab.ops.selective_scan import numba_version, resolve_impl
@@ -134,3 +136,17 @@ def test_implementations_lists_every_mixer_with_an_impl():
     assert report["mamba"] == ("kernel" if numba_version() else "chunked")
     assert report["numba"] == (numba_version() or "not installed")
     assert implementations(tiny("attention")) == {"numba": report["numba"]}
+
+
+@pytest.mark.parametrize("without_numba", [False, True])
+def test_result_files_record_numba_and_what_auto_runs(monkeypatch, without_numba):
+    """The lab's and the profile's machine records say numba's version (or "not installed") and what
+    mamba.impl="auto" runs on the CPU: the kernel with numba, chunked without."""
+    if without_numba:
+        monkeypatch.setitem(sys.modules, "numba", None)
+        monkeypatch.delitem(sys.modules, "seqlab.ops.kernels", raising=False)
+    elif numba_version() is None:
+        pytest.skip("numba is not installed (pip install 'seqlab[kernels]')")
+    want = ("not installed", "chunked") if without_numba else (numba_version(), "kernel")
+    for record in (runner.machine(), profile.machine("cpu", 1)):
+        assert (record["numba"], record["mamba_impl_auto"]) == want

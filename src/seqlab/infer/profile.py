@@ -43,6 +43,7 @@ from seqlab.infer.decode import allocated_nbytes, reserve
 from seqlab.infer.plan import DecodePlan
 from seqlab.measure import PeakMemory, Timer, run_fresh, serve
 from seqlab.models import available_mixers, build_model, matched_width
+from seqlab.ops.selective_scan import numba_version, resolve_impl
 
 # Every field of the JSON that `run_profile` returns (and `seqlab profile --json` prints), with its meaning.
 TOP_FIELDS = {
@@ -323,9 +324,12 @@ def crossovers(cells: list[dict[str, Any]], baseline: str = "attention") -> list
 
 
 def machine(device: str, threads: int | None) -> dict[str, Any]:
+    """The machine, and what ran on it: numba's version ("not installed": no `kernels` extra) and the scan that
+    mamba.impl="auto" (the default) runs on `device` for fp32 models."""
     info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
-            "device": device, "torch_threads": threads or torch.get_num_threads()}
+            "device": device, "torch_threads": threads or torch.get_num_threads(),
+            "numba": numba_version() or "not installed", "mamba_impl_auto": resolve_impl("auto", device)}
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))
     return info

@@ -22,13 +22,17 @@ from seqlab.errors import InputError
 from seqlab.lab.presets import LabConfig, pick_sections
 from seqlab.lab.report import build_report
 from seqlab.lab.sections import SECTIONS
+from seqlab.ops.selective_scan import numba_version, resolve_impl
 
 
 def machine() -> dict[str, Any]:
+    """The machine and what ran on it: `numba` (its version, or "not installed": the `kernels` extra) and
+    `mamba_impl_auto`, the scan that mamba.impl="auto" (the default) runs for the lab's CPU fp32 models."""
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "python": platform.python_version(),
-            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "numba": numba_version() or "not installed", "mamba_impl_auto": resolve_impl("auto", "cpu")}
 
 
 def _write_json(path: Path, obj: Any) -> None:
