@@ -4,6 +4,7 @@ what ran. Without numba (made unimportable as in tests/test_ops_kernels.py) auto
 "kernel" stays an InputError; configs and checkpoints keep "auto"."""
 
 import importlib.util
+import json
 import sys
 
 import pytest
@@ -20,6 +21,7 @@ from seqlab.lab import runner
 from seqlab.models import implementations
 from seqlab.ops import selective_scan
 from seqlab.ops.selective_scan import numba_version, resolve_impl
+from seqlab.train.trainer import train
 
 needs_numba = pytest.mark.skipif(importlib.util.find_spec("numba") is None,
                                  reason="numba is not installed (pip install 'seqlab[kernels]'): no impl='kernel'")
@@ -150,3 +152,14 @@ def test_result_files_record_numba_and_what_auto_runs(monkeypatch, without_numba
     want = ("not installed", "chunked") if without_numba else (numba_version(), "kernel")
     for record in (runner.machine(), profile.machine("cpu", 1)):
         assert (record["numba"], record["mamba_impl_auto"]) == want
+
+
+def test_a_training_run_records_what_ran(tmp_path):
+    """`seqlab.train` returns and writes (result.json) the implementations its model ran."""
+    config = {"model": {"mixer": "mamba", "vocab_size": 16, "d_model": 16, "n_layers": 1},
+              "task": {"name": "mqar", "vocab_size": 16, "seq_len": 16, "num_pairs": 2},
+              "train": {"steps": 2, "batch_size": 2, "warmup_steps": 1, "log_every": 1, "eval_batches": 1}}
+    result = train(config, out=tmp_path / "run", progress=False)
+    want = {"mamba": "kernel" if numba_version() else "chunked", "numba": numba_version() or "not installed"}
+    assert result["implementations"] == want
+    assert json.loads((tmp_path / "run" / "result.json").read_text())["implementations"] == want

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from seqlab.config import RunConfig, TrainConfig
 from seqlab.data import Batch, Metrics, Task, make_task
 from seqlab.errors import InputError
-from seqlab.models import ModelState, build_model, check_fits
+from seqlab.models import ModelState, build_model, check_fits, implementations
 from seqlab.train import resume
 from seqlab.train.batches import BatchSource, task_batches
 from seqlab.train.distributed import World, check_divisible, init_world
@@ -342,6 +342,8 @@ def train(config: RunConfig | dict | str | Path, task: str | None = None, out: s
           progress: bool = True, resume: bool = False, allow_large: bool = False) -> dict[str, Any]:
     """Train the model a RunConfig describes; write out/config.json, out/metrics.jsonl, out/result.json and
     out/checkpoint (a `seqlab.load`-able folder that also holds what `resume=True` needs to continue the run).
+    The result (returned, and in result.json) includes `implementations`: what each mixer's op ran, "auto"
+    resolved, and numba's version (`seqlab.models.implementations`).
 
     `config` is a RunConfig, a dict, or the path of a JSON file; `task`, if given and not the config's task,
     replaces it (with its default parameters; set others with `task.<param>` in the config).
@@ -385,7 +387,7 @@ def train(config: RunConfig | dict | str | Path, task: str | None = None, out: s
     finally:
         if metrics_file is not None:
             metrics_file.close()
-    result = {k: v for k, v in result.items() if k != "history"}
+    result = {**{k: v for k, v in result.items() if k != "history"}, "implementations": implementations(model)}
     if world.is_main:
         _write_atomic(out / "result.json", json.dumps(_finite_floats(result), indent=2) + "\n")
     return result
