@@ -1,7 +1,8 @@
 """Compiled CPU kernels (the optional extra `pip install seqlab[kernels]`, built on numba): one fused pass where eager
 PyTorch makes many.
 
-    selective_scan_kernel(...)   Mamba-1's selective scan, forward and backward; `selective_scan(..., impl="kernel")`
+    selective_scan_kernel(...)   Mamba-1's selective scan, forward and backward; `selective_scan(..., impl="kernel")`,
+                                 and what impl="auto" (mamba.impl's default) runs for CPU fp32 tensors
 
 Why a kernel: Mamba-1's decay exp(delta A) differs per (channel, state) pair, so every algorithm does
 O(batch * d_inner * L * N) elementwise work. Eager PyTorch runs that work as ~10 separate passes over memory per
