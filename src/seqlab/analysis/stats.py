@@ -4,6 +4,7 @@
     chance_accuracy(task)                 # what guessing scores on the task's counted tokens (None if unknown)
     eval_counts(task, batches, bs, seed)  # queries a held-out evaluation counts, and the targets' order-0 entropy
     spread([0.61, 0.58, 0.66])            # {"mean", "std", "min", "max", "n"} over seeds
+    seed_interval(spread(values))         # mean +- 2 std over seeds: what a difference must clear (None: one seed)
     learned(...)                          # False when a model is within noise of chance, or of order-0 on text
 
 A difference is called only when it exceeds the noise: `separated(a, b)` for two intervals.
@@ -62,6 +63,13 @@ def spread(values: list[float]) -> dict[str, float | int]:
     """Mean, sample standard deviation (0 for one value), min and max over seeds."""
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
             "min": min(values), "max": max(values), "n": len(values)}
+
+
+def seed_interval(s: dict[str, float | int]) -> list[float] | None:
+    """[mean - 2 std, mean + 2 std] of a `spread` over seeds; None for one seed (no estimate of the noise)."""
+    if s["n"] < 2:
+        return None
+    return [s["mean"] - 2 * s["std"], s["mean"] + 2 * s["std"]]
 
 
 def learned(accuracy_interval: list[float] | None, chance: float | None, loss_nats: float | None = None,

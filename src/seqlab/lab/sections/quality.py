@@ -26,7 +26,7 @@ from typing import Any
 import matplotlib.pyplot as plt
 import torch
 
-from seqlab.analysis.stats import chance_accuracy, eval_counts, learned, separated, spread, wilson
+from seqlab.analysis.stats import chance_accuracy, eval_counts, learned, seed_interval, separated, spread, wilson
 from seqlab.checkpoint import save
 from seqlab.config import MIXERS, ModelConfig, TrainConfig, check_types, choice, layer_plan, positive
 from seqlab.config import Section as ConfigSection
@@ -279,10 +279,14 @@ def render_frontier(sec: Section, cells: list[dict], out: Path) -> None:
     ax.legend(fontsize=7, ncol=2)
     save_figure(fig, out / path)
     best = max(ok, key=lambda c: c["test"]["accuracy"])
+    close = [c for c in ok if c is not best and not separated(best["interval"], c["interval"])]
     learned = [c for c in ok if c["interval"][0] > c["chance_context"]]  # the interval clears 1/P
     sec.figure(path, f"MQAR accuracy against state bytes (log scale), one line per mixer over its widths, with "
                      f"Wilson intervals. Highest: {best['mixer']} at d_model {best['d_model']} "
-                     f"({best['test']['accuracy']:.3f} with {best['state_bytes']:,} bytes); "
+                     f"({best['test']['accuracy']:.3f} with {best['state_bytes']:,} bytes)"
+                     + (", not ahead beyond the intervals of " + ", ".join(f"{c['mixer']} at d_model {c['d_model']}"
+                                                                          for c in close) if close else
+                        ", ahead of every other point beyond the intervals" if len(ok) > 1 else "") + "; "
                      + ("above chance (a random value from the context) beyond their interval: "
                         + ", ".join(f"{c['mixer']} at d_model {c['d_model']}" for c in learned) + "."
                         if learned else "no point lies above chance (a random value from "
@@ -357,6 +361,10 @@ def _noise_note(c: dict, key: str) -> str:
     if key != "accuracy" and c.get("order0_bits_per_token") is not None:
         parts.append(f" A model that ignores the context reaches {c['order0_bits_per_token']:.3f} bits per token "
                      "(the targets' order-0 entropy).")
+    if len(c.get("seeds", [])) > 1:
+        parts.append(" Means over seeds; a difference is called only when the models' intervals of the mean plus or "
+                     "minus two standard deviations over seeds" + (" (widened to the Wilson interval)"
+                                                                   if key == "accuracy" else "") + " do not overlap.")
     return "".join(parts)
 
 
@@ -372,14 +380,15 @@ def _row(c: dict, key: str, seeds: int) -> list[str]:
 
 
 def _noise_interval(c: dict, key: str) -> list[float] | None:
-    """The interval a difference must clear: the Wilson interval (accuracy), else mean +- 2 std over seeds (None
-    with one seed: no noise estimate)."""
-    if key == "accuracy" and "interval" in c:
-        return [float(c["interval"][0]), float(c["interval"][1])]
+    """The interval a difference must clear: mean +- 2 std over seeds, widened to the Wilson interval over the
+    pooled queries (accuracy), so neither the spread between seeds nor the finite evaluation can make a difference;
+    None for one seed of a metric without an interval (no noise estimate)."""
     s = c.get("test_spread", {}).get(key)
-    if s and s["n"] > 1:
-        return [s["mean"] - 2 * s["std"], s["mean"] + 2 * s["std"]]
-    return None
+    seeds = seed_interval(s) if s else None
+    if key == "accuracy" and "interval" in c:
+        wide = [float(c["interval"][0]), float(c["interval"][1])]
+        return wide if seeds is None else [min(wide[0], seeds[0]), max(wide[1], seeds[1])]
+    return seeds
 
 
 def reading(cells: list[dict], key: str, label: str, higher: bool) -> str:
