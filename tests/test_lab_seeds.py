@@ -104,3 +104,12 @@ def test_a_quality_leader_must_clear_the_seed_spread_as_well_as_the_wilson_inter
     steady = [cell("lstm", 0.62, [0.61, 0.62, 0.63]), cell("gru", 0.55, [0.54, 0.55, 0.56])]
     assert reading(steady, "accuracy", "accuracy", True).startswith("lstm leads")
 
+
+
+def test_a_tie_on_bits_per_byte_names_the_lowest_not_the_highest():
+    def cell(mixer, values):
+        return {"mixer": mixer, "test": {"bits_per_byte": spread(values)["mean"]}, "learned": True,
+                "test_spread": {"bits_per_byte": spread(values)}}
+    text = reading([cell("gru", [3.7, 3.8, 3.9]), cell("lstm", [3.75, 3.85, 3.95])], "bits_per_byte", "bits per byte",
+                   False)
+    assert text.startswith("No leader: gru, lstm") and "lowest gru at 3.800" in text and "highest" not in text

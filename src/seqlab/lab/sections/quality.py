@@ -413,8 +413,8 @@ def reading(cells: list[dict], key: str, label: str, higher: bool) -> str:
         return (f"{best['mixer']} leads at {best['test'][key]:.3f}, ahead of {order[1]['mixer']} "
                 f"({order[1]['test'][key]:.3f}) beyond the noise." + note)
     tied = [c["mixer"] for c in order if not separated(a, _noise_interval(c, key) or a)]
-    return (f"No leader: {', '.join(tied)} overlap within the noise (highest {best['mixer']} at "
-            f"{best['test'][key]:.3f})." + note)
+    return (f"No leader: {', '.join(tied)} overlap within the noise ({'highest' if higher else 'lowest'} "
+            f"{best['mixer']} at {best['test'][key]:.3f})." + note)
 
 
 def _plot(task: str, cells: list[dict], key: str, label: str, path: Path) -> None:
