@@ -18,15 +18,23 @@ Entry points:
     gla(..., impl="chunked")   the chunkwise-parallel form; for training and prefill
     gla(..., impl="ref")       runs `gla_ref` (ops/naive.py): the plain loop over time, written apart from this file
                                (no shared helper), the twin the tests compare against
+    gla(..., impl="kernel")    the fused numba recurrence (ops/gla_kernel.py, the optional `kernels` extra): one pass
+                               over the state per step forward, states recomputed in backward from checkpoints
+    gla(..., impl="auto")      "kernel" where `resolve_impl` says so (the extra installed, CPU, fp32 compute), else
+                               "chunked"
     gla_step(...)              one step from a state; O(1) decoding
     gla_update(...)            the same step without checks or casts (what decoding calls)
 
 Return convention: the scans ALWAYS return a tuple `(o, final_state_or_None)`.
 
 Limits, honestly:
-- Eager PyTorch, no fused kernel. The decay differs per key dimension, so pairs inside a chunk have no plain
-  matmul form; they are split by halving (see `_gla_chunked`): log2(chunk) levels of elementwise work the size of
-  q, then small matrix products. That elementwise work, not the matmuls, dominates the time on CPU.
+- The chunked form is eager PyTorch (impl="kernel" is the fused one, with the optional numba extra). The decay
+  differs per key dimension, so pairs inside a chunk have no plain matmul form; they are split by halving (see
+  `_gla_chunked`): log2(chunk) levels of elementwise work the size of q, then small matrix products. That
+  elementwise work, not the matmuls, dominates the time on CPU; the kernel does one fused pass over the state per
+  step instead.
+- The kernel's backward is first-order only; the chunked form and the naive twin (plain autograd) support any
+  order.
 - g must be <= 0 (a log-sigmoid). Every exponent the chunked form takes is then a sum of g over a range, so <= 0:
   nothing overflows. With g > 0 the recurrence itself grows and that guarantee is gone. Values are not checked
   (that would force a device sync).
@@ -42,8 +50,9 @@ import torch.nn.functional as F
 from seqlab.errors import InputError
 from seqlab.ops.checks import check_gla, check_scale
 from seqlab.ops.naive import gla_ref
+from seqlab.ops.selective_scan import load_kernel, resolve_impl
 
-IMPLS = ("ref", "chunked")
+IMPLS = ("auto", "ref", "chunked", "kernel")
 
 
 def gla(q, k, v, g, initial_state=None, return_final_state=False, impl="chunked", chunk_size=16, scale=None):
@@ -53,8 +62,12 @@ def gla(q, k, v, g, initial_state=None, return_final_state=False, impl="chunked"
         q, k, g: (B, H, L, dk), any L >= 1; g is the log forget gate (<= 0). v: (B, H, L, dv).
         initial_state: (B, H, dk, dv) or None (zeros); differentiable.
         return_final_state: also return the state after the last step (differentiable).
-        impl: "chunked" (chunkwise parallel) or "ref" (the naive twin `gla_ref`, a loop).
-        chunk_size: steps per chunk for impl="chunked" (ignored by "ref"). 16 is fastest on CPU.
+        impl: "chunked" (chunkwise parallel), "ref" (the naive twin `gla_ref`, a loop), "kernel" (fused, compiled
+            by numba: needs the `kernels` extra, InputError without it; CPU tensors only) or "auto"
+            (`seqlab.ops.selective_scan.resolve_impl`: "kernel" for CPU tensors computed in fp32 when the extra
+            imports, else "chunked").
+        chunk_size: steps per chunk for impl="chunked" (ignored by "ref"). 16 is fastest on CPU. For
+            impl="kernel": the steps between the states kept for backward.
         scale: query scale; None means dk ** -0.5.
 
     Returns:
@@ -63,12 +76,18 @@ def gla(q, k, v, g, initial_state=None, return_final_state=False, impl="chunked"
     """
     if impl not in IMPLS:
         raise InputError(f"gla: unknown impl {impl!r}; expected one of {', '.join(map(repr, IMPLS))}")
+    impl = resolve_impl(impl, q.device, q.dtype)
     if impl == "ref":  # the naive twin, which checks its own inputs
         return gla_ref(q, k, v, g, initial_state=initial_state, return_final_state=return_final_state, scale=scale)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise InputError(f"gla: chunk_size must be a positive int, got {chunk_size!r}")
     check_gla("gla", q, k, v, g, initial_state, ("B", "H", "L"))
     cdt = torch.promote_types(q.dtype, torch.float32)
+    if impl == "kernel":  # scales q itself: every input goes in as given, in cdt
+        o, S = load_kernel("gla", "gla_kernel", "gla_kernel")(
+            q.to(cdt), k.to(cdt), v.to(cdt), g.to(cdt), None if initial_state is None else initial_state.to(cdt),
+            _scale("gla", scale, q.shape[-1]), chunk_size)
+        return o.to(q.dtype), (S if return_final_state else None)
     q_s = q.to(cdt) * _scale("gla", scale, q.shape[-1])
     k, v, g = k.to(cdt), v.to(cdt), g.to(cdt)
     S0 = None if initial_state is None else initial_state.to(cdt)

@@ -47,6 +47,8 @@ Limits, honestly:
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
@@ -170,16 +172,21 @@ def numba_version() -> str | None:
     return numba.__version__
 
 
-def _kernel():
-    """`selective_scan_kernel` from ops/kernels.py, or an InputError naming the extra when numba is missing."""
+def load_kernel(op: str, module: str, name: str):
+    """The kernel `name` from the seqlab.ops module `module` (one that imports numba), or an InputError naming the
+    extra when numba is missing: what impl="kernel" of the op `op` calls."""
     try:
-        from seqlab.ops.kernels import selective_scan_kernel  # optional dependency: numba, the `kernels` extra
+        return getattr(importlib.import_module(f"seqlab.ops.{module}"), name)  # optional dependency: numba
     except ModuleNotFoundError as e:
         if e.name not in ("numba", "llvmlite"):
             raise
-        raise InputError("selective_scan: impl='kernel' needs numba, the optional `kernels` extra: "
+        raise InputError(f"{op}: impl='kernel' needs numba, the optional `kernels` extra: "
                          "pip install 'seqlab[kernels]' (or use impl='chunked')") from e
-    return selective_scan_kernel
+
+
+def _kernel():
+    """`selective_scan_kernel` from ops/kernels.py, or an InputError naming the extra when numba is missing."""
+    return load_kernel("selective_scan", "kernels", "selective_scan_kernel")
 
 
 # ---------------------------------------------------------------------------------------------------------------
