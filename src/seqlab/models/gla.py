@@ -28,11 +28,19 @@ from seqlab.models.blocks import Fn, linear_fn, norm_fn
 from seqlab.models.registry import register_mixer
 from seqlab.models.state import State
 from seqlab.ops import gla, gla_update
+from seqlab.ops.selective_scan import resolve_impl
 
 
 @dataclass(frozen=True)
 class GLAConfig(Section):
-    """Config section `gla`: gated linear attention (Yang et al. 2024), multi-head, with output gate and norm."""
+    """Config section `gla`: gated linear attention (Yang et al. 2024), multi-head, with output gate and norm.
+
+    impl: the recurrence's implementation (`seqlab.ops.gla`): "chunked" (chunkwise parallel), "kernel" (the fused
+    numba kernel: the optional `kernels` extra, an InputError without it), "auto" ("kernel" for CPU tensors that
+    compute in fp32 when the extra imports, "chunked" otherwise: `seqlab.ops.selective_scan.resolve_impl`, applied
+    at every call; the config keeps "auto") or "ref" (the loop twin). chunk_size: steps per chunk (chunked) or
+    between the states kept for backward (kernel).
+    """
 
     n_heads: int = 4
     expand_k: float = 0.5
@@ -46,7 +54,7 @@ class GLAConfig(Section):
         check_types(self, "gla.")
         positive(self, "gla.", "n_heads", "expand_k", "expand_v", "gate_low_rank", "gate_logit_normalizer",
                  "chunk_size")
-        choice("gla.", "impl", self.impl, ("chunked", "ref"))
+        choice("gla.", "impl", self.impl, ("auto", "chunked", "ref", "kernel"))  # kernel: the `kernels` extra
 
     def d_key(self, d_model: int) -> int:
         return int(d_model * self.expand_k)
@@ -92,6 +100,10 @@ class GatedLinearAttention(nn.Module):
     def state_bytes(self, T: int, batch: int = 1, dtype: torch.dtype = torch.float32) -> int:
         """Bytes of the state, whatever T: one (dk, dv) matrix per head, (B, H, dk, dv), in fp32."""
         return batch * self.H * self.dk * self.dv * torch.promote_types(dtype, torch.float32).itemsize
+
+    def implementation(self) -> str:
+        """The implementation this module's forward runs on its weights' device ("auto" resolved)."""
+        return resolve_impl(self.cfg.impl, self.q_proj.weight.device, self.q_proj.weight.dtype)
 
     def _heads(self, t: torch.Tensor, d: int) -> torch.Tensor:  # (B, T, H * d) -> (B, H, T, d)
         B, T, _ = t.shape
