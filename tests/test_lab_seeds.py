@@ -10,7 +10,8 @@ from collections import Counter
 import pytest
 
 from seqlab.analysis.stats import seed_interval, spread
-from seqlab.lab import LabConfig
+from seqlab.errors import InputError
+from seqlab.lab import LabConfig, load_preset
 from seqlab.lab.report import lab_document
 from seqlab.lab.runner import run_lab
 from seqlab.lab.sections import distill
@@ -113,3 +114,12 @@ def test_a_tie_on_bits_per_byte_names_the_lowest_not_the_highest():
     text = reading([cell("gru", [3.7, 3.8, 3.9]), cell("lstm", [3.75, 3.85, 3.95])], "bits_per_byte", "bits per byte",
                    False)
     assert text.startswith("No leader: gru, lstm") and "lowest gru at 3.800" in text and "highest" not in text
+
+
+def test_presets_set_their_seeds_and_bad_seeds_are_one_error():
+    standard, quick = load_preset("standard"), load_preset("quick")
+    assert standard.quality.seeds == 3 and standard.distill.seeds == 3
+    assert quick.quality.seeds >= 2 and quick.distill.seeds == quick.quality.seeds
+    assert load_preset("full").distill.seeds >= 1
+    with pytest.raises(InputError, match="distill.seeds"):
+        distill.Config(seeds=0)
