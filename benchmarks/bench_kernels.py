@@ -1,10 +1,12 @@
-"""The numba kernel (the `kernels` extra) against the chunked form and the sequential loop: Mamba-1's selective scan,
-forward + backward, one thread.
+"""The numba kernels (the `kernels` extra) against the chunked forms and the sequential loop: Mamba-1's selective scan
+and (--gla) GLA's recurrence, forward + backward, one thread.
 
     PYTHONPATH=src python benchmarks/bench_kernels.py            # the full run, ~3 minutes on a quiet machine
     PYTHONPATH=src python benchmarks/bench_kernels.py --quick    # small shapes, seconds (plus ~15 s of compiling)
     PYTHONPATH=src python benchmarks/bench_kernels.py --shapes 1x256 --repeats 3 --out /tmp/k.json   # one shape
     PYTHONPATH=src python benchmarks/bench_kernels.py --small    # the sizes of the tests and the quick lab, ~1 min
+    PYTHONPATH=src python benchmarks/bench_kernels.py --gla      # GLA: training shapes, ~1 min
+    PYTHONPATH=src python benchmarks/bench_kernels.py --gla --small   # GLA at the tests' and quick lab's sizes
 
 1. Compile time (`compile`): numba compiles the kernels on their first call and caches the machine code
    (`cache=True`). Two fresh interpreters share an empty NUMBA_CACHE_DIR: the first call of the first pays the
@@ -19,6 +21,14 @@ forward + backward, one thread.
    pick the kernel on the test suite's and the quick lab's models: (batch, d_inner) in SMALL_SHAPES, L in
    SMALL_LENGTHS, N = 16; forward + backward as in `scan`, and a forward under no_grad (prefill); alternating,
    medians over --repeats rounds of --inner calls each, in seconds per call.
+4. GLA (`gla`, with --gla instead of the sections above): gla(impl="kernel") against gla(impl="chunked"), both
+   with --chunk-size (default 16, the chunked form's CPU optimum; the kernel's steps between checkpoints; a GLA
+   model's gla.chunk_size defaults to 64), q, k, v, g and the
+   initial state requiring grad, g a log-sigmoid with decays near 1 (as GLA's init gives); forward + backward of a
+   fixed random projection of the output and the final state, and a no_grad forward, alternating as in `small`.
+   (batch, heads, dk, dv, L): GLA_SHAPES (training shapes, those of bench_recurrence_kernels.py), or with --small
+   GLA_SMALL_SHAPES x SMALL_LENGTHS (the tests' tiny model: batch 2, 2 heads, dk 8, dv 16; the quick lab's
+   quality models: batch 16, 4 heads, dk 4-8, dv 8-16; its training section: batch 4).
 """
 
 from __future__ import annotations
@@ -35,17 +45,22 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from seqlab.measure import load_average
-from seqlab.ops import selective_scan
+from seqlab.ops import gla, selective_scan
 
 IMPLS = ("kernel", "chunked", "ref")  # ref: the sequential loop (the naive twin), the issue's "loop"
 SMALL_SHAPES = ((1, 32), (2, 64), (16, 64), (4, 128))  # (batch, d_inner): tests (2, 64), the quick lab's models
 SMALL_LENGTHS = (1, 8, 32, 128, 512)
+GLA_SHAPES = ((1, 4, 64, 64, 2048), (2, 4, 64, 64, 1024), (4, 2, 32, 32, 512), (1, 2, 32, 32, 2048))
+GLA_SMALL_SHAPES = ((2, 2, 8, 16), (16, 4, 4, 8), (16, 4, 8, 16), (4, 4, 16, 32))  # (batch, heads, dk, dv)
 
 COMPILE_PROBE = """
 import json, sys, time, torch
-from seqlab.ops import selective_scan
+import torch.nn.functional as F
+
+from seqlab.ops import gla, selective_scan
 torch.set_num_threads(1)
 t0 = time.perf_counter()
 import seqlab.ops.kernels  # imports numba
@@ -137,29 +152,65 @@ def scan_section(shapes, L, N, repeats, impls):
 
 def small_section(repeats, inner):
     """Kernel vs chunked, forward + backward and no_grad forward, at every small (batch, d_inner) x L."""
+    cases = [(dict(batch=batch, d_inner=d_inner, L=L, N=16), scan_case(L, batch, d_inner, 16))
+             for batch, d_inner in SMALL_SHAPES for L in SMALL_LENGTHS]
+    return compare(cases, repeats, inner)
+
+
+def gla_case(batch, heads, dk, dv, L, chunk_size, seed=0):
+    """run(impl), forward(impl): one forward + backward, and one no_grad forward, of gla on fixed inputs."""
+    gen = torch.Generator().manual_seed(seed)
+    x = {n: torch.randn(batch, heads, L, d, generator=gen) for n, d in (("q", dk), ("k", dk), ("v", dv))}
+    x["g"] = F.logsigmoid(torch.randn(batch, heads, L, dk, generator=gen) + 3)  # decays near 1
+    x["initial_state"] = torch.randn(batch, heads, dk, dv, generator=gen)
+    x = {k: t.requires_grad_() for k, t in x.items()}
+    go, gs = torch.randn(batch, heads, L, dv, generator=gen), torch.randn(batch, heads, dk, dv, generator=gen)
+
+    def run(impl):
+        for t in x.values():
+            t.grad = None
+        o, s = gla(**x, return_final_state=True, impl=impl, chunk_size=chunk_size)
+        ((o * go).sum() + (s * gs).sum()).backward()
+
+    @torch.no_grad()
+    def forward(impl):
+        gla(**x, return_final_state=True, impl=impl, chunk_size=chunk_size)
+    return run, forward
+
+
+def gla_section(shapes, repeats, inner, chunk_size):
+    """GLA kernel vs chunked, forward + backward and no_grad forward, at every (batch, heads, dk, dv, L)."""
+    cases = [(dict(batch=b, heads=h, dk=dk, dv=dv, L=L, chunk_size=chunk_size), gla_case(b, h, dk, dv, L, chunk_size))
+             for b, h, dk, dv, L in shapes]
+    return compare(cases, repeats, inner)
+
+
+def compare(cases, repeats, inner):
+    """For each (shape dict, (run, forward)): kernel vs chunked, forward + backward and no_grad forward, alternating,
+    medians over `repeats` rounds of `inner` calls, wall and CPU seconds per call."""
     rows = []
-    print(f"{'batch':>5s} {'d_inner':>7s} {'L':>5s} {'kernel fb ms':>12s} {'chunked fb ms':>13s} {'ratio':>6s} "
-          f"{'kernel fwd ms':>13s} {'chunked fwd ms':>14s} {'ratio':>6s}")
-    for batch, d_inner in SMALL_SHAPES:
-        for L in SMALL_LENGTHS:
-            fns = dict(zip(("fwd_bwd", "fwd"), scan_case(L, batch, d_inner, 16)))
-            row = dict(batch=batch, d_inner=d_inner, L=L, N=16, repeats=repeats, inner=inner)
-            for mode, fn in fns.items():
-                times = {impl: [] for impl in ("kernel", "chunked")}
-                for impl in times:
-                    fn(impl)  # warm-up
-                for _ in range(repeats):
-                    for impl in times:  # alternating
-                        w, c = timed(lambda impl=impl, fn=fn: [fn(impl) for _ in range(inner)])
-                        times[impl].append((w / inner, c / inner))
-                for impl in times:
-                    row[f"{mode}_{impl}_s"] = statistics.median(w for w, _ in times[impl])
-                    row[f"{mode}_{impl}_cpu_s"] = statistics.median(c for _, c in times[impl])
-                row[f"{mode}_kernel_vs_chunked"] = row[f"{mode}_chunked_s"] / row[f"{mode}_kernel_s"]
-            rows.append(row)
-            print(f"{batch:5d} {d_inner:7d} {L:5d} " + " ".join(
-                f"{row[f'{m}_kernel_s'] * 1e3:12.3f} {row[f'{m}_chunked_s'] * 1e3:13.3f} "
-                f"{row[f'{m}_kernel_vs_chunked']:5.1f}x" for m in fns), flush=True)
+    print(" ".join(f"{k:>7s}" for k in cases[0][0]) + f" {'kernel fb ms':>12s} {'chunked fb ms':>13s} {'ratio':>6s} "
+          f"{'kernel fwd ms':>13s} {'chunked fwd ms':>14s} {'ratio':>6s}   (CPU time)")
+    for shape, case in cases:
+        fns = dict(zip(("fwd_bwd", "fwd"), case))
+        row = dict(shape, repeats=repeats, inner=inner)
+        for mode, fn in fns.items():
+            times = {impl: [] for impl in ("kernel", "chunked")}
+            for impl in times:
+                fn(impl)  # warm-up
+            for _ in range(repeats):
+                for impl in times:  # alternating
+                    w, c = timed(lambda impl=impl, fn=fn: [fn(impl) for _ in range(inner)])
+                    times[impl].append((w / inner, c / inner))
+            for impl in times:
+                row[f"{mode}_{impl}_s"] = statistics.median(w for w, _ in times[impl])
+                row[f"{mode}_{impl}_cpu_s"] = statistics.median(c for _, c in times[impl])
+            row[f"{mode}_kernel_vs_chunked"] = row[f"{mode}_chunked_s"] / row[f"{mode}_kernel_s"]
+            row[f"{mode}_kernel_vs_chunked_cpu"] = row[f"{mode}_chunked_cpu_s"] / row[f"{mode}_kernel_cpu_s"]
+        rows.append(row)
+        print(" ".join(f"{v:7d}" for v in shape.values()) + " " + " ".join(
+            f"{row[f'{m}_kernel_cpu_s'] * 1e3:12.3f} {row[f'{m}_chunked_cpu_s'] * 1e3:13.3f} "
+            f"{row[f'{m}_kernel_vs_chunked_cpu']:5.1f}x" for m in fns), flush=True)
     return rows
 
 
@@ -175,6 +226,10 @@ def main(argv=None):
     p.add_argument("--small", action="store_true",
                    help="the small sizes of the tests and the quick lab instead of the L = 2048 scan section")
     p.add_argument("--inner", type=int, default=5, help="calls per timed round in the --small section")
+    p.add_argument("--gla", action="store_true", help="GLA's kernel vs its chunked form instead of the selective "
+                   "scan (training shapes; with --small the small sizes; with --quick one small shape)")
+    p.add_argument("--chunk-size", type=int, default=16, help="--gla: chunk_size of both implementations (16: the "
+                   "op's default and the chunked form's CPU optimum; 64: gla.chunk_size's default in a model)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     skip = set(filter(None, args.skip.split(",")))
@@ -191,14 +246,20 @@ def main(argv=None):
     load_before = load_average()
     print(f"torch {torch.__version__}, numba {numba.__version__}, {torch.get_num_threads()} thread, "
           f"load average {load_before}")
-    compiled = None if "compile" in skip else compile_section()
-    rows = [] if "scan" in skip or args.small else scan_section(shapes, L, N, args.repeats, impls)
-    small = small_section(args.repeats, args.inner) if args.small else None
+    if args.gla:
+        shapes = ([(1, 2, 32, 32, 256)] if args.quick else
+                  [(*s, L) for s in GLA_SMALL_SHAPES for L in SMALL_LENGTHS] if args.small else GLA_SHAPES)
+        parts = dict(gla=gla_section(shapes, args.repeats, args.inner if args.small else 1, args.chunk_size))
+    else:
+        compiled = None if "compile" in skip else compile_section()
+        rows = [] if "scan" in skip or args.small else scan_section(shapes, L, N, args.repeats, impls)
+        parts = dict(compile=compiled, scan=rows, small=small_section(args.repeats, args.inner) if args.small else None)
     result = dict(torch=torch.__version__, numba=numba.__version__, threads=torch.get_num_threads(),
                   cpus=os.cpu_count(), machine=platform.machine(), python=sys.version.split()[0],
                   load_before=load_before, load_after=load_average(), quick=args.quick,
-                  command=" ".join(sys.argv), compile=compiled, scan=rows, small=small)
-    name = "kernels_small" if args.small else f"kernels{'_quick' if args.quick else ''}"
+                  command=" ".join(sys.argv), **parts)
+    name = ("kernels" + ("_gla" if args.gla else "") + (f"_chunk{args.chunk_size}" if args.chunk_size != 16 else "")
+            + ("_small" if args.small else "") + ("_quick" if args.quick and not args.small else ""))
     out = Path(args.out or f"benchmarks/results/{name}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")

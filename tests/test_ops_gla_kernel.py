@@ -12,6 +12,7 @@ import torch
 from helpers import assert_matches, assert_states_close, carried_run, outputs_and_grads, rel_err, tiny
 from test_ops_gla import make_inputs
 
+from seqlab.config import ModelConfig
 from seqlab.errors import InputError
 from seqlab.models import implementations
 from seqlab.ops import gla, gla_ref
@@ -95,7 +96,8 @@ def test_gla_model_kernel_matches_chunked():
     tokens = torch.randint(0, 37, (2, 21), generator=torch.Generator().manual_seed(5))
     (fast, fast_state, fast_grads), (kern, kern_state, kern_grads) = (carried_run(m, tokens) for m in models)
     assert implementations(models[1])["gla"] == "kernel"
-    assert implementations(tiny("gla", gla={"impl": "auto"}))["gla"] == "kernel"
+    assert implementations(tiny("gla"))["gla"] == "kernel"  # the default, "auto"
+    assert implementations(tiny("gla").double())["gla"] == "chunked"
     torch.testing.assert_close(kern, fast, atol=1e-5, rtol=1e-5)
     assert_states_close(kern_state, fast_state, atol=1e-5)
     for n, g in fast_grads.items():
@@ -111,3 +113,26 @@ def test_kernel_without_numba_names_the_extra(no_numba):
     torch.testing.assert_close(gla(**x, impl="auto")[0], gla(**x, impl="chunked")[0])
     model = tiny("gla", gla={"impl": "auto"})
     assert implementations(model) == {"gla": "chunked", "numba": "not installed"}
+
+
+@needs_numba
+@pytest.mark.parametrize("L, cut", [(23, 9), (5, 1), (40, 39)])
+def test_split_sequence_with_carried_state_equals_one_call(L, cut):
+    """The kernel's final state carried into a second call gives the one-call outputs and state."""
+    x = make_inputs(2, 2, L, 4, 3, seed=8)
+    full_o, full_s = gla(**x, return_final_state=True, impl="kernel", chunk_size=8)
+    first = {k: v[:, :, :cut] if k != "initial_state" else v for k, v in x.items()}
+    second = {k: v[:, :, cut:] for k, v in x.items() if k != "initial_state"}
+    o1, s1 = gla(**first, return_final_state=True, impl="kernel", chunk_size=8)
+    o2, s2 = gla(**second, initial_state=s1, return_final_state=True, impl="kernel", chunk_size=8)
+    assert rel_err(torch.cat([o1, o2], 2), full_o) <= 1e-5
+    assert rel_err(s2, full_s) <= 1e-5
+
+
+def test_gla_impl_default_is_auto_and_checked():
+    """gla.impl defaults to "auto" and the config keeps it (not what it resolves to); an unknown one names the
+    choices."""
+    cfg = ModelConfig.from_dict({"mixer": "gla", "vocab_size": 37, "d_model": 32, "n_layers": 1})
+    assert cfg.gla.impl == "auto" and ModelConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(InputError, match=r"'gla.impl' = 'fast': expected one of auto, chunked, ref, kernel"):
+        ModelConfig.from_dict({**cfg.to_dict(), "gla": {"impl": "fast"}})

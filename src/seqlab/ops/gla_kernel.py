@@ -18,8 +18,9 @@ Backward, with lam_t = dLoss/dS_t (the adjoint state, (dk, dv)) and do_t = dLoss
     dg_t = a_t * rowsum(lam_t * S_{t-1})   (d a_t / d g_t = a_t),   dS_{-1} = diag(a_0) lam_0.
 dg needs S_{t-1} and dq needs S_t at every step, walking backwards. Storing them all is a (B, H, L, dk, dv) tensor
 (L times the state); instead forward keeps the state every K steps and backward recomputes one segment of K + 1
-states from its checkpoint into a (K + 1, dk, dv) buffer (K = 16 at dk = dv = 64: 260 KiB, in L2): one extra
-forward pass of arithmetic, K times less memory.
+states from its checkpoint into a (K + 1, dk, dv) buffer (at dk = dv = 64, 260 KiB for K = 16, gla's default
+chunk_size, and 1 MiB for K = 64, a GLA model's; K = 64 measured ~15% faster forward + backward, its fewer
+checkpoint writes outweighing the larger buffer): one extra forward pass of arithmetic, K times less memory.
 
 Precision: the kernels run in the inputs' dtype; fp32 uses ops/kernels.py's polynomial exp (about 1 ulp), fp64
 compiles a second specialization with libm's (for the tests' rounding-level checks). Every sum is over one step's
@@ -35,17 +36,14 @@ import torch
 from seqlab.errors import InputError
 from seqlab.ops.kernels import _ZERO, _exp, jit
 
-CHECKPOINT = 16  # default K, steps between stored states (measured against 8, 32 and 64 in benchmarks/bench_kernels)
-
 
 def gla_kernel(q, k, v, g, initial_state, scale, checkpoint):
     """The fused recurrence on checked inputs, all in one compute dtype (fp32 or fp64) on the CPU, q not yet scaled;
-    initial_state may be None. checkpoint: K, steps between the states kept for backward (None: CHECKPOINT).
+    initial_state may be None. checkpoint: K, steps between the states kept for backward (gla's chunk_size).
     Returns (o (B, H, L, dv), final state (B, H, dk, dv)), both differentiable (first order)."""
     if q.device.type != "cpu":
         raise InputError(f"gla: impl='kernel' runs on the CPU, got tensors on {q.device}")
-    K = CHECKPOINT if checkpoint is None else checkpoint
-    return _KernelGLA.apply(q, k, v, g, initial_state, float(scale), min(K, q.shape[2]))
+    return _KernelGLA.apply(q, k, v, g, initial_state, float(scale), min(checkpoint, q.shape[2]))
 
 
 def _np(t):

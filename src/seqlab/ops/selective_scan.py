@@ -139,7 +139,8 @@ def selective_scan_update(state, u, delta, A, B, C, D=None, z=None):
 
 
 def resolve_impl(impl: str, device: torch.device | str, dtype: torch.dtype = torch.float32) -> str:
-    """The implementation `selective_scan(impl=impl)` runs on tensors on `device` of `dtype`: `impl` itself, except
+    """The implementation `selective_scan(impl=impl)` and `gla(impl=impl)` (ops/gla.py, the same rule) run on tensors
+    on `device` of `dtype`: `impl` itself, except
     "auto", which is "kernel" when all three hold, else "chunked":
       - the `kernels` extra imports (numba; `numba_version()` is not None),
       - the device is the CPU (the kernel is CPU code; on a GPU the chunked form runs),
@@ -149,7 +150,11 @@ def resolve_impl(impl: str, device: torch.device | str, dtype: torch.dtype = tor
     Where the rule picks the kernel it was measured faster at every size measured, the test suite's and the quick
     lab's small ones included: (batch, d_inner) from (1, 32) to (16, 64) and (4, 128), L 1 to 512, N 16, one
     thread: 1.3x to 6.6x the chunked form's speed forward + backward and 1.1x to 7.7x forward alone, in CPU time
-    (benchmarks/bench_kernels.py --small; benchmarks/results/kernels_small.json). Its cost is numba's: ~0.2 s to
+    (benchmarks/bench_kernels.py --small; benchmarks/results/kernels_small.json). GLA's kernel likewise: 1.5x to
+    7.4x forward + backward and 1.6x to 7.0x forward alone at (batch, heads, dk, dv) from (2, 2, 8, 16) to
+    (16, 4, 8, 16) and (4, 4, 16, 32), L 1 to 512 (1.8x to 10.6x and 1.5x to 9.3x at a GLA model's chunk_size 64),
+    and 3.5x to 4.9x forward + backward at training shapes (bench_kernels.py --gla [--small] [--chunk-size 64];
+    benchmarks/results/kernels_gla*.json). Its cost is numba's: ~0.2 s to
     import, and on a process's first call ~0.6 s to load the cached machine code, or 10-20 s to compile it once
     where no cache exists yet (a fresh install; the same fp32 code that tests/test_ops_kernels.py compiles).
     Nothing falls back silently: "kernel" without the extra stays an InputError."""
