@@ -19,6 +19,10 @@ ships, imported with `seqlab.from_gguf`) against transformers on the same file, 
 3. Memory: peak RSS and KV-cache bytes after 1k, 4k and 8k tokens of context (prefilled 512 tokens per call through
    a `seqlab.Stream`), each context in a fresh process so the peak is its own: the whole process's peak, the
    peak while loading the checkpoint, and the peak during the prefill alone (VmHWM reset after loading).
+4. Reference point (with --llama-cpp-python PYTHON, an interpreter that has llama-cpp-python; benchmark only, never
+   a dependency): llama.cpp on the same GGUF file, its own Q4_1 / Q8_0 weights, decoding the same prompt greedily
+   (benchmarks/llama_cpp_reference.py, a worker kept for the whole run), timed in the same decode rounds as seqlab
+   and transformers (alternating), one and two threads; how many of its first tokens agree with seqlab's.
 Each row records wall and CPU seconds, and the file records torch threads and load averages.
 """
 
@@ -86,7 +90,13 @@ def weight_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def speed(ours, theirs, threads: int, prefill_lengths: tuple[int, ...], new_tokens: int, repeats: int) -> dict:
+def agree(a: list[int], b: list[int]) -> int:
+    """How many leading tokens of `a` and `b` are equal."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def speed(ours, theirs, threads: int, prefill_lengths: tuple[int, ...], new_tokens: int, repeats: int,
+          llama=None) -> dict:
     torch.set_num_threads(threads)
     gen = torch.Generator().manual_seed(0)
     out: dict = {"threads": threads, "prefill": [], "load_average": measure.load_average()}
@@ -113,6 +123,12 @@ def speed(ours, theirs, threads: int, prefill_lengths: tuple[int, ...], new_toke
                 results["transformers"] = theirs.generate(prompt, max_new_tokens=new_tokens,
                                                           min_new_tokens=new_tokens, do_sample=False,
                                                           eos_token_id=None, pad_token_id=0)
+            if llama is not None:  # the worker times itself (model load excluded); CPU time is its process's
+                answer = llama.decode(prompt[0].tolist(), new_tokens, threads)
+                lt = timers.setdefault("llama.cpp", measure.Timer())
+                lt.wall.append(answer["wall_s"])
+                lt.cpu.append(answer["cpu_s"])
+                results["llama.cpp"] = answer["tokens"]
     for t in timers.values():
         t.wall, t.cpu = t.wall[1:], t.cpu[1:]
     bw = bandwidth(max(repeats, 3))
@@ -125,6 +141,16 @@ def speed(ours, theirs, threads: int, prefill_lengths: tuple[int, ...], new_toke
         out["decode"][k] = {"tokens_per_s": rate, "wall_s": t.median_wall, "cpu_s": t.median_cpu,
                             "roofline_percent": 100 * rate / roof}
     out["decode"]["seqlab_over_transformers_time"] = timers["seqlab"].median_wall / timers["transformers"].median_wall
+    if llama is not None:
+        ours_new = results["seqlab"][0, prompt.shape[1]:].tolist()
+        file_bytes = Path(llama.gguf).stat().st_size  # its weights as stored, plus a little metadata
+        rate = out["decode"]["llama.cpp"]["tokens_per_s"]
+        out["decode"]["llama.cpp"].update({
+            "weights": "the GGUF file's own (Q4_1, Q8_0 embedding), not dequantized", "version": llama.version,
+            "weight_bytes_upper_bound": file_bytes,  # the roofline of the bytes it reads, not of fp32 weights
+            "roofline_tokens_per_s": bw / file_bytes, "roofline_percent": 100 * rate * file_bytes / bw,
+            "tokens_agreeing_with_seqlab": agree(results["llama.cpp"], ours_new),
+            "seqlab_over_llama_cpp_tokens_per_s": timers["llama.cpp"].median_wall / timers["seqlab"].median_wall})
     return out
 
 
@@ -154,6 +180,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smoke run: few windows, short prefill and decode")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per cell (median; default 3)")
     parser.add_argument("--skip-hf", action="store_true", help="no transformers comparison (speed section)")
+    parser.add_argument("--skip", default="", help="comma-separated sections to leave out: quality, memory "
+                                                   "(e.g. a speed-only run with --llama-cpp-python)")
+    parser.add_argument("--out", type=Path, help="JSON file to write (default: results/pretrained.json, or "
+                                                 "pretrained_quick.json with --quick)")
+    parser.add_argument("--llama-cpp-python", metavar="PYTHON",
+                        help="a Python interpreter with llama-cpp-python installed: add llama.cpp on the same GGUF "
+                             "to the decode rounds (see benchmarks/llama_cpp_reference.py; benchmark only)")
     parser.add_argument("--windows", type=int, default=None,
                         help="quality: read only the first N windows of the test split (default: all, 232 windows "
                              "of 1,024 tokens, the bulk of the full run's time)")
@@ -168,38 +201,55 @@ def main() -> None:
                     "machine": {"platform": platform.platform(), "python": platform.python_version(),
                                 "torch_threads_default": 1}, "load_average_start": measure.load_average(),
                     "source": ours.gguf_source, "config": ours.config.to_dict()}
-    torch.set_num_threads(2)
-    report["quality"] = quality(ours, 8 if q else args.windows, 512 if q else 1024)
-    report["quality"]["threads"] = 2
-    report["quality"]["lab_small_models"] = lab_small_models()
-    print(f"bits per byte on the corpus test split: {report['quality']['bits_per_byte']:.4f} "
-          f"(order-0 bytes: {report['quality']['order0_bits_per_byte']:.3f})", flush=True)
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    if skip - {"quality", "memory"}:
+        parser.error(f"--skip {args.skip!r}: expected a comma-separated list of quality, memory")
+    if "quality" not in skip:
+        torch.set_num_threads(2)
+        report["quality"] = quality(ours, 8 if q else args.windows, 512 if q else 1024)
+        report["quality"]["threads"] = 2
+        report["quality"]["lab_small_models"] = lab_small_models()
+        print(f"bits per byte on the corpus test split: {report['quality']['bits_per_byte']:.4f} "
+              f"(order-0 bytes: {report['quality']['order0_bits_per_byte']:.3f})", flush=True)
     if not args.skip_hf:
         import transformers  # optional: only this section compares against it
 
         theirs = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                                                    dtype=torch.float32).eval()
-        report["speed"] = [speed(ours, theirs, t, (64,) if q else (512, 2048), 16 if q else 128,
-                                 1 if q else args.repeats) for t in (1, 2)]
+        llama = None
+        if args.llama_cpp_python:
+            from llama_cpp_reference import LlamaCpp  # beside this script: no llama_cpp import in this process
+
+            llama = LlamaCpp(args.llama_cpp_python, str(path))
+        try:
+            report["speed"] = [speed(ours, theirs, t, (64,) if q else (512, 2048), 16 if q else 128,
+                                     1 if q else args.repeats, llama) for t in (1, 2)]
+        finally:
+            if llama is not None:
+                llama.close()
         for s in report["speed"]:
             d = s["decode"]
+            ref = (f"; llama.cpp {d['llama.cpp']['tokens_per_s']:.1f} (seqlab at "
+                   f"{d['llama.cpp']['seqlab_over_llama_cpp_tokens_per_s']:.2f}x)" if "llama.cpp" in d else "")
             print(f"{s['threads']} thread(s): decode seqlab {d['seqlab']['tokens_per_s']:.1f} tokens/s "
                   f"({d['seqlab']['roofline_percent']:.0f}% of roofline), transformers "
-                  f"{d['transformers']['tokens_per_s']:.1f}; same tokens {d['same_tokens']}", flush=True)
+                  f"{d['transformers']['tokens_per_s']:.1f}{ref}; same tokens {d['same_tokens']}", flush=True)
         del theirs
-    with tempfile.TemporaryDirectory() as tmp:
-        seqlab.save(ours, Path(tmp) / "ckpt")
-        del ours
-        report["memory"] = [measure.run_fresh([__file__, "--memory-cell"],
-                                              {"checkpoint": str(Path(tmp) / "ckpt"), "context": c, "threads": 2})
-                            for c in ((128, 256) if q else (1024, 4096, 8192))]
+    report["memory"] = []
+    if "memory" not in skip:
+        with tempfile.TemporaryDirectory() as tmp:
+            seqlab.save(ours, Path(tmp) / "ckpt")
+            del ours
+            report["memory"] = [measure.run_fresh([__file__, "--memory-cell"],
+                                                  {"checkpoint": str(Path(tmp) / "ckpt"), "context": c, "threads": 2})
+                                for c in ((128, 256) if q else (1024, 4096, 8192))]
     for m in report["memory"]:
         print(f"context {m.get('context')}: KV {m.get('kv_bytes', 0) / 2**20:.1f} MiB, peak RSS "
               f"{m.get('peak_rss_mb', math.nan):.0f} MB {m.get('error', '')}", flush=True)
     report["total_seconds"] = time.perf_counter() - t0
     report["load_average_end"] = measure.load_average()
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / ("pretrained_quick.json" if q else "pretrained.json")
+    out = args.out or RESULTS / ("pretrained_quick.json" if q else "pretrained.json")
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out} ({report['total_seconds']:.0f} s)")
 

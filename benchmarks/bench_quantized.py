@@ -20,7 +20,9 @@ rows, as int8 (see `seqlab.models.int8`).
    the forward, every later one by the decode plan's step, which is what generation runs), fp32 vs int8, with the
    change in percent; and the same slice through the forward (prefill: int8 weights dequantized, fp32 activations),
    which separates the weights' rounding from the activations'.
-Targets (issue 20): int8 decode >= 1.5x fp32 tokens/s; bits per byte within 1% of fp32.
+3. Reference point (--llama-cpp-python PYTHON, an interpreter with llama-cpp-python; benchmark only): llama.cpp
+   decoding SmolLM2's GGUF file (its own Q4_1 weights) from the same prompt, in the same alternating rounds.
+Targets (issue 20): int8 decode >= 1.5x fp32 tokens/s; bits per byte within 1% of fp32; >= 0.5x llama.cpp.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ import argparse
 import copy
 import json
 import platform
+import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -70,30 +74,52 @@ def decode_bytes(model) -> int:
     return n
 
 
-def speed(pair, threads: int, new_tokens: int, repeats: int) -> dict:
+def speed(pair, threads: int, new_tokens: int, repeats: int, llama=None) -> dict:
+    """Decode tokens/s of fp32 and int8 (and llama.cpp on the model's GGUF when `llama`, a
+    benchmarks/llama_cpp_reference.LlamaCpp worker, is given: timed by the worker itself, in the same rounds)."""
     torch.set_num_threads(threads)
     fp32, int8 = pair
     prompt = torch.randint(17, fp32.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
-    tokens = {}
+    tokens, worker_times = {}, []
     load_before = measure.load_average()
 
     def run(name: str) -> None:
+        if name == "llama.cpp":
+            answer = llama.decode(prompt[0].tolist(), new_tokens, threads)
+            worker_times.append((answer["wall_s"], answer["cpu_s"]))
+            tokens[name] = answer["tokens"]
+            return
         model = fp32 if name == "fp32" else int8
         tokens[name] = seqlab.generate(model, prompt, new_tokens, stop_at_eos=False)
 
+    variants = ("fp32", "int8") + (("llama.cpp",) if llama is not None else ())
     with torch.inference_mode():
-        times = measure.alternate(run, {"fp32": repeats, "int8": repeats}, warmup=("fp32", "int8"))
+        times = measure.alternate(run, dict.fromkeys(variants, repeats), warmup=variants)
+    if llama is not None:  # the worker's own clock (its decode only; the pipe and this process's wait excluded)
+        wall, cpu = zip(*worker_times[1:])  # the first was the warm-up
+        times["llama.cpp"] = (statistics.median(wall), statistics.median(cpu))
     out = {"threads": threads, "new_tokens": new_tokens, "prompt_tokens": 16, "load_average_before": load_before,
            "load_average_after": measure.load_average(),
            "same_tokens": tokens["fp32"].tolist() == tokens["int8"].tolist(),
            "first_difference": _first_difference(tokens["fp32"][0, 16:], tokens["int8"][0, 16:])}
     for name, (wall, cpu) in times.items():
-        model = fp32 if name == "fp32" else int8
-        out[name] = {"tokens_per_s": new_tokens / wall, "wall_s": wall, "cpu_s": cpu,
-                     "bytes_per_token": decode_bytes(model)}
+        out[name] = {"tokens_per_s": new_tokens / wall, "wall_s": wall, "cpu_s": cpu}
+        if name != "llama.cpp":
+            out[name]["bytes_per_token"] = decode_bytes(fp32 if name == "fp32" else int8)
     out["int8_over_fp32"] = out["fp32"]["wall_s"] / out["int8"]["wall_s"]
     out["int8_over_fp32_cpu"] = out["fp32"]["cpu_s"] / out["int8"]["cpu_s"]
+    if llama is not None:
+        out["llama.cpp"].update({"weights": "the GGUF file's own (Q4_1, Q8_0 embedding)", "version": llama.version,
+                                 "bytes_per_token_upper_bound": Path(llama.gguf).stat().st_size,
+                                 "tokens_agreeing_with_int8": _agree(tokens["llama.cpp"],
+                                                                     tokens["int8"][0, 16:].tolist())})
+        out["int8_over_llama_cpp"] = out["llama.cpp"]["wall_s"] / out["int8"]["wall_s"]
     return out
+
+
+def _agree(a: list[int], b: list[int]) -> int:
+    """How many leading tokens of `a` and `b` are equal."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def _first_difference(a: torch.Tensor, b: torch.Tensor) -> int | None:
@@ -133,25 +159,37 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smoke run: 16 new tokens, one quality window of 64")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per variant and thread count (median)")
     parser.add_argument("--windows", type=int, default=8, help="quality: windows of 512 tokens (default 8)")
+    parser.add_argument("--llama-cpp-python", metavar="PYTHON",
+                        help="a Python interpreter with llama-cpp-python: add llama.cpp on SmolLM2's GGUF to the "
+                             "decode rounds (benchmarks/llama_cpp_reference.py; benchmark only)")
     args = parser.parse_args()
     t0 = time.perf_counter()
     torch.set_num_threads(1)
     q = args.quick
-    report: dict = {"benchmark": "quantized", "command": "python benchmarks/bench_quantized.py"
-                    + (" --quick" if q else f" --repeats {args.repeats} --windows {args.windows}"),
+    report: dict = {"benchmark": "quantized", "command": " ".join(["python", *sys.argv]),
                     "quick": q, "seqlab": seqlab.__version__, "torch": torch.__version__,
                     "machine": {"platform": platform.platform(), "processor": platform.processor(),
                                 "cpu_capability": torch.backends.cpu.get_cpu_capability()},
                     "decode": "dynamic", "load_average_start": measure.load_average(), "models": {}}
     pairs = models()
+    llama = None
+    if args.llama_cpp_python:
+        from llama_cpp_reference import LlamaCpp  # beside this script: no llama_cpp import in this process
+
+        llama = LlamaCpp(args.llama_cpp_python, str(package_gguf(PACKAGE)))
     for name, pair in pairs.items():
         entry = report["models"][name] = {"parameters": pair[0].num_parameters(),
                                           "int8_layers": len(pair[1].quantization["layers"])}
-        entry["speed"] = [speed(pair, t, 16 if q else 128, 1 if q else args.repeats) for t in (1, 2)]
+        ref = llama if name == "smollm2-135m" else None
+        entry["speed"] = [speed(pair, t, 16 if q else 128, 1 if q else args.repeats, ref) for t in (1, 2)]
         for s in entry["speed"]:
             print(f"{name} {s['threads']} thread(s): decode fp32 {s['fp32']['tokens_per_s']:.1f} tokens/s, int8 "
                   f"{s['int8']['tokens_per_s']:.1f} ({s['int8_over_fp32']:.2f}x wall, {s['int8_over_fp32_cpu']:.2f}x "
-                  f"CPU); same tokens {s['same_tokens']}; load {s['load_average_after']}", flush=True)
+                  f"CPU); same tokens {s['same_tokens']}; load {s['load_average_after']}"
+                  + (f"; llama.cpp {s['llama.cpp']['tokens_per_s']:.1f} (int8 at {s['int8_over_llama_cpp']:.2f}x)"
+                     if "llama.cpp" in s else ""), flush=True)
+    if llama is not None:
+        llama.close()
     torch.set_num_threads(1)
     qual = report["models"]["smollm2-135m"]["quality"] = quality(pairs["smollm2-135m"], 1 if q else args.windows,
                                                                   64 if q else 512)
