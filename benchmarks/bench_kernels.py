@@ -1,12 +1,13 @@
 """The numba kernels (the `kernels` extra) against the chunked forms and the sequential loop: Mamba-1's selective scan
-and (--gla) GLA's recurrence, forward + backward, one thread.
+and (--gla, --delta-rule) the GLA and delta-rule recurrences, forward + backward, one thread.
 
     PYTHONPATH=src python benchmarks/bench_kernels.py            # the full run, ~3 minutes on a quiet machine
     PYTHONPATH=src python benchmarks/bench_kernels.py --quick    # small shapes, seconds (plus ~15 s of compiling)
     PYTHONPATH=src python benchmarks/bench_kernels.py --shapes 1x256 --repeats 3 --out /tmp/k.json   # one shape
     PYTHONPATH=src python benchmarks/bench_kernels.py --small    # the sizes of the tests and the quick lab, ~1 min
-    PYTHONPATH=src python benchmarks/bench_kernels.py --gla      # GLA: training shapes, ~1 min
-    PYTHONPATH=src python benchmarks/bench_kernels.py --gla --small   # GLA at the tests' and quick lab's sizes
+    PYTHONPATH=src python benchmarks/bench_kernels.py --gla      # GLA: training shapes, ~10 s (plus compiling)
+    PYTHONPATH=src python benchmarks/bench_kernels.py --gla --small   # GLA at the tests' and quick lab's sizes, ~15 s
+    PYTHONPATH=src python benchmarks/bench_kernels.py --delta-rule [--plain] [--small]   # the (gated) delta rule
 
 1. Compile time (`compile`): numba compiles the kernels on their first call and caches the machine code
    (`cache=True`). Two fresh interpreters share an empty NUMBA_CACHE_DIR: the first call of the first pays the
@@ -29,6 +30,11 @@ and (--gla) GLA's recurrence, forward + backward, one thread.
    (batch, heads, dk, dv, L): GLA_SHAPES (training shapes, those of bench_recurrence_kernels.py), or with --small
    GLA_SMALL_SHAPES x SMALL_LENGTHS (the tests' tiny model: batch 2, 2 heads, dk 8, dv 16; the quick lab's
    quality models: batch 16, 4 heads, dk 4-8, dv 8-16; its training section: batch 4).
+5. Delta rule (`delta_rule`, with --delta-rule): delta_rule(impl="kernel") against impl="chunked" as in 4, keys
+   L2-normalized, beta a sigmoid, g a log-sigmoid with decays near 1 (Gated DeltaNet), or no g with --plain
+   (DeltaNet); --chunk-size defaults to 32 here (deltanet.chunk_size's default, the chunked form's CPU optimum).
+   Training shapes GLA_SHAPES; with --small DELTA_SMALL_SHAPES x SMALL_LENGTHS (the tests' tiny model: batch 2,
+   2 heads, dk 12, dv 24; the quick lab's: batch 16, 4 heads, dk 6-12, dv 12-24; batch 4, dk 16, dv 32).
 """
 
 from __future__ import annotations
@@ -48,19 +54,18 @@ import torch
 import torch.nn.functional as F
 
 from seqlab.measure import load_average
-from seqlab.ops import gla, selective_scan
+from seqlab.ops import delta_rule, gla, selective_scan
 
 IMPLS = ("kernel", "chunked", "ref")  # ref: the sequential loop (the naive twin), the issue's "loop"
 SMALL_SHAPES = ((1, 32), (2, 64), (16, 64), (4, 128))  # (batch, d_inner): tests (2, 64), the quick lab's models
 SMALL_LENGTHS = (1, 8, 32, 128, 512)
 GLA_SHAPES = ((1, 4, 64, 64, 2048), (2, 4, 64, 64, 1024), (4, 2, 32, 32, 512), (1, 2, 32, 32, 2048))
 GLA_SMALL_SHAPES = ((2, 2, 8, 16), (16, 4, 4, 8), (16, 4, 8, 16), (4, 4, 16, 32))  # (batch, heads, dk, dv)
+DELTA_SMALL_SHAPES = ((2, 2, 12, 24), (16, 4, 6, 12), (16, 4, 12, 24), (4, 4, 16, 32))
 
 COMPILE_PROBE = """
 import json, sys, time, torch
-import torch.nn.functional as F
-
-from seqlab.ops import gla, selective_scan
+from seqlab.ops import selective_scan
 torch.set_num_threads(1)
 t0 = time.perf_counter()
 import seqlab.ops.kernels  # imports numba
@@ -157,11 +162,20 @@ def small_section(repeats, inner):
     return compare(cases, repeats, inner)
 
 
-def gla_case(batch, heads, dk, dv, L, chunk_size, seed=0):
-    """run(impl), forward(impl): one forward + backward, and one no_grad forward, of gla on fixed inputs."""
+def recurrence_case(op, batch, heads, dk, dv, L, chunk_size, gated=True, seed=0):
+    """run(impl), forward(impl): one forward + backward, and one no_grad forward, of `op` ("gla" or "delta_rule";
+    gated=False: the delta rule without g) on fixed inputs."""
     gen = torch.Generator().manual_seed(seed)
     x = {n: torch.randn(batch, heads, L, d, generator=gen) for n, d in (("q", dk), ("k", dk), ("v", dv))}
-    x["g"] = F.logsigmoid(torch.randn(batch, heads, L, dk, generator=gen) + 3)  # decays near 1
+    if op == "gla":
+        fn = gla
+        x["g"] = F.logsigmoid(torch.randn(batch, heads, L, dk, generator=gen) + 3)  # decays near 1
+    else:
+        fn = delta_rule
+        x["k"] = F.normalize(x["k"], dim=-1)  # as the mixers make them
+        x["beta"] = torch.sigmoid(torch.randn(batch, heads, L, generator=gen))
+        if gated:
+            x["g"] = F.logsigmoid(torch.randn(batch, heads, L, generator=gen) + 3)
     x["initial_state"] = torch.randn(batch, heads, dk, dv, generator=gen)
     x = {k: t.requires_grad_() for k, t in x.items()}
     go, gs = torch.randn(batch, heads, L, dv, generator=gen), torch.randn(batch, heads, dk, dv, generator=gen)
@@ -169,19 +183,19 @@ def gla_case(batch, heads, dk, dv, L, chunk_size, seed=0):
     def run(impl):
         for t in x.values():
             t.grad = None
-        o, s = gla(**x, return_final_state=True, impl=impl, chunk_size=chunk_size)
+        o, s = fn(**x, return_final_state=True, impl=impl, chunk_size=chunk_size)
         ((o * go).sum() + (s * gs).sum()).backward()
 
     @torch.no_grad()
     def forward(impl):
-        gla(**x, return_final_state=True, impl=impl, chunk_size=chunk_size)
+        fn(**x, return_final_state=True, impl=impl, chunk_size=chunk_size)
     return run, forward
 
 
-def gla_section(shapes, repeats, inner, chunk_size):
-    """GLA kernel vs chunked, forward + backward and no_grad forward, at every (batch, heads, dk, dv, L)."""
-    cases = [(dict(batch=b, heads=h, dk=dk, dv=dv, L=L, chunk_size=chunk_size), gla_case(b, h, dk, dv, L, chunk_size))
-             for b, h, dk, dv, L in shapes]
+def recurrence_section(op, shapes, repeats, inner, chunk_size, gated=True):
+    """`op`'s kernel vs chunked, forward + backward and no_grad forward, at every (batch, heads, dk, dv, L)."""
+    cases = [(dict(batch=b, heads=h, dk=dk, dv=dv, L=L, chunk_size=chunk_size),
+              recurrence_case(op, b, h, dk, dv, L, chunk_size, gated)) for b, h, dk, dv, L in shapes]
     return compare(cases, repeats, inner)
 
 
@@ -228,8 +242,11 @@ def main(argv=None):
     p.add_argument("--inner", type=int, default=5, help="calls per timed round in the --small section")
     p.add_argument("--gla", action="store_true", help="GLA's kernel vs its chunked form instead of the selective "
                    "scan (training shapes; with --small the small sizes; with --quick one small shape)")
-    p.add_argument("--chunk-size", type=int, default=16, help="--gla: chunk_size of both implementations (16: the "
-                   "op's default and the chunked form's CPU optimum; 64: gla.chunk_size's default in a model)")
+    p.add_argument("--delta-rule", action="store_true", help="the gated delta rule's kernel vs its chunked form "
+                   "(with --plain: without g), as --gla")
+    p.add_argument("--plain", action="store_true", help="--delta-rule: no gate (DeltaNet)")
+    p.add_argument("--chunk-size", type=int, default=None, help="chunk_size of both implementations (--gla: 16, "
+                   "the op's default and the chunked form's CPU optimum; a GLA model's is 64; --delta-rule: 32)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     skip = set(filter(None, args.skip.split(",")))
@@ -246,10 +263,15 @@ def main(argv=None):
     load_before = load_average()
     print(f"torch {torch.__version__}, numba {numba.__version__}, {torch.get_num_threads()} thread, "
           f"load average {load_before}")
-    if args.gla:
+    op = "gla" if args.gla else "delta_rule" if args.delta_rule else None
+    default_chunk = {"gla": 16, "delta_rule": 32}.get(op)
+    if op is not None:
+        small_shapes = GLA_SMALL_SHAPES if op == "gla" else DELTA_SMALL_SHAPES
         shapes = ([(1, 2, 32, 32, 256)] if args.quick else
-                  [(*s, L) for s in GLA_SMALL_SHAPES for L in SMALL_LENGTHS] if args.small else GLA_SHAPES)
-        parts = dict(gla=gla_section(shapes, args.repeats, args.inner if args.small else 1, args.chunk_size))
+                  [(*s, L) for s in small_shapes for L in SMALL_LENGTHS] if args.small else GLA_SHAPES)
+        chunk = args.chunk_size or default_chunk
+        parts = {op: recurrence_section(op, shapes, args.repeats, args.inner if args.small else 1, chunk,
+                                        not args.plain), "gated": op == "gla" or not args.plain}
     else:
         compiled = None if "compile" in skip else compile_section()
         rows = [] if "scan" in skip or args.small else scan_section(shapes, L, N, args.repeats, impls)
@@ -258,7 +280,8 @@ def main(argv=None):
                   cpus=os.cpu_count(), machine=platform.machine(), python=sys.version.split()[0],
                   load_before=load_before, load_after=load_average(), quick=args.quick,
                   command=" ".join(sys.argv), **parts)
-    name = ("kernels" + ("_gla" if args.gla else "") + (f"_chunk{args.chunk_size}" if args.chunk_size != 16 else "")
+    name = ("kernels" + (f"_{op}" if op else "") + ("_plain" if op == "delta_rule" and args.plain else "")
+            + (f"_chunk{args.chunk_size}" if args.chunk_size not in (None, default_chunk) else "")
             + ("_small" if args.small else "") + ("_quick" if args.quick and not args.small else ""))
     out = Path(args.out or f"benchmarks/results/{name}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,11 @@ Entry points:
     delta_rule(..., impl="chunked")   the chunkwise-parallel (WY / UT) form; for training and prefill
     delta_rule(..., impl="ref")       runs `delta_rule_ref` (ops/naive.py): the plain loop, written apart from this
                                       file (no shared helper), the twin the tests compare against
+    delta_rule(..., impl="kernel")    the fused numba recurrence (ops/delta_rule_kernel.py, the optional `kernels`
+                                      extra): two passes over the state per step forward, states recomputed in
+                                      backward from checkpoints; first order only
+    delta_rule(..., impl="auto")      "kernel" where `resolve_impl` says so (the extra installed, CPU, fp32
+                                      compute), else "chunked"
     delta_rule_step(...)              one step from a state, with checks and casts
     delta_rule_update(...)            the same step without checks or casts (what decoding calls)
 
@@ -43,8 +48,9 @@ import torch.nn.functional as F
 from seqlab.errors import InputError
 from seqlab.ops.checks import check_delta_rule, check_scale
 from seqlab.ops.naive import delta_rule_ref
+from seqlab.ops.selective_scan import load_kernel, resolve_impl
 
-IMPLS = ("ref", "chunked")
+IMPLS = ("auto", "ref", "chunked", "kernel")
 
 
 def delta_rule(q, k, v, beta, g=None, initial_state=None, return_final_state=False, impl="chunked", chunk_size=64,
@@ -56,8 +62,12 @@ def delta_rule(q, k, v, beta, g=None, initial_state=None, return_final_state=Fal
         g: (B, H, L) log decay (<= 0), or None for no decay (plain DeltaNet).
         initial_state: (B, H, dk, dv) or None (zeros); differentiable.
         return_final_state: also return the state after the last step (differentiable).
-        impl: "chunked" (chunkwise parallel) or "ref" (the naive twin `delta_rule_ref`, a loop).
-        chunk_size: steps per chunk for impl="chunked" (ignored by "ref").
+        impl: "chunked" (chunkwise parallel), "ref" (the naive twin `delta_rule_ref`, a loop), "kernel" (fused,
+            compiled by numba: needs the `kernels` extra, InputError without it; CPU tensors only) or "auto"
+            (`seqlab.ops.selective_scan.resolve_impl`: "kernel" for CPU tensors computed in fp32 when the extra
+            imports, else "chunked").
+        chunk_size: steps per chunk for impl="chunked" (ignored by "ref"); for impl="kernel" the steps between the
+            states kept for backward.
         scale: query scale; None means dk ** -0.5.
 
     Returns:
@@ -66,6 +76,7 @@ def delta_rule(q, k, v, beta, g=None, initial_state=None, return_final_state=Fal
     """
     if impl not in IMPLS:
         raise InputError(f"delta_rule: unknown impl {impl!r}; expected one of {', '.join(map(repr, IMPLS))}")
+    impl = resolve_impl(impl, q.device, q.dtype)
     if impl == "ref":  # the naive twin, which checks its own inputs
         return delta_rule_ref(q, k, v, beta, g, initial_state=initial_state, return_final_state=return_final_state,
                               scale=scale)
@@ -73,6 +84,12 @@ def delta_rule(q, k, v, beta, g=None, initial_state=None, return_final_state=Fal
         raise InputError(f"delta_rule: chunk_size must be a positive int, got {chunk_size!r}")
     check_delta_rule("delta_rule", q, k, v, beta, g, initial_state, ("B", "H", "L"))
     cdt = torch.promote_types(q.dtype, torch.float32)
+    if impl == "kernel":  # scales q itself: every input goes in as given, in cdt
+        o, S = load_kernel("delta_rule", "delta_rule_kernel", "delta_rule_kernel")(
+            q.to(cdt), k.to(cdt), v.to(cdt), beta.to(cdt), None if g is None else g.to(cdt),
+            None if initial_state is None else initial_state.to(cdt), _scale("delta_rule", scale, q.shape[-1]),
+            chunk_size)
+        return o.to(q.dtype), (S if return_final_state else None)
     q_s = q.to(cdt) * _scale("delta_rule", scale, q.shape[-1])
     k, v, beta = k.to(cdt), v.to(cdt), beta.to(cdt)
     g = None if g is None else g.to(cdt)
