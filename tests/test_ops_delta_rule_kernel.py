@@ -10,10 +10,12 @@ import sys
 
 import pytest
 import torch
-from helpers import assert_matches, outputs_and_grads, rel_err
+from helpers import assert_matches, assert_states_close, carried_run, outputs_and_grads, rel_err, tiny
 from test_ops_delta_rule import make_inputs
 
+from seqlab.config import ModelConfig
 from seqlab.errors import InputError
+from seqlab.models import implementations
 from seqlab.ops import delta_rule, delta_rule_ref
 
 needs_numba = pytest.mark.skipif(importlib.util.find_spec("numba") is None,
@@ -77,9 +79,34 @@ def test_kernel_bf16_no_grad_no_final_state_and_auto(monkeypatch):
     assert calls == [torch.float32]
 
 
+@needs_numba
+@pytest.mark.parametrize("mixer", ["deltanet", "gated_deltanet"])
+def test_model_kernel_matches_chunked(mixer):
+    """DeltaNet and Gated DeltaNet models with deltanet.impl="kernel": the same logits, carried state and parameter
+    gradients as the chunked form; implementations(model) says so, and "auto" (the default) resolves to "kernel"
+    on this CPU, to "chunked" for fp64 weights."""
+    models = [tiny(mixer, deltanet={"n_heads": 2, "chunk_size": 8, "impl": impl}) for impl in ("chunked", "kernel")]
+    tokens = torch.randint(0, 37, (2, 21), generator=torch.Generator().manual_seed(5))
+    (fast, fast_state, fast_grads), (kern, kern_state, kern_grads) = (carried_run(m, tokens) for m in models)
+    assert implementations(models[1])[mixer] == implementations(tiny(mixer))[mixer] == "kernel"
+    assert implementations(tiny(mixer).double())[mixer] == "chunked"
+    torch.testing.assert_close(kern, fast, atol=1e-5, rtol=1e-5)
+    assert_states_close(kern_state, fast_state, atol=1e-5)
+    for n, g in fast_grads.items():
+        assert rel_err(kern_grads[n], g) <= 1e-4, n
+
+
+def test_deltanet_impl_default_is_auto_and_checked():
+    """deltanet.impl defaults to "auto" and the config keeps it; an unknown one names the choices."""
+    cfg = ModelConfig.from_dict({"mixer": "gated_deltanet", "vocab_size": 37, "d_model": 32, "n_layers": 1})
+    assert cfg.deltanet.impl == "auto" and ModelConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(InputError, match=r"'deltanet.impl' = 'fast': expected one of auto, chunked, ref, kernel"):
+        ModelConfig.from_dict({**cfg.to_dict(), "deltanet": {"impl": "fast"}})
+
+
 def test_kernel_without_numba_names_the_extra(monkeypatch):
     """No silent fallback: without numba, impl="kernel" is an InputError that says which extra to install; "auto"
-    runs the chunked form."""
+    runs the chunked form, and implementations(model) says so."""
     monkeypatch.setitem(sys.modules, "numba", None)  # `import numba` now fails as if it were not installed
     for name in ("seqlab.ops.kernels", "seqlab.ops.delta_rule_kernel"):
         monkeypatch.delitem(sys.modules, name, raising=False)
@@ -87,3 +114,4 @@ def test_kernel_without_numba_names_the_extra(monkeypatch):
     with pytest.raises(InputError, match=r"delta_rule: impl='kernel' needs numba.*seqlab\[kernels\]"):
         delta_rule(**x, impl="kernel")
     torch.testing.assert_close(delta_rule(**x, impl="auto")[0], delta_rule(**x, impl="chunked")[0], atol=0, rtol=0)
+    assert implementations(tiny("gated_deltanet")) == {"gated_deltanet": "chunked", "numba": "not installed"}

@@ -40,13 +40,24 @@ from seqlab.models.conv import causal_conv1d, causal_conv1d_step
 from seqlab.models.registry import register_mixer
 from seqlab.models.state import State
 from seqlab.ops import delta_rule, delta_rule_update
+from seqlab.ops.selective_scan import resolve_impl
 
 L2_EPS = 1e-6  # q, k <- x / sqrt(|x|^2 + eps), the reference implementation's L2 norm
 
 
 @dataclass(frozen=True)
 class DeltaNetConfig(Section):
-    """Config section `deltanet`: DeltaNet and Gated DeltaNet, multi-head, short convs, output norm and gate."""
+    """Config section `deltanet`: DeltaNet and Gated DeltaNet, multi-head, short convs, output norm and gate.
+
+    impl: the delta rule's implementation (`seqlab.ops.delta_rule`). "auto" (the default) runs the fused numba
+    kernel when the optional `kernels` extra is installed, the tensors are on the CPU and compute in fp32, and the
+    chunked form otherwise (a GPU, fp64, no numba): `seqlab.ops.selective_scan.resolve_impl`, applied at every
+    call; the config keeps "auto". The kernel measured 1.2-4.3x the chunked form's speed forward + backward, gated
+    and plain, at every size measured, the tests' and the quick lab's included (benchmarks/bench_kernels.py
+    --delta-rule [--plain] [--small]). "kernel" asks for it outright (an InputError without the extra), "chunked"
+    and "ref" (the loop twin) for those. chunk_size: steps per chunk (chunked) or between the states kept for
+    backward (kernel).
+    """
 
     n_heads: int = 4
     n_v_heads: int | None = None  # None: n_heads
@@ -56,13 +67,13 @@ class DeltaNetConfig(Section):
     norm_eps: float = 1e-5  # the per-head output RMSNorm
     allow_neg_eigval: bool = False  # beta = 2 sigmoid(.) in (0, 2): OLMo-Hybrid's default, not the paper's
     chunk_size: int = 32  # the CPU optimum measured at d_model 120-256 (16, 32, 64 tried; 64 is 0-40% slower)
-    impl: str = "chunked"
+    impl: str = "auto"
 
     def __post_init__(self) -> None:
         check_types(self, "deltanet.")
         positive(self, "deltanet.", "n_heads", "n_v_heads", "head_dim", "v_head_dim", "conv_size", "norm_eps",
                  "chunk_size")
-        choice("deltanet.", "impl", self.impl, ("chunked", "ref"))
+        choice("deltanet.", "impl", self.impl, ("auto", "chunked", "ref", "kernel"))  # kernel: the `kernels` extra
         if self.n_v_heads is not None and self.n_v_heads % self.n_heads:
             raise InputError(f"config field 'deltanet.n_v_heads' = {self.n_v_heads}: must be a multiple of "
                              f"deltanet.n_heads = {self.n_heads}")
@@ -142,6 +153,10 @@ class DeltaNet(nn.Module):
         inputs (B, 2 H dk + Hv dv, conv_size - 1) in the activations' dtype."""
         S = self.Hv * self.dk * self.dv * torch.promote_types(dtype, torch.float32).itemsize
         return batch * (S + self.conv.in_channels * (self.conv.kernel_size[0] - 1) * dtype.itemsize)
+
+    def implementation(self) -> str:
+        """The implementation this module's forward runs on its weights' device ("auto" resolved)."""
+        return resolve_impl(self.cfg.impl, self.out_proj.weight.device, self.out_proj.weight.dtype)
 
     def _qkv(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The convolved [q, k, v] (..., 2 H dk + Hv dv) -> q, k (..., Hv, dk) L2-normalized, v (..., Hv, dv)."""

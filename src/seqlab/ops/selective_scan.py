@@ -139,9 +139,9 @@ def selective_scan_update(state, u, delta, A, B, C, D=None, z=None):
 
 
 def resolve_impl(impl: str, device: torch.device | str, dtype: torch.dtype = torch.float32) -> str:
-    """The implementation `selective_scan(impl=impl)` and `gla(impl=impl)` (ops/gla.py, the same rule) run on tensors
-    on `device` of `dtype`: `impl` itself, except
-    "auto", which is "kernel" when all three hold, else "chunked":
+    """The implementation `selective_scan(impl=impl)`, `gla(impl=impl)` and `delta_rule(impl=impl)` (the same rule)
+    run on tensors on `device` of `dtype`: `impl` itself, except "auto", which is "kernel" when all three hold, else
+    "chunked":
       - the `kernels` extra imports (numba; `numba_version()` is not None),
       - the device is the CPU (the kernel is CPU code; on a GPU the chunked form runs),
       - the compute dtype is fp32 (fp32, bf16 and fp16 inputs). fp64 inputs compute in fp64, where the kernel
@@ -154,9 +154,13 @@ def resolve_impl(impl: str, device: torch.device | str, dtype: torch.dtype = tor
     7.4x forward + backward and 1.6x to 7.0x forward alone at (batch, heads, dk, dv) from (2, 2, 8, 16) to
     (16, 4, 8, 16) and (4, 4, 16, 32), L 1 to 512 (1.8x to 10.6x and 1.5x to 9.3x at a GLA model's chunk_size 64),
     and 3.5x to 4.9x forward + backward at training shapes (bench_kernels.py --gla [--small] [--chunk-size 64];
-    benchmarks/results/kernels_gla*.json). Its cost is numba's: ~0.2 s to
-    import, and on a process's first call ~0.6 s to load the cached machine code, or 10-20 s to compile it once
-    where no cache exists yet (a fresh install; the same fp32 code that tests/test_ops_kernels.py compiles).
+    benchmarks/results/kernels_gla*.json). The delta rule's: 1.5x to 4.3x forward + backward at the small sizes
+    (gated and plain; batch 2 to 16, 2 to 4 heads, dk 6 to 16, dv 12 to 32, L 1 to 512) and 1.2x to 2.4x at
+    training shapes (bench_kernels.py --delta-rule [--plain] [--small]; benchmarks/results/kernels_delta_rule*.json).
+    Its cost is numba's: ~0.2 s to import, and on a process's first call ~0.6 s to load the cached machine code, or
+    10-20 s to compile it once where no cache exists yet (a fresh install; the same fp32 code that
+    tests/test_ops_kernels.py compiles; GLA's and the delta rule's kernels a few seconds more each, on their first
+    call).
     Nothing falls back silently: "kernel" without the extra stays an InputError."""
     if impl != "auto":
         return impl
