@@ -3,6 +3,8 @@ PyTorch makes many.
 
     selective_scan_kernel(...)   Mamba-1's selective scan, forward and backward; `selective_scan(..., impl="kernel")`,
                                  and what impl="auto" (mamba.impl's default) runs for CPU fp32 tensors
+    (GLA's and the delta rule's kernels live in ops/gla_kernel.py and ops/delta_rule_kernel.py, built on this
+    file's jit options and fp32 exp.)
 
 Why a kernel: Mamba-1's decay exp(delta A) differs per (channel, state) pair, so every algorithm does
 O(batch * d_inner * L * N) elementwise work. Eager PyTorch runs that work as ~10 separate passes over memory per
@@ -41,7 +43,7 @@ from __future__ import annotations
 
 import math
 
-import numba  # the optional `kernels` extra: ops/selective_scan.py imports this module only for impl="kernel"
+import numba  # the optional `kernels` extra: imported only for impl="kernel" (and "auto" where numba is installed)
 import numpy as np
 import torch
 from llvmlite import ir
