@@ -4,14 +4,18 @@ attention, at long sequence lengths, on one CPU thread.
     PYTHONPATH=src python benchmarks/bench_train_speed.py                     # L = 1024 and 4096, ~30 s quiet
     PYTHONPATH=src python benchmarks/bench_train_speed.py --quick             # a smoke run, seconds
     PYTHONPATH=src python benchmarks/bench_train_speed.py --mixers attention,gated_deltanet,mamba2 --lens 1024
+    PYTHONPATH=src python benchmarks/bench_train_speed.py --mixers gla,gla@chunked --lens 1024   # an impl pinned
 
 Every model is a 2-layer language model whose d_model is matched to the non-embedding parameter count of the
 attention model at --d-model (seqlab.models.matched_width), vocabulary 256, batch --batch. For each length, the
 mixers' steps run in alternation (round r times every mixer once, in a shuffled order), --rounds rounds after one
 warm-up step each; the figure is the median step's tokens/s, in wall time and in CPU time of the process (CPU time
-is what a busy machine stretches least). Saved: benchmarks/results/train_speed.json, with the torch thread count,
-the load average before and after, and per mixer the ratio to attention at each length. The targets of issue 15:
-gated_deltanet and mamba2 within 1.5x of attention at L = 1024 (ratio >= 0.667) and faster than attention at 4096.
+is what a busy machine stretches least). A mixer written `name@impl` (e.g. gla@chunked) is that mixer with its
+section's `impl` set (mamba, gla, deltanet and gated_deltanet have one; the default is "auto"), so a kernel and
+the chunked form train side by side in the same rounds. Saved: benchmarks/results/train_speed.json, with the
+torch thread count, the load average before and after, and per mixer the ratio to attention at each length. The
+targets of issue 15: gated_deltanet and mamba2 within 1.5x of attention at L = 1024 (ratio >= 0.667) and faster
+than attention at 4096.
 """
 
 from __future__ import annotations
@@ -32,11 +36,17 @@ from seqlab.measure import load_average
 from seqlab.models import build_model, count_parameters, implementations, matched_width
 from seqlab.train.trainer import make_optimizer
 
+IMPL_SECTIONS = {"mamba": "mamba", "gla": "gla", "deltanet": "deltanet", "gated_deltanet": "deltanet"}
 
-def model_for(mixer: str, d_model: int, layers: int, vocab: int) -> torch.nn.Module:
+
+def model_for(spec: str, d_model: int, layers: int, vocab: int) -> torch.nn.Module:
+    """The model of mixer spec `name` or `name@impl` (see the module docstring)."""
+    mixer, _, impl = spec.partition("@")
     base = {"vocab_size": vocab, "n_layers": layers, "attention": {"n_heads": 4}}
     target = count_parameters(ModelConfig.from_dict({**base, "mixer": "attention", "d_model": d_model}),
                               exclude_embeddings=True)
+    if impl:
+        base[IMPL_SECTIONS[mixer]] = {"impl": impl}
     cfg = matched_width({**base, "mixer": mixer}, target, 8, exclude_embeddings=True, name=mixer)
     return build_model(cfg, seed=0)
 
@@ -67,8 +77,8 @@ def main(argv=None) -> int:
         args.lens, args.rounds, args.out = "128,256", 2, "/tmp/train_speed_quick.json"
     torch.set_num_threads(1)
     available = seqlab.available_mixers()
-    mixers = [m for m in args.mixers.split(",") if m in available]
-    skipped = [m for m in args.mixers.split(",") if m not in available]
+    mixers = [m for m in args.mixers.split(",") if m.partition("@")[0] in available]
+    skipped = [m for m in args.mixers.split(",") if m.partition("@")[0] not in available]
     lens = [int(x) for x in args.lens.split(",")]
     start, load_before = time.perf_counter(), load_average()
     models = {m: model_for(m, args.d_model, args.layers, 256) for m in mixers}
