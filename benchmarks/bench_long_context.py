@@ -32,8 +32,8 @@ import torch
 
 import seqlab
 from seqlab.infer import reserve
-from seqlab.infer.plan import DecodePlan
-from seqlab.measure import Timer, load_average
+from seqlab.infer.plan import time_decode
+from seqlab.measure import load_average
 from seqlab.models import matched_width
 from seqlab.models.state import ModelState
 
@@ -86,13 +86,7 @@ def measure(model: torch.nn.Module, n: int, cap: int, chunk: int, steps: int, wa
     if filled:
         state = ModelState(tuple(fill(s, n, prefilled, gen) for s in state.layers), n)
     state = reserve(model, state, steps + warmup)
-    step = DecodePlan.build(model) or model
-    token = logits[:, -1].argmax(-1, keepdim=True)
-    timer = Timer()
-    for i in range(warmup + steps):
-        with timer if i >= warmup else Timer():
-            logits, state = step(token, state)
-        token = logits[:, -1].argmax(-1, keepdim=True)
+    timer, logits, state = time_decode(model, logits, state, steps, warmup)
     tables = table_bytes(model)
     return {"context": n, "prefilled": prefilled, "filled": filled, "decode_cpu_s": timer.median_cpu,
             "decode_wall_s": timer.median_wall, "state_bytes": state.nbytes, "table_bytes": tables,

@@ -19,8 +19,7 @@ from seqlab.config import TrainConfig
 from seqlab.convert import slice_bits_per_byte, training_flops, with_seq_len
 from seqlab.generate import generate
 from seqlab.infer import reserve
-from seqlab.infer.plan import DecodePlan
-from seqlab.measure import Timer
+from seqlab.infer.plan import time_decode
 from seqlab.models import ModelState, build_model
 from seqlab.models.attention import KVCache
 from seqlab.train import cross_entropy, fit, task_batches
@@ -50,13 +49,7 @@ def decode_speed(model, context: int, steps: int, warmup: int = 2, seed: int = 0
         layers.append(s)
     state = reserve(model, ModelState(tuple(layers), context), warmup + steps)
     state_bytes = state.nbytes
-    step = DecodePlan.build(model) or model
-    token = logits[:, -1].argmax(-1, keepdim=True)
-    timer = Timer()
-    for i in range(warmup + steps):
-        with timer if i >= warmup else Timer():
-            logits, state = step(token, state)
-            token = logits[:, -1].argmax(-1, keepdim=True)
+    timer, _, _ = time_decode(model, logits, state, steps, warmup)
     return {"context": context, "state_bytes": state_bytes, "tokens_per_s": 1 / timer.median_wall,
             "ms_per_token": 1e3 * timer.median_wall, "cpu_ms_per_token": 1e3 * timer.median_cpu, "steps": steps}
 

@@ -24,10 +24,12 @@ What a plan covers, and what it does not:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from seqlab.measure import Timer
 from seqlab.models.lm import LanguageModel
 from seqlab.models.state import ModelState
 
@@ -57,3 +59,20 @@ class DecodePlan:
             return self.model(tokens, state)  # not a decode step, or bad input (the model says what is wrong)
         logits, state = self.model.step(tokens[:, 0], state, self.weights)
         return logits.unsqueeze(1), state
+
+
+def time_decode(model: Any, logits: torch.Tensor, state: ModelState, steps: int, warmup: int = 0,
+                sync: Callable[[], None] = lambda: None) -> tuple[Timer, torch.Tensor, ModelState]:
+    """Greedy decoding of `warmup + steps` tokens from (logits (B, T, V), state) through the model's plan (the path
+    `seqlab.generate` takes), each step timed (wall and CPU) with `sync` inside the timing (a device's
+    synchronize); the warm-up steps' times are thrown away. Returns the Timer (medians: per token at batch B) and
+    the last logits and state. The benchmarks that measure decode latency against context all time it this way."""
+    step = DecodePlan.build(model) or model
+    token = logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
+    timer = Timer()
+    for i in range(warmup + steps):
+        with timer if i >= warmup else Timer():
+            logits, state = step(token, state)
+            token = logits[:, -1].argmax(-1, keepdim=True)
+            sync()
+    return timer, logits, state

@@ -40,7 +40,7 @@ from seqlab import models
 from seqlab.config import ModelConfig, layer_plan
 from seqlab.errors import InputError
 from seqlab.infer.decode import allocated_nbytes, reserve
-from seqlab.infer.plan import DecodePlan
+from seqlab.infer.plan import DecodePlan, time_decode
 from seqlab.measure import PeakMemory, Timer, run_fresh, serve
 from seqlab.models import available_mixers, build_model, matched_width
 from seqlab.ops.selective_scan import numba_version, resolve_impl
@@ -248,13 +248,7 @@ def measure_cell(spec: dict[str, Any]) -> dict[str, Any]:
     state_bytes, allocated = state.nbytes, allocated_nbytes(state)
 
     mem.reset()
-    token = logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
-    decode = Timer()
-    for i in range(warmup + steps):
-        with decode if i >= warmup else Timer():  # the warm-up steps' times are thrown away
-            logits, state = step(token, state)
-            token = logits[:, -1].argmax(-1, keepdim=True)
-            _sync(device)
+    decode, logits, state = time_decode(model, logits, state, steps, warmup, lambda: _sync(device))
     peak_decode = mem.peak()
 
     latency = decode.median_wall
