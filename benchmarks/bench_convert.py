@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -130,6 +131,30 @@ def estimate(teacher, train, eval_task, p: dict) -> dict:
     return out
 
 
+def decode_only(teacher, plans: dict, p: dict, args) -> None:
+    """Decode tokens/s and state bytes of the teacher and each plan's converted student at the preset's contexts,
+    the models alternating within each context (so the machine's drift hits them alike)."""
+    t0, cpu0, load0 = time.perf_counter(), time.process_time(), measure.load_average()
+    models = {"teacher": teacher, **{name: seqlab.convert(teacher, plan, window=WINDOW)[0] for name, plan in
+                                     plans.items()}}
+    rows: dict = {name: [] for name in models}
+    for context in p["contexts"]:
+        for name, model in models.items():
+            rows[name].append(decode_speed(model, context, args.decode_steps))
+            r = rows[name][-1]
+            print(f"{name} at {context}: {r['tokens_per_s']:.2f} tokens/s ({r['cpu_ms_per_token']:.1f} CPU ms per "
+                  f"token), state {r['state_bytes'] / 2**20:.1f} MiB", flush=True)
+    report = {"benchmark": "convert_decode", "preset": args.preset, "command": " ".join(["python", *sys.argv]),
+              "note": "converted students without training: decode speed and state bytes do not depend on the "
+                      "weights' values; attention KV caches filled with random keys and values (see decode_speed)",
+              "torch_threads": torch.get_num_threads(), "decode_steps": args.decode_steps, "warmup": 2,
+              "models": rows, "load_average_start": load0, "load_average_end": measure.load_average(),
+              "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - cpu0}
+    out = args.out or RESULTS / f"convert_{args.preset}_decode.json"
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out} ({report['seconds']:.0f} s)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=tuple(PRESETS), default="quick")
@@ -137,6 +162,11 @@ def main() -> None:
     ap.add_argument("--plans", help="comma-separated subset of the plans (default: all five)")
     ap.add_argument("--estimate", action="store_true",
                     help="time one step of each stage and baseline per plan and print the whole run's estimate")
+    ap.add_argument("--decode-only", action="store_true",
+                    help="only the decode figures: the teacher and each plan's converted (untrained) student, whose "
+                         "speed and state do not depend on the weights' values, alternating per context, "
+                         "--decode-steps steps each -> convert_<preset>_decode.json (a quiet-machine rerun)")
+    ap.add_argument("--decode-steps", type=int, default=16, help="with --decode-only: timed steps per cell")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/convert_<preset>.json)")
     args = ap.parse_args()
@@ -151,6 +181,9 @@ def main() -> None:
     teacher.to(device)
     train = read_as_teacher(teacher, CorpusTask(seq_len=p["seq_len"], split="train"))
     test = read_as_teacher(teacher, CorpusTask(seq_len=p["eval_seq_len"], split="test"))
+    if args.decode_only:
+        decode_only(teacher, plans, p, args)
+        return
     if args.estimate:
         est = estimate(teacher, train, test, p)
         fixed = 0.0  # decode, long context and continuations: timed on the teacher, counted for every model
