@@ -265,10 +265,13 @@ class Attention(nn.Module):
         kept for a sliding window): (y (B, H, T, hd), KVCache)."""
         P = k.shape[2] - T
         mask = self._mask(T, P, q.device)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and P == 0 and T > 1,
-            enable_gqa=self.kv_heads != self.n_heads,
-        )
+        if T == 1 and mask is None and not torch.is_grad_enabled():  # one decoding query that sees every key
+            y = _one_query(q, k, v)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None and P == 0 and T > 1,
+                enable_gqa=self.kv_heads != self.n_heads,
+            )
         if self.window is not None and k.shape[2] > self.window:
             start += k.shape[2] - self.window  # only the last W keys are ever seen again
             k, v = k[:, :, -self.window:], v[:, :, -self.window:]
@@ -314,3 +317,15 @@ class Attention(nn.Module):
         if self.window is not None:
             mask &= qpos - kpos <= self.window
         return mask
+
+
+def _one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(hd)) v for one query per head, q (B, H, 1, hd) over k, v (B, Hkv, S, hd) -> (B, H, 1,
+    hd), with the G = H / Hkv query heads of a group as the rows of one product against their shared keys. CPU
+    SDPA with enable_gqa (torch 2.13) reads the cache as if every query head had its own copy: at 32k cached
+    tokens of SmolLM2's shape (9 query heads on 3 KV heads) this is 3.2 ms per layer against SDPA's 6.0."""
+    B, H, _, hd = q.shape
+    Hkv = k.shape[1]
+    qg = q.reshape(B, Hkv, H // Hkv, hd)  # (B, Hkv, G, hd): head h = group h // G, row h % G
+    scores = (qg @ k.transpose(-1, -2)) * hd ** -0.5  # (B, Hkv, G, S)
+    return (scores.softmax(dim=-1) @ v).reshape(B, H, 1, hd)
