@@ -14,7 +14,9 @@ rows, as int8 (see `seqlab.models.int8`).
 1. Speed: decode tokens/s at batch 1 (a 16-token prompt, 128 greedy new tokens, end-of-sequence ignored; --quick:
    16), fp32 and int8 alternating in one process, one and two threads, medians of --repeats (wall and CPU time,
    load averages before and after); the greedy tokens of fp32 and int8 are compared and reported (int8 may differ).
-   Bytes per token: the weights one decode step reads (int8 layers at one byte per weight plus their scales).
+   Bytes per token: the weights one decode step reads (int8 layers at one byte per weight plus their scales);
+   roofline: tokens/s <= bandwidth / bytes per token, the bandwidth measured in the same run at the same thread count
+   (bench_pretrained's: the median of summing a 512 MiB fp32 tensor).
 2. Quality (SmolLM2): bits per byte of a fixed slice of the corpus test split (the first --windows windows of 512
    tokens, each from an empty state; --quick: 1 window of 64), read through the decode path (the first token by
    the forward, every later one by the decode plan's step, which is what generation runs), fp32 vs int8, with the
@@ -37,6 +39,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_pretrained import bandwidth  # beside this script
 
 import seqlab
 from seqlab import measure
@@ -102,10 +105,14 @@ def speed(pair, threads: int, new_tokens: int, repeats: int, llama=None) -> dict
            "load_average_after": measure.load_average(),
            "same_tokens": tokens["fp32"].tolist() == tokens["int8"].tolist(),
            "first_difference": _first_difference(tokens["fp32"][0, 16:], tokens["int8"][0, 16:])}
+    bw = bandwidth(max(repeats, 3))  # bytes/s of one read of 512 MiB, at this thread count, in the same run
+    out["bandwidth_gb_s"] = bw / 1e9
     for name, (wall, cpu) in times.items():
         out[name] = {"tokens_per_s": new_tokens / wall, "wall_s": wall, "cpu_s": cpu}
         if name != "llama.cpp":
-            out[name]["bytes_per_token"] = decode_bytes(fp32 if name == "fp32" else int8)
+            n = decode_bytes(fp32 if name == "fp32" else int8)
+            out[name].update(bytes_per_token=n, roofline_tokens_per_s=bw / n,
+                             roofline_percent=100 * new_tokens / wall * n / bw)
     out["int8_over_fp32"] = out["fp32"]["wall_s"] / out["int8"]["wall_s"]
     out["int8_over_fp32_cpu"] = out["fp32"]["cpu_s"] / out["int8"]["cpu_s"]
     if llama is not None:
@@ -183,7 +190,8 @@ def main() -> None:
         ref = llama if name == "smollm2-135m" else None
         entry["speed"] = [speed(pair, t, 16 if q else 128, 1 if q else args.repeats, ref) for t in (1, 2)]
         for s in entry["speed"]:
-            print(f"{name} {s['threads']} thread(s): decode fp32 {s['fp32']['tokens_per_s']:.1f} tokens/s, int8 "
+            print(f"{name} {s['threads']} thread(s): decode fp32 {s['fp32']['tokens_per_s']:.1f} tokens/s "
+                  f"({s['fp32']['roofline_percent']:.0f}% of the roofline at {s['bandwidth_gb_s']:.1f} GB/s), int8 "
                   f"{s['int8']['tokens_per_s']:.1f} ({s['int8_over_fp32']:.2f}x wall, {s['int8_over_fp32_cpu']:.2f}x "
                   f"CPU); same tokens {s['same_tokens']}; load {s['load_average_after']}"
                   + (f"; llama.cpp {s['llama.cpp']['tokens_per_s']:.1f} (int8 at {s['int8_over_llama_cpp']:.2f}x)"
