@@ -14,7 +14,7 @@ JSON says which points were filled (`filled: true`).
 Memory: the state's bytes, and the derived tables that grow with the position (RoPE's cos/sin tables, built up to
 the largest position seen and grown by doubling), counted separately and in the total.
 
-    OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/bench_long_context.py           # to 2^21, ~5 min quiet (15-25 busy), <= ~8 GB
+    OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/bench_long_context.py    # to 2^21, ~5 min quiet, <= ~8 GB
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/bench_long_context.py --quick   # to 2^14, ~1 min
 """
 

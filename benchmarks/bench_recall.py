@@ -1,6 +1,6 @@
 """Recall against state size (MQAR), the field's canonical frontier: each mixer at several widths, several seeds.
 
-    PYTHONPATH=src python benchmarks/bench_recall.py                  # the benchmark budget (see --help; ~1-1.5 h at one thread)
+    PYTHONPATH=src python benchmarks/bench_recall.py           # the benchmark budget (see --help; ~1-1.5 h)
     PYTHONPATH=src python benchmarks/bench_recall.py --quick          # a smoke run, under a minute
 
 For every mixer and width (d_model), a 2-layer model is trained on MQAR (Zoology's multi-query associative recall:
