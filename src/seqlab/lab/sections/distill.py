@@ -411,6 +411,7 @@ def highlight(results: dict[str, Any]) -> str | None:
     teacher = next((c for c in results["cells"] if c["cell"] == "teacher" and "error" not in c), None)
     lead = ""
     if teacher is not None and teacher.get("learned") is not False and "bits_per_byte" in teacher["test"]:
-        lead = (f"The teacher reaches {teacher['test']['bits_per_byte']:.3f} bits per byte (a model that ignores the "
-                f"context: {teacher['order0_bits_per_token']:.3f}). ")
+        lead = (f"The teacher reaches {teacher['test']['bits_per_byte']:.3f} bits per byte on the test split (a model "
+                f"that ignores the context: {teacher['order0_bits_per_token']:.3f}); the comparisons below are on the "
+                "distillation runs' own evaluation batches. ")
     return lead + readings(teacher, students)
