@@ -12,14 +12,14 @@ A mixer entry "a+b" is a hybrid whose layers cycle through a, b, a, b, ...; "rec
 "recurrent_depth:gru", naming the mixer of its blocks) is the recurrent-depth model. Each section's fields are
 documented on its `Config` in `seqlab.lab.sections.<section>`.
 
-Presets: quick (the default: every section in a few minutes on a 2-core CPU), standard (a few hours on a 2-core CPU),
+Presets: quick (the default: every section in about 6 minutes on a 2-core CPU), standard (a few hours on a 2-core CPU),
 full (for a GPU: larger models, longer contexts, more steps). Quick and standard train every model of the quality
 and distill sections over 3 seeds (`seeds`) and report mean and spread; the recall-vs-state frontier, the real-model
 anchor and the conversion cell stay one seed. Measured at one torch
 thread on a 2-core CPU at load 5-7, quick's quality section took 108 CPU s at 1 seed and 242 at 3, its distill
 section 40 and 45, the other four sections 27: the whole quick lab 314 CPU s at 3 seeds against 174 at 1. Load
-inflates CPU time too (these sections, the conversion cell aside, once took 96 s of wall time on a quiet machine
-against about 140 CPU s here), so a quiet 2-core CPU runs the quick lab in about 3.5-5 minutes at 3 seeds.
+inflates CPU time too: on a quiet 2-core CPU the whole quick lab took 353 s of lab time at 3 seeds (`bash
+scripts/lab.sh` on a fresh clone), against 96 s at one seed before the conversion cell was added.
 """
 
 from __future__ import annotations
