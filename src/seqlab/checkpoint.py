@@ -55,6 +55,14 @@ def _exchange(a: Path, b: Path) -> bool:
     return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
+def write_json(path: Path, obj: Any) -> None:
+    """Write `obj` as indented JSON to `path` atomically: a reader sees the old file or the new one, never half of
+    one (run records that a resumed run reads back: the lab's results, a conversion's recipe and metrics)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
 def atomic_write_dir(path: str | Path, write: Any) -> Path:
     """Call `write(tmp_dir)` to fill a fresh temporary folder, then move it to `path` in one rename.
 

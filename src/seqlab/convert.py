@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -67,7 +66,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from seqlab.checkpoint import save
+from seqlab.checkpoint import save, write_json
 from seqlab.config import MIXERS, ModelConfig, Section, TrainConfig, check_types, choice, layer_plan, positive
 from seqlab.data import Batch, Metrics, Task
 from seqlab.distill import DistillConfig, _attention_weights, distill, read_as_teacher, transfer_weights
@@ -488,12 +487,6 @@ def training_flops(teacher: nn.Module, student: nn.Module, stage: str, seq_len: 
     raise InputError(f"stage {stage!r}: expected 'a', 'b' or 'scratch'")
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def _prepare_out(out: Path, recipe: Recipe, plan: Any, resume: bool) -> dict[str, Any]:
     """Check and start the run folder; returns the metrics already written there (on resume)."""
     resolved = {"plan": plan if isinstance(plan, str) else list(plan), "recipe": recipe.to_dict()}
@@ -512,7 +505,7 @@ def _prepare_out(out: Path, recipe: Recipe, plan: Any, resume: bool) -> dict[str
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise InputError(f"cannot create output folder '{out}': {e.strerror}") from None
-    _write_json(out / "recipe.json", resolved)
+    write_json(out / "recipe.json", resolved)
     return {}
 
 
@@ -568,7 +561,7 @@ def run_conversion(teacher: nn.Module, plan: str | Sequence[str], task: Task, re
             "flops": flops * cfg.steps * cfg.batch_size * seq_len,
             "test": evaluate_slice(student, f"eval after stage {stage}")}
         if out is not None:
-            _write_json(out / "metrics.json", metrics)
+            write_json(out / "metrics.json", metrics)
     student.requires_grad_(True)
     if out is not None:
         save(student, out / "student", json_files={"convert.json": record, "recipe.json": recipe.to_dict()})

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from seqlab.checkpoint import write_json
 from seqlab.errors import InputError
 from seqlab.lab.presets import LabConfig, pick_sections
 from seqlab.lab.report import build_report
@@ -35,12 +36,6 @@ def machine() -> dict[str, Any]:
             "numba": numba_version() or "not installed", "mamba_impl_auto": resolve_impl("auto", "cpu")}
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)  # atomic: a reader sees the old file or the new one, never half of one
-
-
 def _prepare(cfg: LabConfig, out: Path, resume: bool) -> LabConfig:
     saved = out / "lab_config.json"
     if resume:
@@ -54,7 +49,7 @@ def _prepare(cfg: LabConfig, out: Path, resume: bool) -> LabConfig:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise InputError(f"cannot create output folder '{out}': {e.strerror}") from None
-    _write_json(saved, cfg.to_dict())
+    write_json(saved, cfg.to_dict())
     return cfg
 
 
@@ -107,10 +102,10 @@ def run_lab(cfg: LabConfig, out: str | Path, *, resume: bool = False, only: list
                 record = {"cell": cell.id, "spec": cell.spec, "error": f"{type(e).__name__}: {e}",
                           "traceback": traceback.format_exc()}
                 tqdm.write(f"seqlab lab: cell {name}/{cell.id} failed: {record['error']}")
-            _write_json(done, record)
+            write_json(done, record)
             entry["cells"].append(record)
             results["meta"]["seconds"] = elapsed_before + time.perf_counter() - start
-            _write_json(out / "results.json", results)
+            write_json(out / "results.json", results)
             overall.update(1)
         section_bar.close()
         entry["seconds"] = time.perf_counter() - section_start
@@ -120,9 +115,9 @@ def run_lab(cfg: LabConfig, out: str | Path, *, resume: bool = False, only: list
             except Exception as e:
                 entry["summary_error"] = f"{type(e).__name__}: {e}"
                 tqdm.write(f"seqlab lab: summary of section {name} failed: {entry['summary_error']}")
-        _write_json(out / "results.json", results)
+        write_json(out / "results.json", results)
     overall.close()
     results["meta"]["seconds"] = elapsed_before + time.perf_counter() - start
-    _write_json(out / "results.json", results)
+    write_json(out / "results.json", results)
     build_report(results, out)
     return results
