@@ -36,7 +36,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -145,27 +144,11 @@ def interleaved_section(args) -> dict:
 
 
 def hf_models(d_model: int, layers: int, vocab: int):
-    """{name: (transformers model, seqlab model with the same weights)} for a GPT-2 and a Mamba config."""
-    from transformers import GPT2Config, GPT2LMHeadModel, MambaConfig, MambaForCausalLM
+    """{name: (transformers model, seqlab model with the same weights)} for a GPT-2 and a Mamba config (built by
+    bench_decode's `build`: random weights from seed 0, imported with `seqlab.from_hf`, no end token)."""
+    from bench_decode import build  # beside this script
 
-    configs = {
-        "gpt2": (GPT2LMHeadModel, GPT2Config(vocab_size=vocab, n_positions=1024, n_embd=d_model, n_layer=layers,
-                                             n_head=4, bos_token_id=0, eos_token_id=0)),
-        "mamba": (MambaForCausalLM, MambaConfig(vocab_size=vocab, hidden_size=d_model, num_hidden_layers=layers,
-                                                state_size=16, expand=2, conv_kernel=4, bos_token_id=0,
-                                                eos_token_id=0, pad_token_id=0)),
-    }
-    out = {}
-    for name, (cls, cfg) in configs.items():
-        torch.manual_seed(0)
-        hf = cls(cfg).eval()
-        with tempfile.TemporaryDirectory() as tmp:
-            hf.save_pretrained(tmp)
-            ours = seqlab.from_hf(tmp)
-        assert ours.num_parameters() == sum(p.numel() for p in hf.parameters()), name  # the same sizes
-        hf.generation_config.eos_token_id = None  # no end token: exactly n tokens, with no stopping check per step
-        out[name] = (hf, ours)
-    return out
+    return {name: build(name, d_model, layers, vocab)[::-1] for name in ("gpt2", "mamba")}
 
 
 def hf_generate(hf, prompt: torch.Tensor, n: int) -> torch.Tensor:
