@@ -127,7 +127,12 @@ def test_smoke_run_writes_every_report_file_and_section(lab_run):
     for folder in ("student", "scratch"):
         assert (lab_run / "cells" / "distill" / "student-gla" / folder / "model.safetensors").is_file()
 
+    meta = results["meta"]  # the run's CPU time and the load it ran beside, in results.json and the report's header
+    assert 0 < meta["cpu_seconds"] and 0 < meta["seconds"]
+    assert len(meta["load_average"]["start"]) == len(meta["load_average"]["end"]) == 3
     md = (lab_run / "report.md").read_text()
+    assert f"{meta['cpu_seconds']:.0f} s of CPU time" in md
+    assert f"load average {meta['load_average']['start'][0]:.1f} at its start" in md
     for title in ("Quality", "Training cost", "Inference", "Test-time compute", "Latent trajectories",
                   "Distillation"):
         assert f"## {title}" in md

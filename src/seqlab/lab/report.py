@@ -28,7 +28,19 @@ def header_note(meta: dict) -> str:
              if meta["preset"] in SMOKE_PRESETS else "")
     return smoke + (f"Machine: {m['processor']}, {m['cpu_count']} CPUs ({m['torch_threads']} torch threads), device "
             f"{m['device']}, torch {m['torch']}, Python {m['python']}. Preset `{meta['preset']}`, seed "
-            f"{meta['seed']}. Started {meta['started']}; the run took {meta.get('seconds', 0):.0f} s.")
+            f"{meta['seed']}. Started {meta['started']}; the run took {meta.get('seconds', 0):.0f} s"
+            + load_note(meta) + ".")
+
+
+def load_note(meta: dict) -> str:
+    """The run's CPU time and the machine's load average at its start and end (1-minute figures): timings taken
+    beside other work are slower than the machine can do, and the reader should know."""
+    note = f" of wall time and {meta['cpu_seconds']:.0f} s of CPU time" if "cpu_seconds" in meta else ""
+    load = meta.get("load_average") or {}
+    if load.get("start") and load.get("end"):
+        note += (f"; load average {load['start'][0]:.1f} at its start and {load['end'][0]:.1f} at its end "
+                 f"({meta['machine']['cpu_count']} CPUs)")
+    return note
 
 
 def lab_document(results: dict[str, Any], out: str | Path) -> Document:

@@ -23,6 +23,7 @@ from seqlab.errors import InputError
 from seqlab.lab.presets import LabConfig, pick_sections
 from seqlab.lab.report import build_report
 from seqlab.lab.sections import SECTIONS
+from seqlab.measure import load_average
 from seqlab.ops.selective_scan import numba_version, resolve_impl
 
 
@@ -34,6 +35,13 @@ def machine() -> dict[str, Any]:
             "python": platform.python_version(),
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
             "numba": numba_version() or "not installed", "mamba_impl_auto": resolve_impl("auto", "cpu")}
+
+
+def cpu_seconds() -> float:
+    """CPU time (user + system) used so far by this process and by the child processes it has waited for (the
+    inference section's isolated cells)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
 
 
 def _prepare(cfg: LabConfig, out: Path, resume: bool) -> LabConfig:
@@ -62,15 +70,23 @@ def run_lab(cfg: LabConfig, out: str | Path, *, resume: bool = False, only: list
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     plans = {name: SECTIONS[name].plan(cfg.section(name), cfg) for name in names}
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), cpu_seconds()
     previous = json.loads((out / "results.json").read_text()) if resume and (out / "results.json").is_file() else {}
     results: dict[str, Any] = {
         "meta": {"preset": cfg.name, "seed": cfg.seed, "machine": machine(),
                  "started": previous.get("meta", {}).get("started", dt.datetime.now().isoformat(timespec="seconds")),
-                 "seconds": previous.get("meta", {}).get("seconds", 0.0)},
+                 "seconds": previous.get("meta", {}).get("seconds", 0.0),
+                 "cpu_seconds": previous.get("meta", {}).get("cpu_seconds", 0.0),
+                 "load_average": {"start": load_average(), "end": None}},
         "sections": dict(previous.get("sections", {})),  # a resumed --only run keeps the other sections
     }
-    elapsed_before = results["meta"]["seconds"]
+    elapsed_before, cpu_before = results["meta"]["seconds"], results["meta"]["cpu_seconds"]
+
+    def stamp() -> None:  # the run's wall and CPU time and the load average so far
+        results["meta"]["seconds"] = elapsed_before + time.perf_counter() - start
+        results["meta"]["cpu_seconds"] = cpu_before + cpu_seconds() - cpu_start
+        results["meta"]["load_average"]["end"] = load_average()
+
     overall = tqdm(total=sum(len(p) for p in plans.values()), desc="lab", disable=not progress, position=0,
                    dynamic_ncols=True)
     for name, cells in plans.items():
@@ -104,7 +120,7 @@ def run_lab(cfg: LabConfig, out: str | Path, *, resume: bool = False, only: list
                 tqdm.write(f"seqlab lab: cell {name}/{cell.id} failed: {record['error']}")
             write_json(done, record)
             entry["cells"].append(record)
-            results["meta"]["seconds"] = elapsed_before + time.perf_counter() - start
+            stamp()
             write_json(out / "results.json", results)
             overall.update(1)
         section_bar.close()
@@ -117,7 +133,7 @@ def run_lab(cfg: LabConfig, out: str | Path, *, resume: bool = False, only: list
                 tqdm.write(f"seqlab lab: summary of section {name} failed: {entry['summary_error']}")
         write_json(out / "results.json", results)
     overall.close()
-    results["meta"]["seconds"] = elapsed_before + time.perf_counter() - start
+    stamp()
     write_json(out / "results.json", results)
     build_report(results, out)
     return results
