@@ -119,3 +119,33 @@ def test_a_tied_head_decodes_as_int8_too_and_follows_the_embedding():
         q.embed.weight.mul_(2.0)  # the int8 copy must follow the edit (logits double)
         torch.testing.assert_close(q.bind().head(x), 2 * before, rtol=0.02, atol=0.02 * float(before.abs().max()))
         torch.testing.assert_close(q.bind(portable=True).head(x), x @ q.embed.weight.t())  # export: the fp32 product
+
+
+def test_an_fp32_head_stays_fp32_tied_or_untied_and_is_saved(tmp_path):
+    """head='fp32': an untied head is not quantized (its logits are the fp32 product of the int8 blocks' output),
+    a tied head decodes as x E^T in fp32 under decode='dynamic'; the choice survives save / load, old files mean
+    int8, and a bad value is refused."""
+    model = seqlab.build_model(mixer="gla", d_model=64, n_layers=2, vocab_size=32, tie_embeddings=False,
+                               gla={"n_heads": 2}, seed=0).eval()
+    q = quantize(copy.deepcopy(model), decode="dynamic", head="fp32")
+    assert isinstance(q.head, torch.nn.Linear) and "head" not in q.quantization["layers"]
+    assert isinstance(quantize(copy.deepcopy(model)).head, Int8Linear)  # the default quantizes it
+    save_quantized(q, tmp_path / "fp32head")
+    loaded = seqlab.load(tmp_path / "fp32head")
+    assert loaded.quantization["head"] == "fp32" and isinstance(loaded.head, torch.nn.Linear)
+    spec = {k: v for k, v in quantize(copy.deepcopy(model)).quantization.items() if k != "head"}
+    assert apply_layout(copy.deepcopy(model), spec, "checkpoint 'x'").quantization["head"] == "int8"
+    with pytest.raises(InputError, match="head 'int4'"):
+        apply_layout(copy.deepcopy(model), {**spec, "head": "int4"}, "checkpoint 'x'")
+    with pytest.raises(InputError, match="int8 head 'bf16'"):
+        quantize(copy.deepcopy(model), head="bf16")
+
+    tied = seqlab.build_model(mixer="attention", d_model=64, n_layers=2, vocab_size=48, tie_embeddings=True,
+                              seed=1).eval()
+    fp32_head = quantize(copy.deepcopy(tied), decode="dynamic", head="fp32")
+    int8_head = quantize(copy.deepcopy(tied), decode="dynamic")
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        torch.testing.assert_close(fp32_head.bind().head(x), x @ fp32_head.embed.weight.t())  # exact fp32 product
+        int8_head = int8_head.bind().head(x)
+        assert not torch.allclose(int8_head, x @ tied.embed.weight.t(), rtol=1e-6, atol=1e-6)  # the int8 copy

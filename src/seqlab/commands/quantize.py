@@ -13,7 +13,7 @@ from seqlab.commands import emit, parse_sets
 from seqlab.config import RunConfig
 from seqlab.data import make_task
 from seqlab.errors import InputError
-from seqlab.interop.quantize import DECODES, SCHEMES, linear_bytes, quantize, save_quantized
+from seqlab.interop.quantize import DECODES, HEADS, SCHEMES, linear_bytes, quantize, save_quantized
 from seqlab.train import evaluate
 from seqlab.train.trainer import eval_task_params
 
@@ -35,6 +35,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="how decoding multiplies by the int8 weights: dequant (default: cast to fp32, as the forward "
                         "does) or dynamic (int8 x int8 products through torch's fbgemm, activations quantized per "
                         "token on the fly: faster, x86 only); recorded in the checkpoint")
+    p.add_argument("--head", default="int8", choices=HEADS,
+                   help="the output head: int8 (default: quantized like the other layers; a head tied to the "
+                        "embedding decodes through an int8 copy of it under --decode dynamic) or fp32 (kept fp32: "
+                        "the logits lose nothing to the head, each decoded token reads its fp32 bytes)")
     p.add_argument("--task", help="task to compare fp32 and int8 on (default: the checkpoint's training task, if "
                                   "it was written by seqlab train)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="task parameter, e.g. "
@@ -77,13 +81,13 @@ def run(args: argparse.Namespace) -> int:
         if model.config.vocab_size < task.vocab_size:
             raise InputError(f"task '{task.name}' needs vocab_size {task.vocab_size}; checkpoint "
                              f"'{args.checkpoint}' has vocab_size {model.config.vocab_size}")
-    q = quantize(copy.deepcopy(model), args.scheme, args.decode)
+    q = quantize(copy.deepcopy(model), args.scheme, args.decode, args.head)
     save_quantized(q, args.out)
     fp32_file = Path(args.checkpoint) / "model.safetensors"
     q_file = Path(args.out) / "model.safetensors"
     before, after = linear_bytes(model), linear_bytes(q)
     report = {
-        "out": args.out, "scheme": args.scheme, "decode": args.decode,
+        "out": args.out, "scheme": args.scheme, "decode": args.decode, "head": args.head,
         "quantized_layers": len(q.quantization["layers"]),
         "model_file_bytes": {"fp32": fp32_file.stat().st_size, "int8": q_file.stat().st_size},
         "linear_weight_bytes": {"fp32": before["fp32"], "int8": after["held"]},

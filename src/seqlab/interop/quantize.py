@@ -7,7 +7,8 @@ What stays fp32, because small errors there compound over time (the recurrence) 
   - every recurrence parameter: Mamba's A_log, D and dt_proj (the step size delta), GLA's forget-gate projections
     (gk_down, gk_up), the LSTM/GRU cells (their gates are the recurrence), convolution kernels;
   - norms, biases and the embedding (tied to the output head when tie_embeddings; an untied head is quantized; a
-    tied head decodes through an int8 copy of the embedding's rows under decode="dynamic", `seqlab.models.int8`);
+    tied head decodes through an int8 copy of the embedding's rows under decode="dynamic", `seqlab.models.int8`;
+    head="fp32" keeps either kind of head fp32);
   - every state: activations and states are never quantized (weight-only).
 
 Decoding (the one-token `step`) multiplies either as the forward does (decode="dequant", the default) or with
@@ -32,6 +33,7 @@ from seqlab.errors import InputError
 from seqlab.models.int8 import (  # noqa: F401  (re-exported: Int8Linear, apply_layout ... were defined here)
     DECODES,
     FILE,
+    HEADS,
     KEEP_FP32,
     SCHEMES,
     Int8Linear,
@@ -39,23 +41,25 @@ from seqlab.models.int8 import (  # noqa: F401  (re-exported: Int8Linear, apply_
     apply_layout,
     check_decode,
     check_dtypes,
+    check_head,
     quantizable,
     set_decode,
 )
 
 
-def quantize(model: nn.Module, scheme: str = "int8", decode: str = "dequant") -> nn.Module:
+def quantize(model: nn.Module, scheme: str = "int8", decode: str = "dequant", head: str = "int8") -> nn.Module:
     """Quantize `model` in place (its quantizable linear layers become Int8Linear, decoding by `decode`, one of
-    DECODES) and return it."""
+    DECODES; the output head int8 or kept fp32 by `head`, one of HEADS) and return it."""
     if scheme not in SCHEMES:
         raise InputError(f"quantization scheme {scheme!r} is not supported; expected one of {', '.join(SCHEMES)}")
     check_decode(decode)
+    check_head(head)
     if any(isinstance(m, Int8Linear) for m in model.modules()):
         raise InputError("the model is already quantized")
     with torch.no_grad():
-        _swap(model, quantizable(model), Int8Linear.from_linear)
+        _swap(model, quantizable(model, head), Int8Linear.from_linear)
     layers = [name for name, m in model.named_modules() if isinstance(m, Int8Linear)]
-    model.quantization = {"scheme": scheme, "layers": layers}  # type: ignore[assignment]
+    model.quantization = {"scheme": scheme, "layers": layers, "head": head}  # type: ignore[assignment]
     return set_decode(model, decode)
 
 

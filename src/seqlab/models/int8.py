@@ -18,6 +18,12 @@ How decoding (`step`, through `bind` and `linear_fn`) multiplies, the layer's `d
                too: `TiedHead` keeps an int8 copy of the embedding's rows (one scale per vocabulary row, made once
                and kept until the embedding changes), so a decode step reads no fp32 matrix of the model's size
                (for SmolLM2-135M the tied head is half of the weight bytes an int8 step would otherwise read).
+How the output head is held (HEADS, the quantization's `head`):
+    "int8"     (the default) an untied head is an Int8Linear like the blocks' layers; a tied head decodes through
+               `TiedHead` under decode="dynamic".
+    "fp32"     the head stays fp32 however the blocks decode (an untied head is not quantized; a tied head is x E^T
+               in fp32): the logits lose no precision to the head, at the cost of reading its fp32 bytes per token
+               (benchmarks/bench_quantized.py measures both on SmolLM2-135M).
 
 `seqlab.load` calls `apply_layout` and `check_dtypes` for a checkpoint with a `quantization.json`;
 `seqlab.interop.quantize` quantizes a trained model and saves it (what stays fp32, and why, is explained there).
@@ -37,6 +43,7 @@ from seqlab.errors import InputError
 
 SCHEMES = ("int8",)
 DECODES = ("dequant", "dynamic")
+HEADS = ("int8", "fp32")
 FILE = "quantization.json"
 # nn.Linear layers whose output feeds a recurrence's decay or step size: kept fp32.
 KEEP_FP32 = ("dt_proj", "gk_down", "gk_up")
@@ -164,10 +171,20 @@ def set_decode(model: nn.Module, decode: str) -> nn.Module:
     return model
 
 
-def quantizable(model: nn.Module) -> list[str]:
-    """Qualified names of the nn.Linear layers the int8 scheme quantizes (all but the recurrence ones)."""
+def check_head(head: str) -> str:
+    """`head` itself when it is one of HEADS; an InputError otherwise."""
+    if head not in HEADS:
+        raise InputError(f"int8 head {head!r} is not supported; expected one of {', '.join(map(repr, HEADS))}")
+    return head
+
+
+def quantizable(model: nn.Module, head: str = "int8") -> list[str]:
+    """Qualified names of the nn.Linear layers the int8 scheme quantizes (all but the recurrence ones, and the
+    model's untied output head `head` when head="fp32")."""
+    check_head(head)
     return [name for name, m in model.named_modules()
-            if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] not in KEEP_FP32]
+            if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] not in KEEP_FP32
+            and not (head == "fp32" and name == "head")]
 
 
 def _swap(model: nn.Module, names: list[str], make: Any) -> None:
@@ -184,13 +201,16 @@ def apply_layout(model: nn.Module, spec: Any, where: str) -> nn.Module:
     decode = spec.get("decode", "dequant")  # files written before `decode` existed decoded with the forward's math
     if decode not in DECODES:  # whether it can run here is checked when decoding starts: the file loads anywhere
         raise InputError(f"{where}: {FILE} has decode {decode!r}; expected one of {', '.join(map(repr, DECODES))}")
+    head = spec.get("head", "int8")  # files written before `head` existed held an int8 head
+    if head not in HEADS:
+        raise InputError(f"{where}: {FILE} has head {head!r}; expected one of {', '.join(map(repr, HEADS))}")
     modules = dict(model.named_modules())
     for name in spec["layers"]:
         if not isinstance(modules.get(name), nn.Linear):
             raise InputError(f"{where}: {FILE} names layer {name!r}, which is not a linear layer of this model")
     _swap(model, spec["layers"], lambda m: Int8Linear(m.in_features, m.out_features, m.bias is not None, decode))
     model.quantization = {"scheme": spec["scheme"], "layers": list(spec["layers"]),  # type: ignore[assignment]
-                          "decode": decode}
+                          "decode": decode, "head": head}
     return model
 
 

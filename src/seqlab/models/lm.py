@@ -103,9 +103,11 @@ class LanguageModel(nn.Module):
                          linear_fn(self.head, portable) if self.head is not None else self._tied_head(portable))
 
     def _tied_head(self, portable: bool) -> Fn:
-        """x E^T; in an int8 model that decodes with int8 products (decode='dynamic'), the int8 copy of E's rows
-        that `seqlab.models.int8.TiedHead` keeps (the embedding itself stays fp32 for the lookup)."""
-        if not portable and (getattr(self, "quantization", None) or {}).get("decode") == "dynamic":
+        """x E^T; in an int8 model that decodes with int8 products (decode='dynamic') and an int8 head (the
+        default), the int8 copy of E's rows that `seqlab.models.int8.TiedHead` keeps (the embedding itself stays
+        fp32 for the lookup)."""
+        q = getattr(self, "quantization", None) or {}
+        if not portable and q.get("decode") == "dynamic" and q.get("head", "int8") == "int8":
             if getattr(self, "_int8_head", None) is None:
                 self._int8_head = TiedHead()
             return self._int8_head.fn(self.embed.weight)
