@@ -150,7 +150,7 @@ def test_result_files_record_numba_and_what_auto_runs(monkeypatch, without_numba
         pytest.skip("numba is not installed (pip install 'seqlab[kernels]')")
     want = ("not installed", "chunked") if without_numba else (numba_version(), "kernel")
     for record in (runner.machine(), profile.machine("cpu", 1)):
-        assert (record["numba"], record["mamba_impl_auto"]) == want
+        assert (record["numba"], record["impl_auto"]) == want
 
 
 def test_a_training_run_records_what_ran(tmp_path):

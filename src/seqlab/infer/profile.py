@@ -323,7 +323,7 @@ def machine(device: str, threads: int | None) -> dict[str, Any]:
     info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
             "device": device, "torch_threads": threads or torch.get_num_threads(),
-            "numba": numba_version() or "not installed", "mamba_impl_auto": resolve_impl("auto", device)}
+            "numba": numba_version() or "not installed", "impl_auto": resolve_impl("auto", device)}
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))
     return info

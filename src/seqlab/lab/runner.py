@@ -29,12 +29,13 @@ from seqlab.ops.selective_scan import numba_version, resolve_impl
 
 def machine() -> dict[str, Any]:
     """The machine and what ran on it: `numba` (its version, or "not installed": the `kernels` extra) and
-    `mamba_impl_auto`, the scan that mamba.impl="auto" (the default) runs for the lab's CPU fp32 models."""
+    `impl_auto`, what impl="auto" (the default of mamba.impl, gla.impl and deltanet.impl) runs for the lab's CPU
+    fp32 models: "kernel" (the numba kernels) or "chunked"."""
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "python": platform.python_version(),
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-            "numba": numba_version() or "not installed", "mamba_impl_auto": resolve_impl("auto", "cpu")}
+            "numba": numba_version() or "not installed", "impl_auto": resolve_impl("auto", "cpu")}
 
 
 def cpu_seconds() -> float:
