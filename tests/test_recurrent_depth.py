@@ -337,6 +337,32 @@ def test_trajectory_holds_every_latent():
     torch.testing.assert_close(model.logits(out.trajectory[-1], (None,))[0], out.logits, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("exit", ["none", "latent"])
+def test_without_a_trajectory_memory_does_not_grow_with_r(exit):
+    """Without trajectory=True no step's latent outlives the next step: the live (B, T, D) tensors seen at the last
+    core step are as many at r = 64 as at r = 4 (keeping every s_i made r = 1024 at 512 bits need 24 GB)."""
+    import gc
+
+    model, x = rd("conv"), tokens(B=3, T=11)
+    seen: list[int] = []
+
+    def count(*_):
+        seen.append(sum(1 for o in gc.get_objects() if torch.is_tensor(o) and tuple(o.shape) == (3, 11, 16)))
+
+    handle = model.latent_norm.register_forward_hook(count)
+    try:
+        with torch.no_grad():
+            for r in (4, 64):
+                seen.clear()
+                model.think(x, steps=r, exit=exit, threshold=0.0)  # threshold 0: no token exits, every step runs
+                assert len(seen) == r
+                if r == 4:
+                    few = seen[-1]
+        assert seen[-1] <= few, (few, seen[-1])
+    finally:
+        handle.remove()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # bad input
 

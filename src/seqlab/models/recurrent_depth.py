@@ -319,7 +319,7 @@ class RecurrentDepthModel(nn.Module):
             coda_evals += B * n
         elif exit == "latent":
             signal = s.detach().float()
-        path = [s]
+        path = [s] if trajectory else None  # every s_i, kept only when asked for: r copies of (B, T, D)
         for i in range(steps):
             c = i % n_slots
             key = 0 if fresh else c
@@ -345,7 +345,8 @@ class RecurrentDepthModel(nn.Module):
                 done = done | converged
                 signal = new_signal
             s = s_new
-            path.append(s)
+            if path is not None:
+                path.append(s)
             if exit != "none" and bool(done.all()) and i + 1 >= n_slots:
                 break  # every token has exited and every slot holds this chunk: the rest would change nothing
         logits, coda_states = self.logits(s, coda_states)
@@ -353,7 +354,7 @@ class RecurrentDepthModel(nn.Module):
         if warm_start:
             layers.append(LatentState(s[:, -1:]))
         traj = None
-        if trajectory:
+        if path is not None:
             path += [s] * (steps + 1 - len(path))  # after an early stop the latents stay frozen
             traj = torch.stack(path).float()  # (r + 1, B, T, D)
         return Thought(logits, ModelState(tuple(layers), pos + T), used, traj, core_evals, coda_evals)
