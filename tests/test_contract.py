@@ -107,6 +107,20 @@ def test_recurrent_state_is_constant_in_context(mixer):
     assert len(sizes) == 1 and sizes.pop() > 0
 
 
+def held_after(model, T):
+    """Bytes of the storages the state's tensors keep alive (a view keeps its whole base tensor)."""
+    _, state = model(torch.zeros(1, T, dtype=torch.long))
+    return sum(t.untyped_storage().nbytes() for s in state.layers if s is not None for t in s.tensors().values())
+
+
+@pytest.mark.parametrize("mixer", [m for m in ALL if m != "attention"])
+def test_a_state_keeps_no_more_memory_alive_than_it_holds(mixer):
+    """A state must not be a view into the chunk's activations: a conv window sliced from the padded input kept
+    the whole (B, D, T) input alive, so a recurrent-depth model scoring 512 bits at r = 1024 kept one per step."""
+    model = tiny(mixer, attention={"n_heads": 4, "window": 5})
+    assert held_after(model, 10) == held_after(model, 400)
+
+
 def test_sliding_window_really_limits_what_a_token_sees():
     model = tiny("sliding_attention", n_layers=1, attention={"n_heads": 4, "window": 3})
     a = torch.randint(0, 37, (1, 12))

@@ -275,6 +275,8 @@ class Attention(nn.Module):
         if self.window is not None and k.shape[2] > self.window:
             start += k.shape[2] - self.window  # only the last W keys are ever seen again
             k, v = k[:, :, -self.window:], v[:, :, -self.window:]
+            if buffer is None:  # plain tensors: copy, since views would keep every key of the chunk alive
+                k, v = k.clone(), v.clone()
         return y, KVCache(k, v, pos0 + T, buffer, start)
 
     def _append(self, state: KVCache, k: torch.Tensor, v: torch.Tensor) -> tuple[KVBuffer, int]:

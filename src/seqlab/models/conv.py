@@ -64,7 +64,7 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         window = x.new_zeros(B, C, k - 1)
     xp = torch.cat([window.to(x.dtype), x], dim=-1)  # (B, C, k-1 + T)
     y = F.conv1d(xp, weight, bias, groups=C)  # (B, C, T)
-    return y, xp[:, :, xp.shape[-1] - (k - 1):]
+    return y, xp[:, :, xp.shape[-1] - (k - 1):].clone()  # a copy: a view would keep all of xp alive in the state
 
 
 @register_mixer("conv", "conv", ConvConfig)

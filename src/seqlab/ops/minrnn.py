@@ -61,7 +61,8 @@ def minrnn_scan(log_a, log_b, initial_state=None, return_final_state=False, impl
             hc = hc + torch.exp(a_star) * h.unsqueeze(1)  # the carried state, decayed, in linear space
         out.append(hc)
         h = hc[:, -1]
-    return torch.cat(out, 1).to(log_b.dtype), (h if return_final_state else None)
+    # the final state is copied out of the last chunk, which a view of it would keep alive
+    return torch.cat(out, 1).to(log_b.dtype), (h.clone() if return_final_state else None)
 
 
 def minrnn_step(log_a, log_b, state):
