@@ -2,7 +2,7 @@
 
 A preset is a JSON file users can copy and edit (`seqlab lab --config FILE`):
 
-    {"name": "quick", "seed": 0, "threads": null,
+    {"name": "quick", "seed": 0, "threads": 1,
      "sections": ["quality", "training", "inference", "thinking", "latents", "distill"],
      "quality": {"tasks": [{"name": "mqar", ...}], "mixers": ["attention", "gru", "lstm+attention"], ...},
      "training": {"mixers": [...], "seq_lens": [128, 512, 2048], ...},
@@ -12,8 +12,11 @@ A mixer entry "a+b" is a hybrid whose layers cycle through a, b, a, b, ...; "rec
 "recurrent_depth:gru", naming the mixer of its blocks) is the recurrent-depth model. Each section's fields are
 documented on its `Config` in `seqlab.lab.sections.<section>`.
 
-Presets: quick (the default: every section in about 6 minutes on a 2-core CPU), standard (a few hours on a 2-core CPU),
-full (for a GPU: larger models, longer contexts, more steps). Quick and standard train every model of the quality
+Presets: quick (the default: every section in about 6 minutes on a 2-core CPU; a smoke run), standard (66 minutes
+on a 2-core CPU, measured end to end: benchmarks/results/lab_standard; sized so that the models learn their tasks),
+full (for a GPU: larger models, longer contexts, more steps). Quick and standard run at one torch thread (`threads`,
+None: torch's default, which full keeps): the lab's models are small, and a second thread slows them down as soon as
+anything else shares the cores (benchmarks/bench_threads.py). Quick and standard train every model of the quality
 and distill sections over 3 seeds (`seeds`) and report mean and spread; the recall-vs-state frontier, the real-model
 anchor and the conversion cell stay one seed. Measured at one torch
 thread on a 2-core CPU at load 5-7, quick's quality section took 108 CPU s at 1 seed and 242 at 3, its distill
