@@ -24,8 +24,8 @@ steps and 1.00 on induction in 250 (this benchmark's run). LSTM/GRU cells are ne
 (torch.nn.LSTM keeps PyTorch's), which is why they alone learned induction in that earlier version.
 The recipe is the same for every mixer.
 
-    PYTHONPATH=src python benchmarks/bench_quality.py            # 3 seeds: ~50-60 minutes at one thread (one seed:
-                                                                  # --seeds 1, ~16-20 minutes) on a loaded 2-core CPU
+    PYTHONPATH=src python benchmarks/bench_quality.py            # 3 seeds: ~9 minutes at one thread with the numba
+                                                                  # kernels (552 s at load 2-3); --seeds 1: ~3 min
     PYTHONPATH=src python benchmarks/bench_quality.py --quick    # a smoke run, ~1 minute
 """
 
