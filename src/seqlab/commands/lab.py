@@ -30,14 +30,15 @@ Sections:
   latents    PCA of its latent trajectories and the share of fixed points, orbits and sliders
   distill    attention teacher vs distilled recurrent student vs the student from scratch; the inference gain
 
-Presets: quick (default; all of it in ~6 minutes on a 2-core CPU), standard (a few hours on a 2-core CPU), full (for
-a GPU: larger models, longer contexts, more steps). To edit one: seqlab lab --preset quick --show-config > my.json,
-change it, then seqlab lab --config my.json. An interrupted run continues with --resume --out DIR, skipping
+Presets: quick (default; a smoke run of all of it in ~4-6 minutes on a 2-core CPU), standard (~66 minutes on a 2-core
+CPU, sized so that the models learn their tasks), full (for a GPU: larger models, longer contexts, more steps). Quick
+and standard use one torch thread (the config's "threads"). To edit one: seqlab lab --preset quick --show-config >
+my.json, change it, then seqlab lab --config my.json. An interrupted run continues with --resume --out DIR, skipping
 finished cells; a failing cell is recorded with its error and the rest goes on. seqlab report DIR rebuilds the
 report from results.json.""",
     )
     p.add_argument("--preset", choices=PRESETS, default="quick",
-                   help="built-in config (default: quick, about 6 minutes on a 2-core CPU)")
+                   help="built-in config (default: quick, about 4-6 minutes on a 2-core CPU)")
     p.add_argument("--show-config", action="store_true", help="print the resolved lab config as JSON and exit")
     p.add_argument("--config", type=Path, help="a lab config JSON file (copy a preset and edit it); "
                                                "overrides --preset")

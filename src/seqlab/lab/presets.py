@@ -21,8 +21,8 @@ and distill sections over 3 seeds (`seeds`) and report mean and spread; the reca
 anchor and the conversion cell stay one seed. Measured at one torch
 thread on a 2-core CPU at load 5-7, quick's quality section took 108 CPU s at 1 seed and 242 at 3, its distill
 section 40 and 45, the other four sections 27: the whole quick lab 314 CPU s at 3 seeds against 174 at 1. Load
-inflates CPU time too: on a quiet 2-core CPU the whole quick lab took 353 s of lab time at 3 seeds (`bash
-scripts/lab.sh` on a fresh clone), against 96 s at one seed before the conversion cell was added.
+inflates CPU time too: on a quiet 2-core CPU the whole quick lab took 353 s of lab time at 3 seeds and torch's
+default two threads (`bash scripts/lab.sh` on a fresh clone), 234 s at one thread beside a test run (load 1.2).
 """
 
 from __future__ import annotations
