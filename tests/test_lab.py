@@ -199,6 +199,10 @@ def test_resume_skips_finished_cells_and_retries_failed_ones(lab_run, tmp_path, 
     again = json.loads((run / "cells" / "quality" / rd / "cell.json").read_text())
     assert again["test"] == before["test"] and again["loss_curve"] == before["loss_curve"]
     assert list(results["sections"]) == list(SECTIONS)  # a resumed --only run keeps the other sections
+    first = json.loads((lab_run / "results.json").read_text())["meta"]  # the run's start stays the first part's
+    assert results["meta"]["started"] == first["started"]
+    assert results["meta"]["load_average"]["start"] == first["load_average"]["start"]
+    assert results["meta"]["cpu_seconds"] > first["cpu_seconds"] and results["meta"]["seconds"] > first["seconds"]
 
 
 def test_a_failing_cell_is_recorded_and_the_rest_goes_on(tmp_path, capsys, monkeypatch):

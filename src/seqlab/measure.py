@@ -103,6 +103,13 @@ def alternate(run: Callable[[str], Any], repeats: dict[str, int],
     return {name: (t.median_wall, t.median_cpu) for name, t in timers.items() if len(t)}
 
 
+def cpu_seconds() -> float:
+    """CPU time (user + system) used so far by this process and by the child processes it has waited for (e.g. the
+    lab's isolated inference cells); `time.process_time` counts this process alone."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
 def load_average() -> list[float] | None:
     """The 1, 5 and 15 minute load averages of the machine (None where the OS has none)."""
     try:

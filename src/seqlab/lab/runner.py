@@ -23,7 +23,7 @@ from seqlab.errors import InputError
 from seqlab.lab.presets import LabConfig, pick_sections
 from seqlab.lab.report import build_report
 from seqlab.lab.sections import SECTIONS
-from seqlab.measure import load_average
+from seqlab.measure import cpu_seconds, load_average
 from seqlab.ops.selective_scan import numba_version, resolve_impl
 
 
@@ -36,13 +36,6 @@ def machine() -> dict[str, Any]:
             "python": platform.python_version(),
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
             "numba": numba_version() or "not installed", "impl_auto": resolve_impl("auto", "cpu")}
-
-
-def cpu_seconds() -> float:
-    """CPU time (user + system) used so far by this process and by the child processes it has waited for (the
-    inference section's isolated cells)."""
-    t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
 
 
 def _prepare(cfg: LabConfig, out: Path, resume: bool) -> LabConfig:
@@ -73,12 +66,13 @@ def run_lab(cfg: LabConfig, out: str | Path, *, resume: bool = False, only: list
     plans = {name: SECTIONS[name].plan(cfg.section(name), cfg) for name in names}
     start, cpu_start = time.perf_counter(), cpu_seconds()
     previous = json.loads((out / "results.json").read_text()) if resume and (out / "results.json").is_file() else {}
+    before = previous.get("meta", {})  # a resumed run keeps the first part's start, time and starting load
     results: dict[str, Any] = {
         "meta": {"preset": cfg.name, "seed": cfg.seed, "machine": machine(),
-                 "started": previous.get("meta", {}).get("started", dt.datetime.now().isoformat(timespec="seconds")),
-                 "seconds": previous.get("meta", {}).get("seconds", 0.0),
-                 "cpu_seconds": previous.get("meta", {}).get("cpu_seconds", 0.0),
-                 "load_average": {"start": load_average(), "end": None}},
+                 "started": before.get("started", dt.datetime.now().isoformat(timespec="seconds")),
+                 "seconds": before.get("seconds", 0.0), "cpu_seconds": before.get("cpu_seconds", 0.0),
+                 "load_average": {"start": before.get("load_average", {}).get("start") or load_average(),
+                                  "end": None}},
         "sections": dict(previous.get("sections", {})),  # a resumed --only run keeps the other sections
     }
     elapsed_before, cpu_before = results["meta"]["seconds"], results["meta"]["cpu_seconds"]
